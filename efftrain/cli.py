@@ -1,0 +1,177 @@
+"""The `efftrain` command line.
+
+  efftrain train CONFIG [--set key=value ...] [--out RUN_DIR]   train or resume a run
+  efftrain eval RUN_DIR [--step N ...] [--tokens T ...] [--json]  val loss/perplexity per checkpoint
+  efftrain info RUN_DIR [--json]                                 the run and its finalized checkpoints
+  efftrain presets                                               list the presets in configs/
+
+Every command exits non-zero with a one-line `error:` cause on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---- commands -------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from efftrain.config import load_config
+    from efftrain.train.loop import train
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    train(cfg, out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from efftrain.eval import eval_run
+
+    def show(row):
+        if not args.json:
+            extra = f"  mtp_acceptance {row['mtp_acceptance']:.3f}" if "mtp_acceptance" in row else ""
+            print(f"  step {row['step']:>7d}  tokens {row['tokens']:>12,d}  val_loss {row['val_loss']:.4f}  "
+                  f"ppl {row['perplexity']:.2f}{extra}", file=sys.stderr)
+
+    rows = eval_run(args.run_dir, steps=args.step, tokens=args.tokens, n_batches=args.batches, progress=show)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        cols = [("step", "step", "d"), ("tokens", "tokens", ",d"), ("val_loss", "val_loss", ".4f"),
+                ("perplexity", "ppl", ".2f")]
+        if rows and "mtp_acceptance" in rows[0]:
+            cols.append(("mtp_acceptance", "mtp_accept", ".3f"))
+        print(_table(rows, cols))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from efftrain.train.checkpoint import CheckpointStore
+    from efftrain.train.loop import load_run_config
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir)
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    store = CheckpointStore(run_dir, read_only=True)
+    series = store.series()
+    resume = [store.meta("resume", s) for s in store.steps("resume")]
+    store.close()
+    if args.json:
+        print(json.dumps({"config": cfg.to_dict(), "run": info, "series": series, "resume": resume}, indent=2))
+        return 0
+    p = info.get("params", {})
+    print(f"run {run_dir}  ({cfg.name}, config hash {cfg.hash()})")
+    print(f"  model: {cfg.model.attention}, d_model {cfg.model.d_model}, layers {cfg.model.n_layers}, "
+          f"moe {'on' if cfg.model.moe.enabled else 'off'}, mtp depth {cfg.model.mtp.depth}, "
+          f"fp8 {'on' if cfg.fp8.enabled else 'off'}")
+    if p:
+        print(f"  params: total {p['total']:,}  non-embedding {p['non_embedding']:,}  active {p['active']:,}  "
+              f"embedding {p['embedding']:,}  mtp {p['mtp']:,}")
+        print(f"  flops/token {info['flops_per_token']:,}  kv-cache bytes/token/layer (bf16) "
+              f"{info['kv_cache_bytes_per_token_per_layer_bf16']}")
+        print(f"  steps {info['total_steps']} x {info['tokens_per_step']:,} tokens")
+    print(f"  series checkpoints ({len(series)}):")
+    print(_table(series, [("step", "step", "d"), ("tokens_seen", "tokens", ",d"),
+                          ("target_tokens", "target", ",d"), ("val_loss", "val_loss", ".4f"),
+                          ("wall_time_s", "wall_s", ".1f")]))
+    if resume:
+        print(f"  resume checkpoint: step {resume[-1]['step']} ({resume[-1]['tokens_seen']:,} tokens)")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from efftrain.config import list_presets, load_config
+
+    for name in list_presets():
+        c = load_config(name)
+        m = c.model
+        techniques = [t for t, on in (("mla", m.attention == "mla"), ("moe", m.moe.enabled),
+                                      (f"mtp{m.mtp.depth}", m.mtp.depth > 0), ("fp8", c.fp8.enabled)) if on]
+        print(f"{name:18s} d{m.d_model} L{m.n_layers} vocab {m.vocab_size} seq {c.data.seq_len}  "
+              f"{'+'.join(techniques) or 'dense'}")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="efftrain", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (or resume the run in --out)")
+    p.add_argument("config", help="preset name (see `efftrain presets`) or path to a YAML config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.batch_size=32 (repeatable)")
+    p.add_argument("--out", help="run directory (default runs/<name>); an existing run resumes")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="val loss and perplexity of each series checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, action="append", help="only this step (repeatable)")
+    p.add_argument("--tokens", type=int, action="append", help="checkpoint nearest to T tokens (repeatable)")
+    p.add_argument("--batches", type=int, help="val batches (default: the run's train.eval_batches)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="the run's config, sizes and finalized checkpoints")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("presets", help="list the config presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings
+    from efftrain.config import ConfigError
+    from efftrain.train.checkpoint import CheckpointError
+    from efftrain.train.loop import RunDirError
+
+    try:
+        from efftrain.data import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ConfigError
+    try:
+        return args.func(args)
+    except (ConfigError, RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e.strerror or e} ({e.filename or ''})", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Building blocks shared by every architecture: Linear, RMSNorm, RoPE, SwiGLU MLP, Embedding.
+
+Conventions used across efftrain:
+  * linear weights are stored as `kernel` with shape [in, out] and applied as y = x @ kernel;
+  * parameters live in `param_dtype` (fp32 masters by default), matmuls run in `compute_dtype`
+    (bf16 on accelerators), normalisation statistics are always computed in fp32;
+  * when `fp8.enabled`, every Linear's GEMMs go through `efftrain.fp8.fp8_linear` (a custom_vjp that
+    simulates the forward, input-gradient and weight-gradient FP8 GEMMs); layers that DeepSeek-V3 keeps
+    in high precision (embedding, output head, router) pass `fp8_role` so the config can opt them in.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efftrain.config import FP8Config, ModelConfig
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def fp8_for(fp8: FP8Config | None, role: str = "linear") -> FP8Config | None:
+    """The FP8 settings a layer of this role should use, or None for high precision."""
+    if fp8 is None or not fp8.enabled:
+        return None
+    if role == "linear" or getattr(fp8, role, False):
+        return fp8
+    return None
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel, kernel [in, out]; optional simulated-FP8 GEMMs."""
+
+    def __init__(self, d_in: int, d_out: int, *, cfg: ModelConfig, rngs: nnx.Rngs,
+                 fp8: FP8Config | None = None, fp8_role: str = "linear", std: float | None = None):
+        init = nnx.initializers.normal(cfg.init_std if std is None else std)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype_of(cfg.param_dtype)))
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.fp8 = fp8_for(fp8, fp8_role)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.compute_dtype)
+        w = self.kernel[...]
+        if self.fp8 is not None:
+            from efftrain.fp8 import fp8_linear
+
+            return fp8_linear(x, w.astype(self.compute_dtype), self.fp8).astype(self.compute_dtype)
+        return jnp.dot(x, w.astype(self.compute_dtype))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, statistics in fp32; output in the input's dtype."""
+
+    def __init__(self, dim: int, *, cfg: ModelConfig, eps: float | None = None):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype_of(cfg.param_dtype)))
+        self.eps = cfg.norm_eps if eps is None else eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on the last axis of x [..., T, heads, dim] for positions [..., T].
+
+    Rotates pairs (x[2i], x[2i+1])... in the "half" layout: first half and second half of the dim
+    form the pairs (GPT-NeoX / Llama convention).
+    """
+    dim = x.shape[-1]
+    freqs = rope_frequencies(dim, theta)  # [dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [..., T, dim/2]
+    sin = jnp.sin(angles)[..., None, :]  # [..., T, 1, dim/2]
+    cos = jnp.cos(angles)[..., None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : dim // 2], x32[..., dim // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, d_model: int, hidden: int, *, cfg: ModelConfig, rngs: nnx.Rngs,
+                 fp8: FP8Config | None = None):
+        self.gate = Linear(d_model, hidden, cfg=cfg, rngs=rngs, fp8=fp8)
+        self.up = Linear(d_model, hidden, cfg=cfg, rngs=rngs, fp8=fp8)
+        self.down = Linear(hidden, d_model, cfg=cfg, rngs=rngs, fp8=fp8,
+                           std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [vocab, d_model]; `attend` gives tied output logits."""
+
+    def __init__(self, vocab: int, d_model: int, *, cfg: ModelConfig, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab, d_model), dtype_of(cfg.param_dtype)))
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.compute_dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.compute_dtype), self.embedding[...].astype(self.compute_dtype).T)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean token cross-entropy in fp32 (nats); logits [..., V], targets [...] int."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)

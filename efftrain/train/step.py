@@ -1,0 +1,120 @@
+"""The jitted, functional training step.
+
+The model is split once, outside jit, into `graphdef` (static structure), `params` (nnx.Param) and
+`rest` (every other Variable, e.g. the MoE aux-free router biases). The step is a pure function of
+(state, batch, tokens_seen) with the state buffers donated:
+
+  for each of `grad_accum` micro-batches (lax.scan):   loss, grads  (fp32 accumulation)
+  loss = CE_main + Σ_layers MoE aux loss + (λ/D)·Σ_k CE_mtp_k
+  updates = AdamW(clip(mean grads));  params += updates
+  MoE router biases: b ← b − γ·sign(load − mean load), zero-mean (V3 §2.1.2), from the step's loads
+
+Metrics stay on device; the loop fetches them only at log steps, so the loop never blocks on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from efftrain.config import Config
+from efftrain.model.layers import cross_entropy
+from efftrain.model.transformer import Transformer
+
+TrainState = dict[str, Any]  # {"params": State, "rest": State, "opt": optax state}
+
+
+def split_model(model: Transformer):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def init_state(model: Transformer, tx: optax.GradientTransformation):
+    graphdef, params, rest = split_model(model)
+    return graphdef, {"params": params, "rest": rest, "opt": tx.init(params)}
+
+
+def forward_losses(model: Transformer, window: jax.Array, tokens_seen: jax.Array, cfg: Config):
+    """Total training loss and its parts for one micro-batch window [B, T+1]."""
+    inputs, targets = window[:, :-1], window[:, 1:]
+    out = model(inputs)
+    ce = cross_entropy(out.logits, targets)
+    loss = ce
+    metrics = {"ce": ce}
+    moe_stats = out.moe
+    mcfg = cfg.model
+    if mcfg.mtp.depth:
+        from efftrain.model.mtp import mtp_loss_weight, mtp_losses_and_stats
+
+        ce_k, mtp_moe = mtp_losses_and_stats(model, out.hidden, inputs, targets)
+        lam = mtp_loss_weight(mcfg.mtp, tokens_seen)
+        loss = loss + lam / mcfg.mtp.depth * jnp.sum(ce_k)
+        metrics["mtp_ce"] = ce_k
+        metrics["mtp_lambda"] = lam
+        if mtp_moe:  # MTP blocks that are MoE layers: their stats follow the main model's layers
+            mtp_stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *mtp_moe)
+            moe_stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), moe_stats, mtp_stacked)
+    if moe_stats:
+        loss = loss + jnp.sum(moe_stats["aux_loss"])
+        metrics["moe"] = moe_stats
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
+    """Returns step(state, batch [accum, micro, T+1], tokens_seen) -> (state, metrics), jitted,
+    with the state donated."""
+
+    def micro_grads(params, rest, window, tokens_seen):
+        def loss_of(p):
+            model = nnx.merge(graphdef, p, rest)
+            return forward_losses(model, window, tokens_seen, cfg)
+
+        (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return grads, metrics
+
+    def step(state: TrainState, batch: jax.Array, tokens_seen: jax.Array):
+        params, rest = state["params"], state["rest"]
+        n_micro = batch.shape[0]
+        if n_micro == 1:
+            grads, metrics = micro_grads(params, rest, batch[0], tokens_seen)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+            def body(acc, window):
+                g, m = micro_grads(params, rest, window, tokens_seen)
+                acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+                return acc, m
+
+            grads, metrics = jax.lax.scan(body, zeros, batch)
+            grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, params)
+            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt = tx.update(grads, state["opt"], params)
+        params = optax.apply_updates(params, updates)
+        moe = cfg.model.moe
+        if moe.enabled and moe.aux_free_bias and moe.bias_update_rate > 0:
+            from efftrain.model.moe import update_router_bias
+
+            model = nnx.merge(graphdef, params, rest)
+            update_router_bias(model, metrics["moe"]["load"], moe.bias_update_rate)
+            _, _, rest = split_model(model)
+        return {"params": params, "rest": rest, "opt": opt}, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, cfg: Config):
+    """Returns eval(params, rest, window [B, T+1]) -> main-model CE (MTP and aux losses excluded)."""
+
+    def evaluate(params, rest, window):
+        model = nnx.merge(graphdef, params, rest)
+        out = model(window[:, :-1])
+        return cross_entropy(out.logits, window[:, 1:])
+
+    return jax.jit(evaluate)
