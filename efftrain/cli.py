@@ -2,6 +2,7 @@
 
   efftrain train CONFIG [--set key=value ...] [--out RUN_DIR]   train or resume a run
   efftrain eval RUN_DIR [--step N ...] [--tokens T ...] [--json]  val loss/perplexity per checkpoint
+  efftrain ptq RUN_DIR [--methods rtn,gptq,awq] [--bits 2,3,4,8]  QiD of every checkpoint -> ptq.csv
   efftrain info RUN_DIR [--json]                                 the run and its finalized checkpoints
   efftrain presets                                               list the presets in configs/
 
@@ -45,6 +46,17 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from efftrain.eval import eval_run
 
+    if args.quantized:
+        from efftrain.eval import evaluate_model, val_set
+        from efftrain.quant.sweep import load_quantized
+
+        cfg, model, meta = load_quantized(args.run_dir, args.quantized)
+        row = {"checkpoint": args.quantized, "step": meta["step"], "tokens": meta["tokens"],
+               **evaluate_model(model, cfg, val_set(cfg, args.batches))}
+        print(json.dumps(row, indent=2) if args.json else
+              f"{args.quantized}: val_loss {row['val_loss']:.4f}  ppl {row['perplexity']:.2f}")
+        return 0
+
     def show(row):
         if not args.json:
             extra = f"  mtp_acceptance {row['mtp_acceptance']:.3f}" if "mtp_acceptance" in row else ""
@@ -60,6 +72,25 @@ def cmd_eval(args) -> int:
         if rows and "mtp_acceptance" in rows[0]:
             cols.append(("mtp_acceptance", "mtp_accept", ".3f"))
         print(_table(rows, cols))
+    return 0
+
+
+def cmd_ptq(args) -> int:
+    from efftrain.quant.sweep import make_spec, parse_int_list, run_ptq_sweep
+
+    fields = {"methods": [m.strip() for m in args.methods.split(",") if m.strip()],
+              "bits": parse_int_list(args.bits, "--bits"),
+              "group_sizes": parse_int_list(args.group_size, "--group-size"),
+              "formats": [f.strip() for f in args.formats.split(",") if f.strip()],
+              "calib_samples": args.calib_samples, "symmetric": args.symmetric, "save": args.save,
+              "act_order": args.act_order}
+    if args.calib_seq_len:
+        fields["calib_seq_len"] = args.calib_seq_len
+    if args.eval_batches:
+        fields["eval_batches"] = args.eval_batches
+    if args.checkpoints != "all":
+        fields["checkpoints"] = parse_int_list(args.checkpoints, "--checkpoints")
+    run_ptq_sweep(args.run_dir, make_spec(**fields))
     return 0
 
 
@@ -130,7 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, action="append", help="checkpoint nearest to T tokens (repeatable)")
     p.add_argument("--batches", type=int, help="val batches (default: the run's train.eval_batches)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quantized", metavar="NAME", help="evaluate RUN_DIR/quantized/NAME (from `ptq --save`)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ptq", help="quantize every series checkpoint; append QiD rows to RUN_DIR/ptq.csv")
+    p.add_argument("run_dir")
+    p.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated: rtn, gptq, awq")
+    p.add_argument("--bits", default="2,3,4,8", help="comma-separated weight bits, 2..8")
+    p.add_argument("--group-size", default="128", help="comma-separated group sizes (-1 = whole channel)")
+    p.add_argument("--formats", default="int", help="comma-separated: int, nf4 (4-bit), fp4 (4-bit), fp8 (8-bit)")
+    p.add_argument("--checkpoints", default="all", help="'all' or comma-separated series steps")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences from the train split")
+    p.add_argument("--calib-seq-len", type=int, help="calibration sequence length (default: the run's seq_len)")
+    p.add_argument("--eval-batches", type=int, help="val batches (default: the run's train.eval_batches)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric int grid (default asymmetric min-max)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing Hessian diagonal")
+    p.add_argument("--save", action="store_true", help="also write packed quantized checkpoints to RUN_DIR/quantized/")
+    p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser("info", help="the run's config, sizes and finalized checkpoints")
     p.add_argument("run_dir")
@@ -161,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, ValueError) as e:
+        if os.environ.get("EFFTRAIN_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

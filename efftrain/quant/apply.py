@@ -1,0 +1,260 @@
+"""Quantize a whole model: which weights, which calibration inputs, in which order.
+
+Covered (weight-only, y = x @ w, w [in, out]): every `Linear` inside the transformer blocks — attention
+q/k/v/o or MLA's q_down/q_up (or q), kv_down, kv_up and o; the dense MLP's gate/up/down; an MoE
+layer's shared experts — and each routed expert's gate/up/down slice of the stacked [E, in, out]
+weights. Kept in 16-bit by default: token embedding, output head, MoE router, norms, and the MTP
+modules (they are excluded from evaluation anyway).
+
+Calibration (GPTQ/AWQ) is sequential, as in GPTQ (Frantar et al. 2022, §4 "Step 3"): the calibration
+hidden states enter block l after blocks 0..l-1 have been quantized, so each block is calibrated on
+the inputs it will see at inference. Inside a block, every Linear's inputs are captured in one
+forward pass through the block's original weights. Each routed expert is calibrated on exactly the
+tokens the router sends to it (its top-k assignments); its `down` projection on those tokens' SwiGLU
+activations. An expert that receives fewer than `min_expert_tokens` calibration tokens falls back to
+RTN, and the number of such experts is reported.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efftrain.model.layers import Linear
+from efftrain.quant.awq import quantize_awq
+from efftrain.quant.formats import Packed, effective_bits, resolve_group_size
+from efftrain.quant.gptq import quantize_gptq
+from efftrain.quant.rtn import quantize_rtn
+
+METHODS = ("rtn", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    method: str
+    bits: int
+    group_size: int = 128
+    fmt: str = "int"
+    symmetric: bool = False
+    damp: float = 0.01
+    act_order: bool = False
+    awq_grid: int = 20
+    min_expert_tokens: int = 16
+
+    def group_for(self, in_dim: int) -> int:
+        """Group size used for a weight with `in_dim` input rows: whole-channel when the group is at
+        least as large as the layer (tiny models), otherwise it must divide in_dim."""
+        if self.group_size == -1 or self.group_size >= in_dim:
+            return -1
+        resolve_group_size(self.group_size, in_dim)  # raises with a clear message if it doesn't divide
+        return self.group_size
+
+
+@dataclass
+class QuantReport:
+    n_weights: int = 0  # matrices quantized (each expert's gate/up/down counts once)
+    n_params: int = 0  # weight elements quantized
+    weight_bits: float = 0.0  # Σ elements × effective bits
+    expert_fallbacks: int = 0  # routed experts quantized with RTN for lack of calibration tokens
+    expert_matrices: int = 0
+    packed: dict[str, Any] = field(default_factory=dict)  # "path" or "path#expert" -> Packed (+ AWQ scales)
+
+    @property
+    def eff_bits(self) -> float:
+        return self.weight_bits / max(self.n_params, 1)
+
+    def add(self, w_shape: tuple[int, ...], s: QuantSettings, extra_bits_per_row: float = 0.0) -> None:
+        n_in, n_out = w_shape[-2:]
+        count = int(np.prod(w_shape))
+        bits = effective_bits(s.bits, s.group_for(n_in), n_in, fmt=s.fmt, symmetric=s.symmetric)
+        self.n_weights += int(np.prod(w_shape[:-2], dtype=np.int64)) if len(w_shape) > 2 else 1
+        self.n_params += count
+        self.weight_bits += count * bits + extra_bits_per_row * n_in * (count // (n_in * n_out))
+
+
+# ----------------------------------------------------------------------------------------------
+# Capturing the inputs of every Linear during an eager forward pass
+# ----------------------------------------------------------------------------------------------
+@contextmanager
+def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
+    """Inside the context, each Linear called records its input: {id(linear): [x, ...]}."""
+    sink: dict[int, list[jax.Array]] = {}
+    original = Linear.__call__
+
+    def recording(self, x):
+        sink.setdefault(id(self), []).append(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
+        return original(self, x)
+
+    Linear.__call__ = recording
+    try:
+        yield sink
+    finally:
+        Linear.__call__ = original
+
+
+def linears_of(module: nnx.Module) -> list[tuple[str, Linear]]:
+    return [("/".join(map(str, path)), m) for path, m in module.iter_modules() if isinstance(m, Linear)]
+
+
+# ----------------------------------------------------------------------------------------------
+# One matrix
+# ----------------------------------------------------------------------------------------------
+def quantize_matrix(w: jax.Array, x: jax.Array | None, s: QuantSettings) -> tuple[jax.Array, Packed, Any]:
+    """(dequantized w, packed codes, AWQ input scales or None) for one [in, out] matrix."""
+    g = s.group_for(w.shape[0])
+    w32 = np.asarray(w, np.float32)
+    common = dict(bits=s.bits, group_size=g, symmetric=s.symmetric, fmt=s.fmt)
+    if s.method == "rtn" or x is None:
+        from efftrain.quant.formats import pack
+
+        packed = pack(w32, **common)
+        return jnp.asarray(quantize_rtn(w32, **common)), packed, None
+    x32 = np.asarray(x, np.float32)
+    if s.method == "gptq":
+        w_hat, packed = quantize_gptq(w32, x32, damp=s.damp, act_order=s.act_order, return_packed=True, **common)
+        return jnp.asarray(w_hat), packed, None
+    if s.method == "awq":
+        w_hat, info = quantize_awq(w32, x32, grid=s.awq_grid, return_packed=True, **common)
+        # stored: codes of Q(diag(s) w) and 1/s; w_eff = Q(diag(s) w) · (1/s) exactly as AWQ computes it
+        return jnp.asarray(w_hat), info["packed"], np.asarray(info["inv_s"], np.float32)
+    raise ValueError(f"unknown PTQ method '{s.method}' (choose from {', '.join(METHODS)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, block by block
+# ----------------------------------------------------------------------------------------------
+def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantReport:
+    """Quantize `model` in place (its Param values are replaced by dequantized weights).
+
+    calib_tokens [n, T] int: calibration sequences (from the train split).
+    """
+    if s.method not in METHODS:
+        raise ValueError(f"unknown PTQ method '{s.method}' (choose from {', '.join(METHODS)})")
+    report = QuantReport()
+    needs_inputs = s.method != "rtn"
+    tokens = jnp.asarray(calib_tokens)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    h = model.embed(tokens) if needs_inputs else None
+    for li, block in enumerate(model.blocks):
+        prefix = f"blocks/{li}"
+        captured: dict[int, list[jax.Array]] = {}
+        moe_inputs = None
+        if needs_inputs:
+            with capture_linear_inputs() as captured:
+                attn_out = block.attn(block.attn_norm(h), positions)
+                ffn_in = block.ffn_norm(h + attn_out)
+                if block.is_moe:
+                    moe_inputs = ffn_in.reshape(-1, ffn_in.shape[-1])
+                    if block.ffn.shared is not None:
+                        block.ffn.shared(moe_inputs)
+                else:
+                    block.ffn(ffn_in)
+        # dense Linears (attention, MLP, shared experts): skip the router (kept in 16-bit)
+        for name, lin in linears_of(block):
+            xs = captured.get(id(lin))
+            x = jnp.concatenate(xs) if xs else None
+            w_hat, packed, awq_s = quantize_matrix(lin.kernel[...], x, s)
+            lin.kernel[...] = w_hat.astype(lin.kernel[...].dtype)
+            report.add(tuple(lin.kernel[...].shape), s, 16.0 if awq_s is not None else 0.0)
+            report.packed[f"{prefix}/{name}/kernel"] = (packed, awq_s)
+        if block.is_moe:
+            quantize_experts(block.ffn, moe_inputs, s, report, f"{prefix}/ffn")
+        if needs_inputs:
+            h = block(h, positions)[0]  # next block sees this block's quantized output
+    return report
+
+
+def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: QuantReport, prefix: str) -> None:
+    """Per routed expert e: gate/up on the tokens routed to e, down on their SwiGLU activations."""
+    wg, wu, wd = (np.asarray(v[...], np.float32) for v in (moe.w_gate, moe.w_up, moe.w_down))
+    E = wg.shape[0]
+    routed_rows = [None] * E
+    if x2d is not None:
+        idx = np.asarray(moe.route(x2d).expert_idx)  # [N, K]
+        xs = np.asarray(x2d, np.float32)
+        routed_rows = [xs[np.any(idx == e, axis=-1)] for e in range(E)]
+    out = {"w_gate": wg.copy(), "w_up": wu.copy(), "w_down": wd.copy()}
+    for e in range(E):
+        x_e = routed_rows[e]
+        if x_e is not None and len(x_e) < s.min_expert_tokens:
+            report.expert_fallbacks += 1
+            x_e = None
+        hidden = None
+        if x_e is not None:
+            hidden = np.asarray(jax.nn.silu(jnp.asarray(x_e @ wg[e])) * (x_e @ wu[e]), np.float32)
+        for name, x_in in (("w_gate", x_e), ("w_up", x_e), ("w_down", hidden)):
+            w_hat, packed, awq_s = quantize_matrix(out[name][e], x_in, s)
+            out[name][e] = np.asarray(w_hat)
+            report.add(out[name][e].shape, s, 16.0 if awq_s is not None else 0.0)
+            report.packed[f"{prefix}/{name}#{e}"] = (packed, awq_s)
+        report.expert_matrices += 3
+    for name, value in out.items():
+        var = getattr(moe, name)
+        var[...] = jnp.asarray(value, var[...].dtype)
+
+
+def count_bytes(model, report: QuantReport) -> int:
+    """Model bytes: quantized weights at their effective bits + every other parameter at 16 bits
+    (MTP modules excluded, as they are not part of the deployed model)."""
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    mtp = 0 if model.mtp is None else sum(x.size for x in jax.tree.leaves(nnx.state(model.mtp, nnx.Param)))
+    return int(round(report.weight_bits / 8 + (total - mtp - report.n_params) * 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed storage (`efftrain ptq --save`) and its exact reload
+# ----------------------------------------------------------------------------------------------
+def packed_arrays(report: QuantReport) -> dict[str, np.ndarray]:
+    arrays = {}
+    for key, (packed, awq_s) in report.packed.items():
+        arrays[f"{key}|codes"] = np.asarray(packed.codes, np.uint8)
+        arrays[f"{key}|scales"] = np.asarray(packed.scales, np.float16)
+        if packed.zeros is not None:
+            arrays[f"{key}|zeros"] = np.asarray(packed.zeros, np.float16)
+        if awq_s is not None:
+            arrays[f"{key}|awq_inv_scale"] = np.asarray(awq_s, np.float32)
+    return arrays
+
+
+def dequantize_arrays(arrays: dict[str, np.ndarray], *, bits: int, fmt: str) -> dict[str, np.ndarray]:
+    """{weight key: dequantized [in, out]} from `packed_arrays` output."""
+    from efftrain.quant.formats import unpack
+
+    out = {}
+    for key in sorted({k.split("|")[0] for k in arrays}):
+        w = unpack(arrays[f"{key}|codes"], arrays[f"{key}|scales"], arrays.get(f"{key}|zeros"), bits=bits, fmt=fmt)
+        if f"{key}|awq_inv_scale" in arrays:  # AWQ: w_eff = Q(diag(s) w) · (1/s)
+            w = np.asarray(jnp.asarray(w, jnp.float32) * jnp.asarray(arrays[f"{key}|awq_inv_scale"])[:, None])
+        out[key] = w
+    return out
+
+
+def load_dequantized(model, weights: dict[str, np.ndarray]) -> None:
+    """Write dequantized weights (keys as in QuantReport.packed) into the model's Params."""
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for key, w in weights.items():
+        if "#" in key:
+            path, e = key.split("#")
+            experts.setdefault(path, {})[int(e)] = w
+            continue
+        node = model
+        for part in key.split("/")[:-1]:
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        var = getattr(node, key.split("/")[-1])
+        var[...] = jnp.asarray(w, var[...].dtype)
+    for path, per_expert in experts.items():
+        node = model
+        for part in path.split("/")[:-1]:
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        var = getattr(node, path.split("/")[-1])
+        stacked = np.asarray(var[...]).copy()
+        for e, w in per_expert.items():
+            stacked[e] = w
+        var[...] = jnp.asarray(stacked, var[...].dtype)
+

@@ -1,0 +1,294 @@
+"""The PTQ sweep over a run's checkpoint series: one row of QiD per combination.
+
+For each finalized series checkpoint and each (method, bits, group size, format):
+  loss_16 = val loss of the checkpoint as trained (the run's fixed val windows, main model only)
+  loss_q  = val loss after weight-only quantization (efftrain.quant.apply)
+  QiD     = loss_q − loss_16  (nats/token; Ouyang et al. 2024; Kumar et al. 2024)
+Rows go to RUN_DIR/ptq.csv, appended and fsynced one complete row at a time; rows already present
+are skipped, so a killed sweep resumes where it stopped. Calibration windows come from the train
+split (seeded choice), never from the val tokens the losses are measured on.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import jax
+import numpy as np
+from flax import nnx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from efftrain.config import ConfigError
+from efftrain.quant.apply import (METHODS, QuantSettings, count_bytes, dequantize_arrays, linears_of,
+                                  load_dequantized, packed_arrays, quantize_model)
+from efftrain.quant.formats import make_format
+
+CSV_COLUMNS = ["run_id", "step", "tokens", "params_total", "params_active", "params_nonembed", "method", "bits",
+               "group_size", "format", "loss_16", "loss_q", "qid", "eff_bits", "model_bytes", "n_quantized",
+               "expert_fallbacks", "calib_samples", "calib_seq_len", "seconds"]
+KEY_COLUMNS = ("step", "method", "bits", "group_size", "format")
+CALIB_SEED = 1234
+
+
+class PTQError(ValueError):
+    """A PTQ request that cannot be carried out; the message names the problem."""
+
+
+class PTQSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    methods: list[Literal["rtn", "gptq", "awq"]] = ["rtn", "gptq", "awq"]
+    bits: list[int] = [2, 3, 4, 8]
+    group_sizes: list[int] = [128]
+    formats: list[Literal["int", "nf4", "fp4", "fp8"]] = ["int"]
+    symmetric: bool = False
+    calib_samples: int = Field(32, ge=1)
+    calib_seq_len: int | None = Field(None, ge=2)
+    checkpoints: Literal["all"] | list[int] = "all"
+    eval_batches: int | None = Field(None, ge=1)
+    damp: float = Field(0.01, ge=0)
+    act_order: bool = False
+    min_expert_tokens: int = Field(16, ge=1)
+    save: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_in_range(cls, v):
+        bad = [b for b in v if not 2 <= b <= 8]
+        if bad:
+            raise ValueError(f"bits must be between 2 and 8, got {bad}")
+        return v
+
+    @field_validator("group_sizes")
+    @classmethod
+    def _groups(cls, v):
+        bad = [g for g in v if g != -1 and g < 1]
+        if bad:
+            raise ValueError(f"group sizes must be -1 (whole channel) or positive, got {bad}")
+        return v
+
+
+def make_spec(**fields) -> PTQSpec:
+    try:
+        return PTQSpec(**fields)
+    except ValidationError as e:
+        from efftrain.config import _format_validation_error
+
+        raise PTQError(_format_validation_error(e).replace("invalid config", "invalid PTQ request")) from None
+
+
+def combinations(spec: PTQSpec) -> list[QuantSettings]:
+    """Every valid (method, bits, group, format); code-book formats only at their bit width."""
+    out = []
+    for method, bits, group, fmt in itertools.product(spec.methods, spec.bits, spec.group_sizes, spec.formats):
+        try:
+            make_format(bits, fmt, spec.symmetric)
+        except ValueError:
+            continue  # e.g. nf4 at 3 bits
+        out.append(QuantSettings(method=method, bits=bits, group_size=group, fmt=fmt, symmetric=spec.symmetric,
+                                 damp=spec.damp, act_order=spec.act_order,
+                                 min_expert_tokens=spec.min_expert_tokens))
+    if not out:
+        raise PTQError(f"no valid (bits, format) combination in bits={spec.bits} formats={spec.formats} "
+                       "(nf4/fp4 need 4 bits, fp8 needs 8)")
+    return out
+
+
+def check_group_sizes(model, spec: PTQSpec) -> None:
+    """Fail before any work if a group size does not divide some quantized weight's input dim."""
+    dims = {lin.kernel.get_value().shape[0] for block in model.blocks for _, lin in linears_of(block)}
+    for block in model.blocks:
+        if block.is_moe:
+            dims |= {block.ffn.w_gate.get_value().shape[1], block.ffn.w_down.get_value().shape[1]}
+    for g in spec.group_sizes:
+        bad = sorted(d for d in dims if g != -1 and g < d and d % g)
+        if bad:
+            raise PTQError(f"group size {g} does not divide the input dims {bad} of this model's weights "
+                           f"(use a divisor, or -1 for whole channels)")
+
+
+def calibration_windows(train_tokens: np.ndarray, n: int, seq_len: int) -> np.ndarray:
+    windows = (len(train_tokens) - 1) // seq_len
+    if windows < n:
+        raise PTQError(f"too little calibration data: {n} samples x {seq_len} tokens requested, the train split "
+                       f"has {windows} windows of {seq_len}")
+    rng = np.random.default_rng(CALIB_SEED)
+    starts = np.sort(rng.choice(windows, size=n, replace=False)) * seq_len
+    return np.stack([np.asarray(train_tokens[s:s + seq_len], np.int32) for s in starts])
+
+
+# ----------------------------------------------------------------------------------------------
+# ptq.csv
+# ----------------------------------------------------------------------------------------------
+def row_key(row: dict) -> tuple:
+    return (int(row["step"]), str(row["method"]), int(row["bits"]), int(row["group_size"]), str(row["format"]))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != CSV_COLUMNS:
+            raise PTQError(f"{path}: unexpected columns {reader.fieldnames}; move it away to start a new table")
+        return list(reader)
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row[k] for k in CSV_COLUMNS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------
+def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict], None] | None = None,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """Append the missing rows of `spec` to RUN_DIR/ptq.csv; returns the new rows."""
+    from efftrain.data import prepare_data
+    from efftrain.eval import abstract_train_state, val_set
+    from efftrain.train.checkpoint import CheckpointStore
+    from efftrain.train.loop import load_run_config
+    from efftrain.train.step import make_eval_step
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    store = CheckpointStore(run_dir, read_only=True)
+    series = store.series()
+    if not series:
+        raise PTQError(f"{run_dir}: no finalized series checkpoints to quantize")
+    if spec.checkpoints != "all":
+        missing = set(spec.checkpoints) - {m["step"] for m in series}
+        if missing:
+            raise PTQError(f"no series checkpoint at step(s) {sorted(missing)}; available {[m['step'] for m in series]}")
+        series = [m for m in series if m["step"] in set(spec.checkpoints)]
+    settings = combinations(spec)
+    graphdef, abstract = abstract_train_state(cfg)
+    check_group_sizes(nnx.merge(graphdef, abstract["params"], abstract["rest"]), spec)
+
+    seq_len = spec.calib_seq_len or cfg.data.seq_len
+    cache = prepare_data(cfg)
+    calib = calibration_windows(cache.train, spec.calib_samples, seq_len)
+    batches = val_set(cfg, spec.eval_batches)
+    info = json.loads((run_dir / "run.json").read_text())
+    counts = info["params"]
+    run_id = f"{cfg.name}-{cfg.hash()[:8]}"
+    table = run_dir / "ptq.csv"
+    done = {row_key(r) for r in read_rows(table)}
+    eval_step = make_eval_step(graphdef, cfg)
+
+    def val_loss(params, rest) -> float:
+        losses = jax.device_get([eval_step(params, rest, b) for b in batches])
+        return float(np.average(losses, weights=[b.shape[0] for b in batches]))
+
+    new_rows = []
+    total = len(series) * len(settings)
+    for ci, meta in enumerate(series):
+        todo = [s for s in settings if (meta["step"], s.method, s.bits, s.group_size, s.fmt) not in done]
+        log(f"ptq: checkpoint step {meta['step']} ({meta['tokens_seen']:,} tokens): {len(todo)} of "
+            f"{len(settings)} combinations to run [{ci + 1}/{len(series)}]")
+        if not todo:
+            continue
+        state, _, _ = store.restore("series", meta["step"], abstract)
+        params, rest = state["params"], state["rest"]
+        loss_16 = val_loss(params, rest)
+        for s in todo:
+            t0 = time.time()
+            model = nnx.merge(graphdef, jax.tree.map(lambda a: a, params), rest)
+            report = quantize_model(model, calib, s)
+            _, qparams, _ = nnx.split(model, nnx.Param, ...)
+            loss_q = val_loss(qparams, rest)
+            row = {
+                "run_id": run_id, "step": meta["step"], "tokens": meta["tokens_seen"],
+                "params_total": counts["total"], "params_active": counts["active"],
+                "params_nonembed": counts["non_embedding"], "method": s.method, "bits": s.bits,
+                "group_size": s.group_size, "format": s.fmt, "loss_16": loss_16, "loss_q": loss_q,
+                "qid": loss_q - loss_16, "eff_bits": report.eff_bits, "model_bytes": count_bytes(model, report),
+                "n_quantized": report.n_weights, "expert_fallbacks": report.expert_fallbacks,
+                "calib_samples": spec.calib_samples, "calib_seq_len": seq_len, "seconds": time.time() - t0,
+            }
+            if spec.save:
+                save_quantized(run_dir, row, s, report, model)
+            append_row(table, row)
+            new_rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            log(f"  {s.method:4s} w{s.bits} g{s.group_size} {s.fmt:4s} loss {loss_q:.4f} (16-bit {loss_16:.4f}) "
+                f"QiD {row['qid']:+.4f}  {report.eff_bits:.2f} bits/weight  {row['seconds']:.1f}s"
+                + (f"  [{report.expert_fallbacks} experts on RTN]" if report.expert_fallbacks else ""))
+    store.close()
+    log(f"ptq: {len(new_rows)} new rows in {table} ({total} combinations in all)")
+    return new_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized checkpoints
+# ----------------------------------------------------------------------------------------------
+def quantized_name(row: dict) -> str:
+    return f"step{row['step']}-{row['method']}-w{row['bits']}-g{row['group_size']}-{row['format']}"
+
+
+def save_quantized(run_dir: Path, row: dict, s: QuantSettings, report, model) -> Path:
+    """RUN_DIR/quantized/<name>/{weights.npz, meta.json}: packed codes + fp16 scales/zeros for every
+    quantized weight and the remaining (16-bit-kept) parameters at their stored precision."""
+    final = run_dir / "quantized" / quantized_name(row)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arrays = packed_arrays(report)
+    quantized_paths = {k.split("#")[0] for k in report.packed}
+    for path, var in nnx.to_flat_state(nnx.state(model)):  # Params and e.g. MoE router biases
+        key = "/".join(map(str, path))
+        if key not in quantized_paths:
+            arrays[f"{key}|float"] = np.asarray(var[...])
+    np.savez(tmp / "weights.npz", **arrays)
+    (tmp / "meta.json").write_text(json.dumps({**row, "symmetric": s.symmetric}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def load_quantized(run_dir: str | Path, name: str):
+    """(cfg, model with the dequantized weights, meta) of a saved quantized checkpoint."""
+    from efftrain.model.transformer import build_model
+    from efftrain.train.loop import load_run_config
+
+    run_dir = Path(run_dir)
+    qdir = run_dir / "quantized" / name
+    if not (qdir / "meta.json").is_file():
+        available = sorted(p.name for p in (run_dir / "quantized").glob("*") if (p / "meta.json").is_file()) \
+            if (run_dir / "quantized").is_dir() else []
+        raise PTQError(f"no quantized checkpoint '{name}' in {run_dir}/quantized (available: {available or 'none'})")
+    cfg = load_run_config(run_dir)
+    meta = json.loads((qdir / "meta.json").read_text())
+    try:
+        with np.load(qdir / "weights.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise PTQError(f"{qdir}/weights.npz is unreadable ({e})") from None
+    model = build_model(cfg.model, cfg.fp8, seed=cfg.train.seed)
+    floats = {k.split("|")[0]: v for k, v in arrays.items() if k.endswith("|float")}
+    load_dequantized(model, floats)
+    packed = {k: v for k, v in arrays.items() if not k.endswith("|float")}
+    load_dequantized(model, dequantize_arrays(packed, bits=meta["bits"], fmt=meta["format"]))
+    return cfg, model, meta
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated integers, got '{text}'") from None

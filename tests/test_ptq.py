@@ -1,0 +1,148 @@
+"""PTQ over a run's checkpoint series: QiD ordering, packed round trip, resume, MoE experts, bad input."""
+
+import csv
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efftrain.cli import main
+from efftrain.config import from_dict
+from efftrain.model.transformer import build_model
+from efftrain.quant.apply import QuantSettings, capture_linear_inputs, linears_of, quantize_model
+from efftrain.quant.sweep import PTQError, load_quantized, make_spec, read_rows, run_ptq_sweep
+from efftrain.train.loop import train
+
+from conftest import tiny_raw
+
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_dir):
+    """A tiny dense model trained long enough for quantization to hurt measurably."""
+    run = tmp_path_factory.mktemp("ptq") / "run"
+    raw = tiny_raw(cache_dir, model={"vocab_size": 384, "d_model": 64, "n_layers": 2, "n_heads": 2,
+                                     "mlp_hidden": 256, "compute_dtype": "float32"},
+                   optim={"lr": 3e-3, "warmup_steps": 20, "min_lr_ratio": 0.0},
+                   train={"batch_size": 16, "max_steps": 500, "eval_every": 0, "eval_batches": 8,
+                          "log_every": 100, "data_parallel": 1},
+                   checkpoint={"tokens": [10240], "async_save": False, "resume_every": 1000})
+    raw["data"]["seq_len"] = 64
+    cfg = from_dict(raw)
+    train(cfg, run, **QUIET)
+    return run
+
+
+def qid_of(rows, method, bits, step):
+    (row,) = [r for r in rows if r["method"] == method and int(r["bits"]) == bits and int(r["step"]) == step]
+    return float(row["qid"])
+
+
+def test_qid_orders_by_bits_and_gptq_awq_beat_rtn(trained_run):
+    # whole-channel groups: at this model size, smaller groups leave 3/4-bit QiD inside the first-order
+    # noise of a not fully converged model
+    spec = make_spec(methods=["rtn", "gptq", "awq"], bits=[2, 3, 4, 8], group_sizes=[-1], checkpoints=[500],
+                     calib_samples=32)
+    rows = run_ptq_sweep(trained_run, spec, **QUIET)
+    assert len(rows) == 12
+    for method in ("rtn", "gptq", "awq"):
+        q = [qid_of(rows, method, b, 500) for b in (2, 3, 4, 8)]
+        assert q[0] > q[1] > q[2] > q[3], (method, q)
+        assert abs(q[3]) < 0.01
+    assert qid_of(rows, "gptq", 3, 500) < qid_of(rows, "rtn", 3, 500)
+    assert qid_of(rows, "awq", 3, 500) < qid_of(rows, "rtn", 3, 500)
+    assert qid_of(rows, "gptq", 2, 500) < qid_of(rows, "rtn", 2, 500)
+    # one 16-bit loss per checkpoint, shared by every combination
+    assert len({r["loss_16"] for r in rows}) == 1
+    for r in rows:  # per-channel scale + zero (fp16 each) over in_dim 64 or 256 rows (+ AWQ's 1/s)
+        assert r["bits"] + 32 / 256 <= r["eff_bits"] <= r["bits"] + 32 / 64 + (16 / 64 if r["method"] == "awq" else 0)
+
+
+def test_rows_persist_skip_and_are_deterministic(trained_run, tmp_path):
+    spec = make_spec(methods=["rtn", "gptq"], bits=[3], group_sizes=[-1], checkpoints=[10])
+    first = run_ptq_sweep(trained_run, spec, **QUIET)
+    assert len(first) == 2
+    assert run_ptq_sweep(trained_run, spec, **QUIET) == []  # already in ptq.csv: skipped
+    stored = [r for r in read_rows(trained_run / "ptq.csv") if r["step"] == "10" and r["group_size"] == "-1"]
+    assert len(stored) == 2
+    # same computation again from scratch gives identical numbers
+    (trained_run / "ptq.csv").rename(tmp_path / "old.csv")
+    again = run_ptq_sweep(trained_run, spec, **QUIET)
+    assert [(r["loss_q"], r["qid"]) for r in again] == [(r["loss_q"], r["qid"]) for r in first]
+    (tmp_path / "old.csv").rename(trained_run / "ptq.csv")
+
+
+def test_saved_quantized_checkpoint_reproduces_loss(trained_run, capsys):
+    spec = make_spec(methods=["gptq", "awq"], bits=[3], group_sizes=[64], checkpoints=[500], save=True)
+    rows = run_ptq_sweep(trained_run, spec, **QUIET)
+    for row in rows:
+        name = f"step500-{row['method']}-w3-g64-int"
+        assert main(["eval", str(trained_run), "--quantized", name, "--json"]) == 0
+        out = capsys.readouterr().out
+        assert f'"val_loss": {row["loss_q"]!r}' in out  # bit-exact
+        _, model, _ = load_quantized(trained_run, name)
+        w = np.asarray(model.blocks[0].ffn.up.kernel[...])
+        if row["method"] == "gptq":  # (AWQ's effective weight is Q(s·w)/s: one grid per input row)
+            assert len(np.unique(w[:, 0])) <= 2 ** 3  # one column, one group of 64 rows: 8 levels
+
+
+def test_bad_requests_fail_before_any_row(trained_run, tmp_path):
+    before = (trained_run / "ptq.csv").read_text() if (trained_run / "ptq.csv").exists() else ""
+    with pytest.raises(PTQError, match="bits must be between 2 and 8"):
+        make_spec(bits=[9])
+    with pytest.raises(PTQError, match="group size 48 does not divide the input dims"):
+        run_ptq_sweep(trained_run, make_spec(methods=["rtn"], bits=[4], group_sizes=[48]), **QUIET)
+    with pytest.raises(PTQError, match="too little calibration data"):
+        run_ptq_sweep(trained_run, make_spec(methods=["gptq"], bits=[4], calib_samples=10**6), **QUIET)
+    with pytest.raises(PTQError, match=r"no series checkpoint at step\(s\) \[7\]"):
+        run_ptq_sweep(trained_run, make_spec(methods=["rtn"], bits=[4], checkpoints=[7]), **QUIET)
+    after = (trained_run / "ptq.csv").read_text() if (trained_run / "ptq.csv").exists() else ""
+    assert before == after
+    empty = tmp_path / "run"
+    (empty / "checkpoints" / "series").mkdir(parents=True)
+    (empty / "config.yaml").write_text((trained_run / "config.yaml").read_text())
+    assert main(["ptq", str(empty), "--bits", "4"]) == 1
+
+
+def test_capture_sees_every_linear_of_a_block():
+    cfg = from_dict(tiny_raw("x", train={"max_steps": 1}))
+    model = build_model(cfg.model)
+    block = model.blocks[0]
+    x = jnp.ones((2, 8, cfg.model.d_model))
+    with capture_linear_inputs() as seen:
+        block(x, jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    names = {name for name, lin in linears_of(block) if id(lin) in seen}
+    assert names == {"attn/q", "attn/k", "attn/v", "attn/o", "ffn/gate", "ffn/up", "ffn/down"}
+
+
+def test_moe_experts_are_calibrated_per_expert_with_rtn_fallback():
+    cfg = from_dict(tiny_raw("x", train={"max_steps": 1},
+                             model={"vocab_size": 384, "d_model": 32, "n_layers": 2, "n_heads": 2,
+                                    "mlp_hidden": 64, "compute_dtype": "float32",
+                                    "moe": {"enabled": True, "num_routed_experts": 4, "top_k": 2,
+                                            "expert_hidden": 32, "first_dense_layers": 1}}))
+    tokens = np.random.default_rng(0).integers(0, 384, (4, 16))
+    model = build_model(cfg.model)
+    w_before = np.asarray(model.blocks[1].ffn.w_up[...]).copy()
+    report = quantize_model(model, tokens, QuantSettings(method="gptq", bits=3, group_size=-1))
+    assert report.expert_matrices == 4 * 3 and report.expert_fallbacks == 0
+    w_after = np.asarray(model.blocks[1].ffn.w_up[...])
+    assert not np.allclose(w_before, w_after)
+    for e in range(4):  # each expert's columns now sit on a 3-bit grid
+        assert max(len(np.unique(w_after[e][:, j])) for j in range(4)) <= 8
+    starved = quantize_model(build_model(cfg.model), tokens,
+                             QuantSettings(method="gptq", bits=3, group_size=-1, min_expert_tokens=10**6))
+    assert starved.expert_fallbacks == 4
+    # the router and the norms keep their 16-bit values
+    fresh = build_model(cfg.model)
+    np.testing.assert_array_equal(model.blocks[1].ffn.router.kernel[...], fresh.blocks[1].ffn.router.kernel[...])
+
+
+def test_ptq_cli_writes_csv(trained_run, capsys):
+    assert main(["ptq", str(trained_run), "--methods", "rtn", "--bits", "4,8", "--group-size", "16",
+                 "--checkpoints", "10"]) == 0
+    with (trained_run / "ptq.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["group_size"] == "16"]
+    assert sorted(int(r["bits"]) for r in rows) == [4, 8]
+    assert "ptq: 2 new rows" in capsys.readouterr().out
