@@ -214,6 +214,8 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
     data_parallel: int = Field(-1, description="devices on the data axis; -1 = all")
+    init_from: str | None = Field(None, description="start from another run's series checkpoint (a branch): RUN_DIR")
+    init_from_step: int | None = Field(None, ge=1, description="the series step of train.init_from to start at")
 
 
 class CheckpointConfig(_Section):
@@ -317,6 +319,8 @@ def _cross_field_problems(c: Config):
         yield "set one of train.max_tokens or train.max_steps"
     if c.train.max_tokens is not None and c.train.max_steps is not None:
         yield "set only one of train.max_tokens and train.max_steps"
+    if (c.train.init_from is None) != (c.train.init_from_step is None):
+        yield "train.init_from and train.init_from_step must be set together"
     if c.train.data_parallel == 0 or c.train.data_parallel < -1:
         yield f"train.data_parallel ({c.train.data_parallel}) must be -1 (all devices) or >= 1"
     ck = c.checkpoint

@@ -146,3 +146,23 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_cooldown_branch_equals_training_that_schedule_from_scratch(tiny_config, tmp_path):
+    """A WSD cooldown branch started from the stable run's checkpoint at step 10 is the same training
+    as running the branch's schedule (stable until 10, then decay) from step 0."""
+    stable = tiny_config(train__max_steps=20, optim={"schedule": "wsd", "decay_fraction": 0.1, "warmup_steps": 2},
+                         checkpoint={"tokens": [2560], "async_save": False, "resume_every": 100})
+    train(stable, tmp_path / "stable", log=lambda *_: None)
+    branch_optim = {"schedule": "wsd", "decay_fraction": 4 / 14, "warmup_steps": 2}
+    scratch = train(tiny_config(train__max_steps=14, optim=branch_optim), tmp_path / "scratch", log=lambda *_: None)
+    branch_cfg = tiny_config(train={**tiny_raw("x")["train"], "max_steps": 14, "init_from": str(tmp_path / "stable"),
+                                    "init_from_step": 10}, optim=branch_optim)
+    branch = train(branch_cfg, tmp_path / "branch", log=lambda *_: None)
+    assert min(branch.losses) == 11
+    assert {s: scratch.losses[s] for s in branch.losses} == branch.losses
+    for a, b in zip(leaves(scratch.final_state), leaves(branch.final_state)):
+        np.testing.assert_array_equal(a, b)
+    bad = tiny_config(train={**tiny_raw("x")["train"], "init_from": str(tmp_path / "stable"), "init_from_step": 7})
+    with pytest.raises(RunDirError, match="no series checkpoint at step 7"):
+        train(bad, tmp_path / "bad", log=lambda *_: None)

@@ -237,6 +237,12 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None,
         start_step = step
         log(f"resuming {run_dir} from the {kind} checkpoint at step {step} ({format_count(meta['tokens_seen'])} tokens)")
 
+    elif cfg.train.init_from is not None:
+        state, data_state, start_step = restore_branch_point(cfg, state)
+        state = jax.device_put(state, replicated)
+        data_iter.set_state(data_state)
+        log(f"branching from {cfg.train.init_from} at step {start_step}")
+
     points, dropped = series_points(cfg.checkpoint, cfg.tokens_per_step, total_steps)
     if dropped:
         log(f"note: series targets beyond the end of training ({total_steps * cfg.tokens_per_step} tokens) "
@@ -327,6 +333,29 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None,
         log(f"done: {step} steps, {format_count(result.tokens_seen)} tokens, {len(result.series)} series "
             f"checkpoints in {run_dir}/checkpoints/series ({format_duration(time.time() - t_start)})")
     return result
+
+
+def restore_branch_point(cfg: Config, state):
+    """(state, data-iterator state, step) from the series checkpoint a branch run starts at.
+
+    A branch must share the source run's architecture, data and batch size; its optimizer schedule
+    may differ from there on (e.g. a WSD cooldown starting at the branch step)."""
+    src = Path(cfg.train.init_from)
+    src_cfg = load_run_config(src)
+    same = ("model", "data", "fp8")
+    diff = [d for d in resume_blocking_diff(src_cfg, cfg) if d[0].split(".")[0] in same
+            or d[0] in ("train.batch_size", "train.seed")]
+    if diff:
+        lines = "\n".join(f"  {k}: {a!r} (source) -> {b!r} (branch)" for k, a, b in diff)
+        raise RunDirError(f"train.init_from={src} has a different model/data config:\n{lines}")
+    step = cfg.train.init_from_step
+    store = CheckpointStore(src, read_only=True)
+    if step not in store.steps("series"):
+        raise RunDirError(f"train.init_from={src} has no series checkpoint at step {step} "
+                          f"(available: {store.steps('series')})")
+    restored, data_state, _ = store.restore("series", step, abstract_like(state))
+    store.close()
+    return restored, data_state, step
 
 
 def progress_line(step: int, total: int, rec: dict, t_start: float, start_step: int) -> str:
