@@ -99,6 +99,10 @@ class MoEConfig(_Section):
     switch_aux_loss_weight: float = Field(0.0, ge=0, description="classic switch-transformer aux loss")
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = Field(1.25, gt=0)
+    dropless_impl: Literal["tiles", "ragged"] = Field(
+        "tiles", description="dropless kernel: padded tiles of batched matmuls (fast) or jax.lax.ragged_dot "
+                             "(exact reference, slow on GPU)")
+    tile_rows: int | None = Field(None, ge=1, description="rows per tile of the dropless tile path; None = auto")
 
 
 class MTPConfig(_Section):

@@ -1,0 +1,503 @@
+"""DeepSeekMoE: fine-grained routed experts + shared experts, aux-loss-free balancing.
+
+References: DeepSeek-V3 (arXiv 2412.19437) §2.1.2 eqs. 12–20; DeepSeekMoE (arXiv 2401.06066);
+Switch Transformer (Fedus et al. 2021, arXiv 2101.03961) eq. 4.
+
+For a token's FFN input u_t (the Block adds the residual itself, so this layer returns only the sum):
+
+    y_t     = Σ_{i=1..N_s} FFN_i^(s)(u_t) + Σ_{i=1..N_r} g_{i,t} FFN_i^(r)(u_t)           (eq. 12, minus u_t)
+    s_{i,t} = sigmoid(u_t·e_i)   or   softmax_i(u_t·e_i)                                  (eq. 15; V2: softmax)
+    selected_t = TopK_i(s_{i,t} + b_i, K)              b: aux-free bias, selection ONLY   (eq. 16)
+    g'_{i,t} = s_{i,t} if i ∈ selected_t else 0                                            (eq. 13)
+    g_{i,t}  = routed_scaling · g'_{i,t} / Σ_j g'_{j,t}   (normalize_gates; else no division) (eq. 14)
+
+FFN_i are SwiGLU experts down(silu(u W_gate) ⊙ (u W_up)). The N_s shared experts are one SwiGLU of
+width N_s·expert_hidden (exactly N_s separate experts with concatenated weights); the N_r routed experts
+are stacked: w_gate/w_up [E, D, H], w_down [E, H, D] (one slice per expert, the layout PTQ quantizes).
+The router kernel [D, E] (centroids e_i) and all routing maths stay in fp32 (V3 §3.3 keeps gating in
+high precision; fp8.router opts it into simulated FP8).
+
+Auxiliary-loss-free balancing (V3 §2.1.2): after each step, from the step's loads,
+    b_i ← b_i − γ · sign(load_i − mean load)      (+γ if underloaded, −γ if overloaded)
+then b ← b − mean(b) (a common refinement that keeps the biases zero-mean). `update_router_bias`.
+
+Complementary sequence-wise balance loss (V3 eqs. 17–20), per sequence of T tokens, averaged over sequences:
+    L_seq = Σ_i f_i P_i,  f_i = E/(K·T) Σ_t 1[i ∈ selected_t],  P_i = (1/T) Σ_t s'_{i,t},
+    s'_{i,t} = s_{i,t} / Σ_j s_{j,t}
+Switch-Transformer loss over the whole call (eq. 4, with top-K slot fractions):
+    L_switch = E · Σ_i f_i P_i,  f_i = load_i (fraction of the N·K routing slots),  P_i = mean_t softmax(u_t·e)_i
+aux_loss = seq_aux_loss_weight · L_seq + switch_aux_loss_weight · L_switch  (both are 1 when balanced).
+
+Dispatch (no ragged_dot on the default paths: on the lent H100 it ran at 34 TFLOP/s vs 627 TFLOP/s for
+a batched einsum, DESIGN.md "Measured facts"; XLA lowers it to zero-padded dense matmuls). The N·K
+(token, expert) assignments, in token-major order a = n·K + k (n = b·T + t), are stably sorted by
+expert; rank(a) = its position within its expert's group. `cfg.moe.dispatch` picks the path:
+  * capacity: C = min(ceil(capacity_factor · N·K / E), N) slots per expert, buffer [E, C, D], one
+    batched einsum per GEMM. Priority rule: within an expert, assignments are served in token order
+    (batch row, then position, then top-k slot); an assignment with rank >= C is dropped (its gate
+    contributes zero; the token keeps its other experts and the shared experts).
+    Memory: E·C·(D + 2H) activations ≈ capacity_factor · N·K·(D + 2H).
+  * dropless (impl "tiles", the default): each expert's group is padded to a multiple of `tile` rows and
+    the groups are laid end to end in a static buffer of n_tiles = floor((N·K + E·(tile−1)) / tile)
+    tiles [n_tiles, tile, D], a bound no routing can exceed. Every tile belongs to one expert;
+    `tile_matmul` gathers the tile's expert weights and runs one batched einsum over tiles; its VJP
+    re-gathers the weights (no [n_tiles, D, H] residual), accumulates per-tile weight gradients in fp32
+    and sums each expert's tiles with a one-hot matmul (no scatter-add). Exact, never drops.
+    Cost: ≤ E·(tile−1) padded rows (tile = power of two ≤ 512 with E·tile ≤ N·K/8) and the weight
+    gathers/partials: n_tiles·D·H per matrix (bf16 forward, fp32 gradient partials).
+  * dropless (impl "ragged", `dropless_impl="ragged"`): `jax.lax.ragged_dot` on the sorted [N·K, D] rows;
+    exact, no padding, the simplest reference, but slow on the measured GPU stack.
+  Rows move between token order and the buffers by gathers whose custom VJPs are gathers too
+  (`dispatch_rows`, `combine_rows`: no scatter-add in the backward pass).
+  Measured (H100, JAX 0.11.2, bf16, fwd+bwd of one layer, 65,536 tokens, D 1024, 1 shared expert;
+  benchmarks/bench_moe.py): E 16, K 2, H 512: dense MLP of equal active params 3.8 ms, capacity (1.25)
+  6.8 ms, tiles 8.4 ms; E 64, K 6, H 256: dense 4.3 ms, capacity 10.6 ms, tiles 13.9 ms; ragged_dot
+  was 5.3× the capacity path (16,384 tokens, E 16).
+
+Stats (fp32): load [E] (fraction of the N·K slots per expert, before drops; sums to 1), max_vio
+(max load / mean load), dropped_frac (fraction of the N·K assignments dropped), router_entropy (mean
+token entropy of s'), aux_loss, bias_norm (‖b‖₂). Not in V3: node/group-limited routing (n_group,
+topk_group) — one device here, so it is omitted.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efftrain.config import FP8Config, ModelConfig
+from efftrain.model.layers import MLP, dtype_of, fp8_for
+
+DROPLESS_IMPLS = ("tiles", "ragged")
+DEFAULT_DROPLESS_IMPL = "tiles"
+MAX_TILE_ROWS = 512
+
+
+class RouterBias(nnx.Variable):
+    """Aux-loss-free balancing bias b [E]: non-trainable (not an nnx.Param), used for top-K selection only."""
+
+
+class Routing(NamedTuple):
+    logits: jax.Array  # [N, E] fp32, u·e_i
+    scores: jax.Array  # [N, E] fp32 affinities s (sigmoid or softmax)
+    expert_idx: jax.Array  # [N, K] int32, selected by s + b (descending)
+    gates: jax.Array  # [N, K] fp32, g of the selected experts (from s, never from b)
+
+
+class Router(nnx.Module):
+    """logits = u @ kernel, kernel [D, E] kept in fp32; optional RouterBias [E]."""
+
+    def __init__(self, d_model: int, n_experts: int, *, cfg: ModelConfig, rngs: nnx.Rngs,
+                 fp8: FP8Config | None = None):
+        init = nnx.initializers.normal(cfg.init_std)
+        self.kernel = nnx.Param(init(rngs.params(), (d_model, n_experts), jnp.float32))
+        self.bias = RouterBias(jnp.zeros((n_experts,), jnp.float32)) if cfg.moe.aux_free_bias else None
+        self.fp8 = fp8_for(fp8, "router")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        w = self.kernel[...].astype(jnp.float32)
+        if self.fp8 is not None:
+            from efftrain.fp8 import fp8_linear
+
+            return fp8_linear(x, w, self.fp8).astype(jnp.float32)
+        return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing maths (pure functions)
+# ----------------------------------------------------------------------------------------------
+def affinities(logits: jax.Array, score_func: str) -> jax.Array:
+    if score_func == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    if score_func == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    raise ValueError(f"unknown score_func '{score_func}' (sigmoid|softmax)")
+
+
+def select_experts(scores: jax.Array, bias: jax.Array | None, top_k: int, *, normalize: bool,
+                   scaling: float) -> tuple[jax.Array, jax.Array]:
+    """scores [N, E] -> (expert_idx [N, K], gates [N, K]); the bias moves the selection, not the gates."""
+    selection = scores if bias is None else scores + jax.lax.stop_gradient(bias).astype(scores.dtype)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(selection), top_k)
+    gates = jnp.take_along_axis(scores, idx, axis=-1)
+    if normalize:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return idx.astype(jnp.int32), gates * scaling
+
+
+def bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """b ← b − γ·sign(load − mean load), then zero-mean (aux-loss-free balancing, V3 §2.1.2)."""
+    load = load.astype(jnp.float32)
+    b = bias.astype(jnp.float32) - rate * jnp.sign(load - jnp.mean(load))
+    return (b - jnp.mean(b)).astype(bias.dtype)
+
+
+def sequence_aux_loss(scores: jax.Array, expert_idx: jax.Array, n_experts: int) -> jax.Array:
+    """V3 eqs. 17–20. scores [B, T, E] (s), expert_idx [B, T, K] -> mean over sequences of Σ_i f_i P_i."""
+    B, T, K = expert_idx.shape
+    counts = per_sequence_counts(expert_idx, n_experts)  # [B, E]
+    f = counts * (n_experts / (K * T))
+    p = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)  # [B, E]
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, axis=-1))
+
+
+def switch_aux_loss(logits: jax.Array, load: jax.Array) -> jax.Array:
+    """Switch Transformer eq. 4: E · Σ_i f_i P_i with f = load [E], P = mean softmax(logits [N, E])."""
+    p = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+    return load.shape[0] * jnp.sum(jax.lax.stop_gradient(load) * p)
+
+
+def per_sequence_counts(expert_idx: jax.Array, n_experts: int) -> jax.Array:
+    """expert_idx [B, T, K] -> how many of each sequence's T·K slots chose each expert, [B, E] fp32."""
+    B = expert_idx.shape[0]
+    seg = (jnp.arange(B, dtype=jnp.int32)[:, None, None] * n_experts + expert_idx).reshape(-1)
+    ones = jnp.ones(seg.shape, jnp.float32)
+    return jax.ops.segment_sum(ones, seg, num_segments=B * n_experts).reshape(B, n_experts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch index maps (integer arithmetic only; see the module docstring for the layouts)
+# ----------------------------------------------------------------------------------------------
+class Dispatch(NamedTuple):
+    slot_assign: jax.Array  # [S] assignment index a feeding buffer slot s, or A (empty slot)
+    assign_slot: jax.Array  # [A] buffer slot of assignment a, or S (dropped)
+    counts: jax.Array  # [E] assignments per expert (before drops)
+    group_expert: jax.Array | None  # [n_tiles] expert of each tile (tiles layout only)
+
+
+def sort_assignments(flat_expert: jax.Array, n_experts: int):
+    """flat_expert [A] -> (order [A]: sorted position -> assignment, counts [E], starts [E], rank [A])."""
+    A = flat_expert.shape[0]
+    order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)
+    sorted_expert = flat_expert[order]
+    bounds = jnp.searchsorted(sorted_expert, jnp.arange(n_experts + 1, dtype=jnp.int32), side="left")
+    counts = (bounds[1:] - bounds[:-1]).astype(jnp.int32)
+    starts = bounds[:-1].astype(jnp.int32)
+    rank_sorted = jnp.arange(A, dtype=jnp.int32) - starts[sorted_expert]
+    rank = jnp.zeros((A,), jnp.int32).at[order].set(rank_sorted, unique_indices=True)
+    return order, counts, starts, rank
+
+
+def capacity_of(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """C = ceil(capacity_factor · N·K / E), capped at N (an expert gets each token at most once)."""
+    return max(1, min(math.ceil(capacity_factor * n_tokens * top_k / n_experts), n_tokens))
+
+
+def capacity_dispatch(flat_expert: jax.Array, n_experts: int, capacity: int) -> Dispatch:
+    """Buffer [E, C]: slot (e, c) holds expert e's c-th assignment in token order; rank >= C is dropped."""
+    A = flat_expert.shape[0]
+    order, counts, starts, rank = sort_assignments(flat_expert, n_experts)
+    c = jnp.arange(capacity, dtype=jnp.int32)
+    filled = c[None, :] < counts[:, None]  # [E, C]
+    src = jnp.where(filled, starts[:, None] + c[None, :], 0)
+    slot_assign = jnp.where(filled, order[src], A).reshape(-1)
+    S = n_experts * capacity
+    assign_slot = jnp.where(rank < capacity, flat_expert * capacity + rank, S)
+    return Dispatch(slot_assign, assign_slot.astype(jnp.int32), counts, None)
+
+
+def default_tile_rows(n_assign: int, n_experts: int) -> int:
+    """Power of two in [8, MAX_TILE_ROWS] with E·tile <= N·K/8 where possible (padding <= ~12.5 %)."""
+    target = max(1, n_assign // (8 * n_experts))
+    t = 1 << (target.bit_length() - 1)
+    return int(min(max(t, 8), MAX_TILE_ROWS))
+
+
+def num_tiles(n_assign: int, n_experts: int, tile: int) -> int:
+    """Static bound on Σ_e ceil(count_e / tile) for any routing with Σ count_e = N·K."""
+    return (n_assign + n_experts * (tile - 1)) // tile
+
+
+def tile_dispatch(flat_expert: jax.Array, n_experts: int, tile: int) -> Dispatch:
+    """Buffer [n_tiles, tile]: expert groups padded to multiples of `tile`, laid end to end."""
+    A = flat_expert.shape[0]
+    n_tiles = num_tiles(A, n_experts, tile)
+    order, counts, starts, rank = sort_assignments(flat_expert, n_experts)
+    padded = (counts + tile - 1) // tile * tile
+    pad_end = jnp.cumsum(padded).astype(jnp.int32)
+    pad_start = pad_end - padded
+    tile_start = jnp.arange(n_tiles, dtype=jnp.int32) * tile
+    group_expert = jnp.minimum(jnp.searchsorted(pad_end, tile_start, side="right"), n_experts - 1)
+    group_expert = group_expert.astype(jnp.int32)
+    row = jnp.arange(n_tiles * tile, dtype=jnp.int32)
+    row_expert = group_expert[row // tile]
+    local = row - pad_start[row_expert]
+    filled = (local >= 0) & (local < counts[row_expert])
+    src = jnp.where(filled, starts[row_expert] + local, 0)
+    slot_assign = jnp.where(filled, order[src], A)
+    assign_slot = pad_start[flat_expert] + rank
+    return Dispatch(slot_assign, assign_slot.astype(jnp.int32), counts, group_expert)
+
+
+def ragged_dispatch(flat_expert: jax.Array, n_experts: int) -> Dispatch:
+    """Buffer [A]: assignments sorted by expert, groups of `counts` rows (for ragged_dot)."""
+    order, counts, starts, rank = sort_assignments(flat_expert, n_experts)
+    return Dispatch(order, (starts[flat_expert] + rank).astype(jnp.int32), counts, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Row movement with gather-only backward passes
+# ----------------------------------------------------------------------------------------------
+def _take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """a[idx] along axis 0; out-of-range indices (the sentinels) give zero rows."""
+    return jnp.take(a, idx, axis=0, mode="fill", fill_value=0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dispatch_rows(x: jax.Array, slot_assign: jax.Array, assign_slot: jax.Array, top_k: int) -> jax.Array:
+    """x [N, D] -> buffer [S, D]: slot s holds token slot_assign[s] // K (zero row if empty)."""
+    return _take_rows(x, slot_assign // top_k)
+
+
+def _dispatch_fwd(x, slot_assign, assign_slot, top_k):
+    return dispatch_rows(x, slot_assign, assign_slot, top_k), (slot_assign, assign_slot, x.shape[0])
+
+
+def _dispatch_bwd(top_k, res, g_buf):
+    slot_assign, assign_slot, n = res
+    # each token's gradient is the sum over its K slots (a dropped slot reads the zero fill row)
+    g = _take_rows(g_buf, assign_slot).reshape(n, top_k, g_buf.shape[-1])
+    g_x = jnp.sum(g.astype(jnp.float32), axis=1).astype(g_buf.dtype)
+    return g_x, None, None
+
+
+dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def combine_rows(out: jax.Array, gates: jax.Array, slot_assign: jax.Array, assign_slot: jax.Array,
+                 top_k: int) -> jax.Array:
+    """y[n] = Σ_k gates[n, k] · out[assign_slot[n·K + k]]  (fp32; dropped assignments contribute 0)."""
+    n = gates.shape[0]
+    rows = _take_rows(out, assign_slot).reshape(n, top_k, out.shape[-1])
+    return jnp.einsum("nkd,nk->nd", rows.astype(jnp.float32), gates.astype(jnp.float32))
+
+
+def _combine_fwd(out, gates, slot_assign, assign_slot, top_k):
+    return combine_rows(out, gates, slot_assign, assign_slot, top_k), (out, gates, slot_assign, assign_slot)
+
+
+def _combine_bwd(top_k, res, g_y):
+    out, gates, slot_assign, assign_slot = res
+    n = gates.shape[0]
+    rows = _take_rows(out, assign_slot).reshape(n, top_k, out.shape[-1])
+    g_gates = jnp.einsum("nkd,nd->nk", rows.astype(jnp.float32), g_y.astype(jnp.float32)).astype(gates.dtype)
+    slot_gate = _take_rows(gates.reshape(-1).astype(jnp.float32), slot_assign)  # 0 for empty slots
+    g_out = (_take_rows(g_y.astype(jnp.float32), slot_assign // top_k) * slot_gate[:, None]).astype(out.dtype)
+    return g_out, g_gates, None, None
+
+
+combine_rows.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile GEMM: every tile of rows multiplies its own expert's weight matrix
+# ----------------------------------------------------------------------------------------------
+# How per-tile weight gradients are summed per expert: onehot (a [E, G] @ [G, K·N] matmul) | scatter
+# (segment_sum); "xla" skips tile_matmul (plain gather, autodiff's scatter-add). Benchmark knob.
+TILE_WEIGHT_GRAD_SUM = "onehot"
+
+
+def _sum_tiles_per_expert(dw_tiles: jax.Array, group_expert: jax.Array, n_experts: int) -> jax.Array:
+    """[G, K, N] fp32 per-tile gradients -> [E, K, N]: Σ over the tiles of each expert."""
+    if TILE_WEIGHT_GRAD_SUM == "scatter":
+        return jax.ops.segment_sum(dw_tiles, group_expert, num_segments=n_experts, indices_are_sorted=True)
+    onehot = jax.nn.one_hot(group_expert, n_experts, dtype=jnp.float32)  # [G, E]
+    return jnp.einsum("ge,gkn->ekn", onehot, dw_tiles, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.custom_vjp
+def tile_matmul(a: jax.Array, w: jax.Array, group_expert: jax.Array) -> jax.Array:
+    """a [G, R, K] @ w[group_expert] -> [G, R, N] for w [E, K, N] (tiles sorted by expert).
+
+    The backward pass re-gathers the weights (no [G, K, N] residual), accumulates each tile's weight
+    gradient in fp32 and sums the tiles of an expert without a scatter-add.
+    """
+    return jnp.einsum("grk,gkn->grn", a, jnp.take(w, group_expert, axis=0, indices_are_sorted=True))
+
+
+def _tile_matmul_fwd(a, w, group_expert):
+    return tile_matmul(a, w, group_expert), (a, w, group_expert)
+
+
+def _tile_matmul_bwd(res, g):
+    a, w, group_expert = res
+    wg = jnp.take(w, group_expert, axis=0, indices_are_sorted=True)
+    g = g.astype(a.dtype)
+    da = jnp.einsum("grn,gkn->grk", g, wg)
+    dw_tiles = jnp.einsum("grk,grn->gkn", a, g, preferred_element_type=jnp.float32)
+    dw = _sum_tiles_per_expert(dw_tiles, group_expert, w.shape[0]).astype(w.dtype)
+    return da, dw, None
+
+
+tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------
+class MoE(nnx.Module):
+    """DeepSeekMoE FFN: x [B, T, D] -> (Σ shared(x) + Σ_topK g_i expert_i(x) [B, T, D], stats).
+
+    `dropless_impl` ("tiles" | "ragged") and `tile_rows` override cfg.moe.dropless_impl / tile_rows
+    when the config has them (it does not yet), else the defaults above. Parameters: router.kernel
+    [D, E] fp32, router.bias RouterBias [E] (aux_free_bias only), w_gate/w_up [E, D, H], w_down
+    [E, H, D], shared (MLP of width N_s·H, or None).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8: FP8Config | None = None,
+                 dropless_impl: str | None = None, tile_rows: int | None = None):
+        m = cfg.moe
+        D, E, H = cfg.d_model, m.num_routed_experts, m.expert_hidden
+        if E < 1 or not 1 <= m.top_k <= E:
+            raise ValueError(f"MoE needs 1 <= moe.top_k ({m.top_k}) <= moe.num_routed_experts ({E})")
+        self.n_experts, self.top_k, self.d_model, self.hidden = E, m.top_k, D, H
+        self.score_func, self.normalize_gates, self.routed_scaling = m.score_func, m.normalize_gates, m.routed_scaling
+        self.dispatch, self.capacity_factor = m.dispatch, m.capacity_factor
+        self.seq_aux_weight, self.switch_aux_weight = m.seq_aux_loss_weight, m.switch_aux_loss_weight
+        impl = dropless_impl or getattr(m, "dropless_impl", DEFAULT_DROPLESS_IMPL)
+        if impl not in DROPLESS_IMPLS:
+            raise ValueError(f"dropless_impl '{impl}' is not one of {DROPLESS_IMPLS}")
+        self.dropless_impl = impl
+        self.tile_rows = tile_rows or getattr(m, "tile_rows", None)
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.fp8 = fp8_for(fp8, "linear")
+        if self.fp8 is not None and m.dispatch == "dropless" and impl == "ragged":
+            raise ValueError("simulated FP8 expert GEMMs need dispatch=capacity or dropless_impl=tiles")
+
+        self.router = Router(D, E, cfg=cfg, rngs=rngs, fp8=fp8)
+        pdt = dtype_of(cfg.param_dtype)
+        init = nnx.initializers.normal(cfg.init_std)
+        init_down = nnx.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        self.w_gate = nnx.Param(init(rngs.params(), (E, D, H), pdt))
+        self.w_up = nnx.Param(init(rngs.params(), (E, D, H), pdt))
+        self.w_down = nnx.Param(init_down(rngs.params(), (E, H, D), pdt))
+        self.shared = MLP(D, m.num_shared_experts * H, cfg=cfg, rngs=rngs, fp8=fp8) if m.num_shared_experts else None
+
+    # -- routing ---------------------------------------------------------------------------------
+    def route(self, x2d: jax.Array) -> Routing:
+        """x2d [N, D] -> Routing (all fp32)."""
+        logits = self.router(x2d)
+        scores = affinities(logits, self.score_func)
+        bias = None if self.router.bias is None else self.router.bias[...]
+        idx, gates = select_experts(scores, bias, self.top_k, normalize=self.normalize_gates,
+                                    scaling=self.routed_scaling)
+        return Routing(logits, scores, idx, gates)
+
+    # -- experts ---------------------------------------------------------------------------------
+    def _bmm(self, a: jax.Array, w: jax.Array) -> jax.Array:
+        """[G, R, K] @ [G, K, N] -> [G, R, N] in compute dtype (simulated FP8 per group if enabled)."""
+        if self.fp8 is not None:
+            from efftrain.fp8 import fp8_linear
+
+            cfg = self.fp8
+            return jax.vmap(lambda ai, wi: fp8_linear(ai, wi, cfg))(a, w).astype(self.compute_dtype)
+        return jnp.einsum("grk,gkn->grn", a, w)
+
+    def _swiglu_grouped(self, buf: jax.Array, wg, wu, wd) -> jax.Array:
+        return self._bmm(jax.nn.silu(self._bmm(buf, wg)) * self._bmm(buf, wu), wd)
+
+    def _expert_weights(self):
+        c = self.compute_dtype
+        return self.w_gate[...].astype(c), self.w_up[...].astype(c), self.w_down[...].astype(c)
+
+    def routed(self, x2d: jax.Array, expert_idx: jax.Array, gates: jax.Array):
+        """Σ_k gates · expert(x) for x2d [N, D] -> (y [N, D] fp32, dropped fraction, dispatch)."""
+        N, D = x2d.shape
+        E, K = self.n_experts, self.top_k
+        A = N * K
+        flat = expert_idx.reshape(A)
+        x = x2d.astype(self.compute_dtype)
+        wg, wu, wd = self._expert_weights()
+        if self.dispatch == "capacity":
+            C = capacity_of(N, K, E, self.capacity_factor)
+            d = capacity_dispatch(flat, E, C)
+            buf = dispatch_rows(x, d.slot_assign, d.assign_slot, K).reshape(E, C, D)
+            out = self._swiglu_grouped(buf, wg, wu, wd).reshape(E * C, D)
+            dropped = jnp.mean((d.assign_slot >= E * C).astype(jnp.float32))
+        elif self.dropless_impl == "tiles":
+            t = self.tile_rows or default_tile_rows(A, E)
+            d = tile_dispatch(flat, E, t)
+            n_tiles = d.group_expert.shape[0]
+            buf = dispatch_rows(x, d.slot_assign, d.assign_slot, K).reshape(n_tiles, t, D)
+            if self.fp8 is not None or TILE_WEIGHT_GRAD_SUM == "xla":  # fp8_linear has its own VJP
+                take = partial(jnp.take, indices=d.group_expert, axis=0, indices_are_sorted=True)
+                out = self._swiglu_grouped(buf, take(wg), take(wu), take(wd))
+            else:
+                mm = partial(tile_matmul, group_expert=d.group_expert)
+                out = mm(jax.nn.silu(mm(buf, wg)) * mm(buf, wu), wd)
+            out = out.reshape(n_tiles * t, D)
+            dropped = jnp.zeros((), jnp.float32)
+        else:  # ragged
+            d = ragged_dispatch(flat, E)
+            buf = dispatch_rows(x, d.slot_assign, d.assign_slot, K)  # [A, D] sorted by expert
+            h = jax.nn.silu(jax.lax.ragged_dot(buf, wg, d.counts)) * jax.lax.ragged_dot(buf, wu, d.counts)
+            out = jax.lax.ragged_dot(h.astype(self.compute_dtype), wd, d.counts).astype(self.compute_dtype)
+            dropped = jnp.zeros((), jnp.float32)
+        y = combine_rows(out, gates, d.slot_assign, d.assign_slot, K)
+        return y, dropped, d
+
+    # -- forward ---------------------------------------------------------------------------------
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        B, T, D = x.shape
+        E, K = self.n_experts, self.top_k
+        x2d = x.reshape(B * T, D)
+        r = self.route(x2d)
+        y, dropped, d = self.routed(x2d, r.expert_idx, r.gates)
+        if self.shared is not None:
+            y = y + self.shared(x2d).astype(jnp.float32)
+
+        load = d.counts.astype(jnp.float32) / (B * T * K)
+        sg = jax.lax.stop_gradient
+        s_norm = sg(r.scores) / jnp.sum(sg(r.scores), axis=-1, keepdims=True)
+        entropy = -jnp.mean(jnp.sum(jax.scipy.special.xlogy(s_norm, s_norm), axis=-1))
+        aux = jnp.zeros((), jnp.float32)
+        if self.seq_aux_weight > 0:
+            aux = aux + self.seq_aux_weight * sequence_aux_loss(
+                r.scores.reshape(B, T, E), r.expert_idx.reshape(B, T, K), E)
+        if self.switch_aux_weight > 0:
+            aux = aux + self.switch_aux_weight * switch_aux_loss(r.logits, load)
+        bias = self.router.bias
+        stats = {
+            "load": load,
+            "max_vio": jnp.max(load) * E,  # max load / mean load (mean load = 1/E)
+            "dropped_frac": dropped,
+            "router_entropy": entropy,
+            "aux_loss": aux.astype(jnp.float32),
+            "bias_norm": jnp.zeros((), jnp.float32) if bias is None else jnp.linalg.norm(bias[...]),
+        }
+        return y.reshape(B, T, D).astype(self.compute_dtype), stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Aux-loss-free bias update
+# ----------------------------------------------------------------------------------------------
+def moe_modules(model: nnx.Module) -> list[tuple[tuple, MoE]]:
+    """(path, MoE) in nnx.iter_modules order: attribute names sorted, list indices in numeric order.
+
+    For `Transformer` this is blocks[0..L-1] then mtp.layers[0..D-1], the order in which the train step
+    concatenates the MoE stats of the main model and of the MTP blocks.
+    """
+    return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+
+
+def update_router_bias(model: nnx.Module, loads: jax.Array, rate: float) -> None:
+    """In place: each MoE's b ← b − γ·sign(load − mean load), zero-mean, with loads [n_moe_layers, E].
+
+    Works on a model from `nnx.merge` inside jax.jit (it only assigns Variable values); a MoE built
+    without aux_free_bias is skipped but still consumes its row of `loads`.
+    """
+    found = moe_modules(model)
+    if loads.ndim != 2 or loads.shape[0] != len(found):
+        raise ValueError(f"update_router_bias: loads has shape {loads.shape} but the model holds "
+                         f"{len(found)} MoE layers ({[p for p, _ in found]}); pass [n_moe_layers, E] "
+                         "in nnx.iter_modules order, or a submodule holding exactly those layers")
+    for i, (_, m) in enumerate(found):
+        if m.router.bias is not None:
+            m.router.bias[...] = bias_update(m.router.bias[...], loads[i], rate)
