@@ -1,0 +1,212 @@
+"""Time the simulated FP8 GEMMs of efftrain/fp8.py against plain matmuls, on whatever device JAX has.
+
+    python benchmarks/bench_fp8.py            # GPU-sized shapes (GPT-2-small-like linears, 8192 tokens)
+    python benchmarks/bench_fp8.py --small    # tiny shapes, runs on a CPU in seconds
+
+Prints one JSON line per measurement: (a) `fp8_matmul` vs a plain bf16 matmul (f32 accumulation);
+(b) a linear layer forward + backward (y, dx, dw through jax.vjp) with `fp8_linear` vs bf16. Ratios are
+against the bf16 baseline measured in the same run. Times: median of --iters runs after --warmup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efftrain.fp8 import fake_quantize_many, fp8_linear, fp8_matmul
+
+GPU_SHAPES = [(8192, 768, 2304), (8192, 768, 3072), (8192, 3072, 768), (4096, 4096, 4096)]
+SMALL_SHAPES = [(256, 256, 384), (512, 384, 256)]
+
+
+def fp8_config(**overrides):
+    """An FP8Config (or, where pydantic is missing, e.g. on the GPU image, a namespace with its defaults)."""
+    try:
+        from efftrain.config import FP8Config
+
+        return FP8Config(enabled=True, **overrides)
+    except ImportError:
+        fields = dict(fmt="e4m3", grad_fmt="e4m3", act_block=(1, 128), weight_block=(128, 128), pow2_scales=False,
+                      accum_bits=14, accum_rounding="truncate", k_step=32, promote_every=128, forward=True,
+                      input_grad=True, weight_grad=True)
+        return types.SimpleNamespace(**{**fields, **overrides})
+
+
+INNER = 10  # calls dispatched back to back per timed sample (hides the host's dispatch latency)
+
+
+def time_fn(fn, *args, warmup: int, iters: int) -> float:
+    """Median over `iters` samples of the mean wall time (ms) of INNER back-to-back calls of fn(*args)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        for _ in range(INNER):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) * 1e3 / INNER)
+    return statistics.median(times)
+
+
+def emit(**row):
+    print(json.dumps(row), flush=True)
+
+
+def bench_matmul(shapes, args):
+    modes = {
+        "bf16": lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
+        "fp8_scaling_bf16": functools.partial(fp8_matmul, accum_bits=None, compute_dtype=jnp.bfloat16),
+        "fp8_scaling_f32": functools.partial(fp8_matmul, accum_bits=None),
+        "fp8_accum14_promote128": functools.partial(fp8_matmul, accum_bits=14, promote_every=128),
+        "fp8_accum14_promote128_xla": functools.partial(fp8_matmul, accum_bits=14, promote_every=128, impl="xla"),
+        "fp8_accum14_no_promotion": functools.partial(fp8_matmul, accum_bits=14, promote_every=None),
+    }
+    for m, k, n in shapes:
+        rng = np.random.default_rng(0)
+        a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        b = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
+        base = None
+        for mode, fn in modes.items():
+            ms = time_fn(jax.jit(fn), a, b, warmup=args.warmup, iters=args.iters)
+            base = ms if base is None else base
+            emit(bench="matmul", device=jax.devices()[0].device_kind, shape=[m, k, n], mode=mode,
+                 median_ms=round(ms, 4), ratio_vs_bf16=round(ms / base, 3),
+                 tflops=round(2 * m * k * n / ms / 1e9, 2))
+
+
+def bench_linear(shapes, args):
+    configs = {
+        "bf16": None,
+        "fp8_scaling": fp8_config(accum_bits=None),
+        "fp8_scaling_pow2": fp8_config(accum_bits=None, pow2_scales=True),
+        "fp8_accum14_promote128": fp8_config(),
+    }
+
+    def fwd_bwd(cfg, x, w, dy):
+        y, vjp = jax.vjp(lambda x, w: jnp.dot(x, w) if cfg is None else fp8_linear(x, w, cfg), x, w)
+        return (y, *vjp(dy))
+
+    for m, k, n in shapes:
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
+        dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+        base = None
+        for mode, cfg in configs.items():
+            fn = jax.jit(functools.partial(fwd_bwd, cfg))
+            ms = time_fn(fn, x, w, dy, warmup=args.warmup, iters=args.iters)
+            base = ms if base is None else base
+            emit(bench="linear_fwd_bwd", device=jax.devices()[0].device_kind, shape=[m, k, n], mode=mode,
+                 median_ms=round(ms, 4), ratio_vs_bf16=round(ms / base, 3),
+                 tflops=round(6 * m * k * n / ms / 1e9, 2))
+
+
+def check_pallas(shapes, args):
+    """On GPU: the fused kernel against the lax.scan reference (same maths, summation order may differ)."""
+    for m, k, n in shapes:
+        rng = np.random.default_rng(2)
+        a = jnp.asarray(rng.uniform(0, 1, (m, k)), jnp.float32)
+        b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        for rounding in ("truncate", "nearest"):
+            run = {impl: np.asarray(jax.jit(functools.partial(fp8_matmul, impl=impl, rounding=rounding))(a, b))
+                   for impl in ("xla", "pallas")}
+            magnitude = np.abs(np.asarray(a)) @ np.abs(np.asarray(b))  # error scale of each output
+            diff = np.abs(run["xla"] - run["pallas"]) / magnitude
+            emit(bench="pallas_vs_xla", shape=[m, k, n], rounding=rounding,
+                 max_diff_over_abs_sum=float(diff.max()), frac_differing=float(np.mean(diff > 0)))
+
+
+def bench_quantize(shapes, args):
+    """The fake-quantization pass alone: dy [M, N] tiled 1×128 and 128×1 (two outputs), XLA vs the Pallas
+    kernel (bit arithmetic or Triton float8 converts), against a plain elementwise pass (read once, write
+    twice) as the bandwidth floor; each variant's results are compared with XLA's bit for bit."""
+    from efftrain import fp8
+
+    chains = ((("e4m3", (1, 128)),), (("e4m3", (128, 1)),))
+    default = fp8.KERNEL_NATIVE_CASTS
+    for m, _, n in shapes:
+        dy = jnp.asarray(np.random.default_rng(4).standard_normal((m, n)), jnp.bfloat16)
+        floor = time_fn(jax.jit(lambda v: (v * 2, v * 3)), dy, warmup=args.warmup, iters=args.iters)
+        variants = {"xla": ("xla", False), "pallas_generic_cast": ("pallas", False),
+                    "pallas_native_cast": ("pallas", True)}
+        outs = {}
+        for name, (impl, kernel_native) in variants.items():
+            fp8.KERNEL_NATIVE_CASTS = kernel_native
+            try:
+                fn = jax.jit(functools.partial(fake_quantize_many, chains=chains, dtype=jnp.bfloat16, impl=impl))
+                ms = time_fn(fn, dy, warmup=args.warmup, iters=args.iters)
+                outs[name] = [np.asarray(o) for o in jax.jit(functools.partial(
+                    fake_quantize_many, chains=chains, dtype=jnp.float32, impl=impl))(dy)]
+                emit(bench="fake_quantize_dy_two_tilings", shape=[m, n], variant=name, median_ms=round(ms, 4),
+                     ratio_vs_elementwise_floor=round(ms / floor, 3),
+                     gbytes_per_s=round(3 * dy.nbytes / ms / 1e6, 1),
+                     frac_differing_from_xla=[float(np.mean(p != q)) for p, q in zip(outs[name], outs["xla"])])
+            except Exception as err:  # noqa: BLE001 - report and go on
+                emit(bench="fake_quantize_dy_two_tilings", shape=[m, n], variant=name, error=str(err)[:300])
+        fp8.KERNEL_NATIVE_CASTS = default
+
+
+def sweep_pallas(shape, args):
+    """Time block configurations of the fused accumulation kernel on one shape."""
+    from efftrain import fp8
+
+    m, k, n = shape
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    base = time_fn(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)), a, b,
+                   warmup=args.warmup, iters=args.iters)
+    default = dict(fp8.PALLAS_BLOCK)
+    for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 4), (128, 64, 8, 3),
+                                  (64, 64, 4, 3), (64, 64, 2, 3), (64, 128, 4, 3), (128, 32, 4, 3),
+                                  (256, 64, 8, 3), (128, 128, 4, 3)]:
+        fp8.PALLAS_BLOCK.update(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+        try:
+            ms = time_fn(jax.jit(functools.partial(fp8_matmul, impl="pallas")), a, b, warmup=args.warmup,
+                         iters=args.iters)
+            emit(bench="pallas_sweep", shape=list(shape), block=[bm, bn], num_warps=warps, num_stages=stages,
+                 median_ms=round(ms, 4), ratio_vs_bf16=round(ms / base, 3))
+        except Exception as err:  # noqa: BLE001 - report and go on
+            emit(bench="pallas_sweep", block=[bm, bn], num_warps=warps, num_stages=stages, error=str(err)[:300])
+    fp8.PALLAS_BLOCK.update(default)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny shapes (CPU)")
+    parser.add_argument("--shapes", type=str, default=None, help="'M,K,N;M,K,N' overrides the shape list")
+    parser.add_argument("--iters", type=int, default=None, help="timed runs (default 20, --small 5)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--only", choices=["matmul", "linear", "check", "sweep", "quantize"], default=None)
+    args = parser.parse_args(argv)
+    args.iters = args.iters or (5 if args.small else 20)
+    global INNER
+    INNER = 2 if args.small else INNER
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    else:
+        shapes = SMALL_SHAPES if args.small else GPU_SHAPES
+    emit(bench="env", jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind)
+    if args.only == "check" or (args.only is None and jax.default_backend() == "gpu"):
+        check_pallas(shapes[:2], args)
+    if args.only == "sweep":
+        sweep_pallas(shapes[0], args)
+    if args.only in (None, "quantize"):
+        bench_quantize(shapes, args)
+    if args.only in (None, "matmul"):
+        bench_matmul(shapes, args)
+    if args.only in (None, "linear"):
+        bench_linear(shapes, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,691 @@
+"""Simulated FP8 GEMMs: formats, fine-grained scaling, limited-precision accumulation, custom-VJP linear.
+
+Follows DeepSeek-V3 (arXiv 2412.19437) §3.3 "FP8 Training" and App. B.1 "FP8 vs. BF16 training".
+Everything is computed in float32 with ordinary jnp arithmetic, so it runs (and is jit-able) on any
+backend; the FP8 values themselves are float32 numbers that happen to be representable in the format.
+
+Formats (eXmY, X exponent bits, Y mantissa bits, bias b = 2^(X-1) - 1)
+    normal     v = (-1)^s · 2^(E-b) · (1 + M/2^Y),    1 <= E <= E_top
+    subnormal  v = (-1)^s · 2^(1-b) · (M/2^Y),        E = 0
+  IEEE-like ("e5m2", any "eXmY"): the all-ones exponent is inf/NaN, so e_max = 2^X - 2 - b and
+  max = (2 - 2^-Y) · 2^e_max (e5m2: 57344). "fn" variants ("e4m3" = "e4m3fn", any "eXmYfn"): no inf, only
+  the all-ones pattern is NaN, so e_max = 2^X - 1 - b and max = (2 - 2^(1-Y)) · 2^e_max (e4m3: 448);
+  fn formats under 8 bits follow OCP MX FP6/FP4 (e2m3fn, e3m2fn, e2m1fn): no NaN, max = (2 - 2^-Y) · 2^e_max.
+  Rounding, `cast_to_format`:   e = clip(floor(log2|x|), e_min, e_max), e_min = 1 - b,
+      q(x) = sign(x) · min( RNE(|x| · 2^(Y-e)) · 2^(e-Y), max )
+  i.e. round-to-nearest-even on the grid of x's binade (the e_min binade grid gives the subnormals) and
+  saturation to the largest finite value (±inf saturates too; NaN stays NaN). Bit-exact with ml_dtypes'
+  float8_e4m3fn / float8_e5m2 on |x| <= max. Caveat: XLA flushes float32 subnormals to zero, so formats
+  whose subnormals lie below 2^-126 (X = 8) lose those; every X <= 7 format is exact.
+
+Scaling (V3 §3.3.2 "fine-grained quantization")
+  For each block B of an operand: s_B = amax_B / max (1 for an all-zero block; with pow2_scales rounded
+  up to a power of two), q = cast(x · (1/s_B)), x ≈ q · s_B (the reciprocal is taken once per block, as
+  a kernel would; XLA rewrites a broadcast division that way in any case). Blocks are (rows, cols) of
+  the operand seen as 2-D (leading dims flattened into rows), -1 = the whole dimension:
+      (1, 128)   activation tiles: one token, 128 channels          (V3: activations, forward)
+      (128, 128) weight blocks: 128 input × 128 output channels     (V3: weights)
+      (1, -1) per row, (-1, -1) per tensor.
+  A dimension not divisible by its block is zero-padded to a multiple internally; padding changes no
+  amax and contributes exact zeros to every product, so results equal the unpadded maths.
+
+Accumulation (V3 §3.3.2 "increasing accumulation precision", Fig. 7b)
+  C[m,n] = Σ_k A[m,k] B[k,n] ≈ Σ_k qa[m,k] sa[m,k] · qb[k,n] sb[k,n]  (s = the scale of the element's block)
+  Hopper's FP8 MMA keeps only ~14 mantissa bits when it adds aligned products into its accumulator. Model:
+      p_j   = Σ_{k in K-step j} qa·qb                    (k_step = 32 products, summed exactly)
+      acc   ← round_b(acc + p_j)                         (b = accum_bits mantissa bits, truncate or RNE)
+      every promote_every (N_C = 128) elements of K:  C ← C + acc · sa·sb  (FP32, CUDA cores);  acc ← 0
+  When the scaling blocks along K are a multiple of the promotion interval (1×128 / 128×128 with
+  N_C = 128, the V3 recipe) the scales are applied at promotion, as V3 does; otherwise (no promotion,
+  or blocks finer than N_C) each K-step's p_j is scaled before it enters the accumulator. A K-step
+  never straddles a scaling block: K-blocks must be multiples of k_step (else ValueError), and K is
+  zero-padded to whole promotion windows (zero steps add nothing). The "exact" within-step sum is
+  computed as a float32 matmul of the quantized values (products of FP8 values are exact; the float32
+  sum of 32 of them is exact to 2^-24 relative, far below the 2^-14 being simulated).
+  accum_bits=None is exact FP32 accumulation: the operands are dequantized (q · s) and multiplied in one
+  ordinary matmul, which equals the blockwise-scaled sum up to FP32 rounding for any block shapes.
+
+Linear layer (V3 Fig. 6), y = x @ w, w [K, N], with a custom VJP:
+      Fprop  y  = x  @ w      x: fmt, act_block tiles along K;       w: fmt, weight_block
+      Dgrad  dx = dy @ wᵀ     dy: grad_fmt, act_block tiles along N; wᵀ: fmt, weight_block transposed
+                              (square 128×128 blocks of w are the same blocks of wᵀ)
+      Wgrad  dw = xᵀ @ dy     both tiled 128×1 along the token dim (the contraction): xᵀ with act_block
+                              (1 channel × 128 tokens), dy with its transpose (128 tokens × 1 column).
+                              As in V3, x for Wgrad is the forward's FP8 x (dequantized, re-tiled and
+                              quantized again), mirroring V3's cached FP8 activations.
+  Each GEMM is simulated only if its flag (forward / input_grad / weight_grad) is set, otherwise it is
+  the plain matmul autodiff would have done. Straight-through: gradients flow as if quantization were
+  the identity, exactly like real FP8 training.
+
+Speed. With accum_bits=None the cost is one quantize pass per operand plus one matmul in the compute
+dtype (bf16 in training; exact for the dequantized values when pow2_scales, else one extra bf16
+rounding of the dequantized operand, ~2^-9 relative, far below FP8's 2^-4); the backward GEMMs contract
+the stored layouts with dot_general (no transposed copies). On GPU the quantize pass is a Pallas kernel
+(`fake_quantize_many`) that reads a [128, 128] tile once and writes every tiling asked for (dy: 1×128
+and 128×1), using Triton's e4m3 convert (bit-identical to cast_to_format on an H100).
+The accumulation model has two implementations of the same maths (bit-identical through Pallas'
+interpreter on CPU; on an H100 ~1e-4 of outputs differ by one accumulator ulp, ≤ 5e-6 of Σ|a||b|,
+because the MMA and cuBLAS sum the 32 products of a K-step in different orders):
+  * 'pallas' (default on GPU): one Triton program per output tile walks K in k_step slices (bf16 MMA
+    with an fp32 result = the exact FP8 products), rounds the accumulator in registers and promotes
+    every window; memory traffic is a plain matmul's, the extra cost is the per-step rounding.
+  * 'xla' (CPU; reference): lax.scan over promotion windows; each window's per-step partial products
+    ([k_steps_per_window, M, N] float32, one batched einsum) go through the unrolled recurrence, so
+    memory is bounded by one window, not by K. Memory-bound: several times a bf16 matmul on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+if TYPE_CHECKING:  # the config module needs pydantic; this module must not (GPU image has none)
+    from efftrain.config import FP8Config
+
+__all__ = [
+    "FloatFormat",
+    "float_format",
+    "cast_to_format",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "round_mantissa",
+    "fp8_matmul",
+    "fp8_linear",
+]
+
+Block = tuple[int, int]
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FloatFormat:
+    """An IEEE-like binary float format eXmY (finite_only: the 'fn' variant with no infinities)."""
+
+    name: str
+    exp_bits: int
+    man_bits: int
+    finite_only: bool
+
+    @property
+    def bias(self) -> int:
+        return 2 ** (self.exp_bits - 1) - 1
+
+    @property
+    def emin(self) -> int:
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        top = 2**self.exp_bits - 1 if self.finite_only else 2**self.exp_bits - 2
+        return top - self.bias
+
+    @property
+    def has_nan_pattern(self) -> bool:
+        """An fn format spends its all-ones pattern on NaN if it is 8 bits or wider (OCP FP8); the OCP MX
+        FP6/FP4 'fn' formats (e2m3fn, e3m2fn, e2m1fn) have no NaN at all."""
+        return self.finite_only and 1 + self.exp_bits + self.man_bits >= 8
+
+    @property
+    def max(self) -> float:
+        frac = 2.0 - 2.0 ** (1 - self.man_bits) if self.has_nan_pattern else 2.0 - 2.0**-self.man_bits
+        return frac * 2.0**self.emax
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0**self.emin
+
+    @property
+    def min_subnormal(self) -> float:
+        return 2.0 ** (self.emin - self.man_bits)
+
+
+_FORMAT_RE = re.compile(r"e(\d+)m(\d+)(fn)?")
+_ALIASES = {"e4m3": "e4m3fn", "fp8_e4m3": "e4m3fn", "fp8_e5m2": "e5m2"}
+
+
+@functools.lru_cache(maxsize=None)
+def float_format(fmt: str | FloatFormat) -> FloatFormat:
+    """Parse 'e4m3' (= e4m3fn, max 448), 'e5m2' (max 57344), any 'eXmY' (IEEE-like) or 'eXmYfn'."""
+    if isinstance(fmt, FloatFormat):
+        return fmt
+    name = _ALIASES.get(fmt.strip().lower(), fmt.strip().lower())
+    match = _FORMAT_RE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"unknown float format {fmt!r}: expected e4m3, e5m2, eXmY or eXmYfn")
+    exp_bits, man_bits, fn = int(match[1]), int(match[2]), bool(match[3])
+    result = FloatFormat(name, exp_bits, man_bits, fn)
+    if not 2 <= exp_bits <= 8 or not 0 <= man_bits <= 23 or (result.has_nan_pattern and man_bits < 1):
+        raise ValueError(f"float format {fmt!r}: need 2 <= X <= 8 exponent and 0 <= Y <= 23 mantissa bits "
+                         "(Y >= 1 for an fn variant of 8+ bits)")
+    return result
+
+
+def _exp2i(k: jax.Array) -> jax.Array:
+    """2.0**k as float32 for an int32 array k in [-126, 127] (exact, by building the bits)."""
+    return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+
+
+def _mul_exp2(v: jax.Array, k: jax.Array, k_lo: int, k_hi: int) -> jax.Array:
+    """v · 2^k exactly; k (int32) is known to lie in [k_lo, k_hi]."""
+    if -126 <= k_lo and k_hi <= 127:
+        return v * _exp2i(k)
+    half = k >> 1  # two factors keep each power of two a normal float32
+    return v * _exp2i(half) * _exp2i(k - half)
+
+
+def cast_to_format(x: jax.Array, fmt: str | FloatFormat = "e4m3") -> jax.Array:
+    """Round x to the nearest value of `fmt` (RNE, subnormals, saturating); float32 result.
+
+    Integer arithmetic on the float32 bits (no round op, so it also runs inside Pallas kernels): the
+    24-bit significand m of |x| = m · 2^(e-23) is rounded half-to-even to a multiple of the format's
+    quantum 2^(max(e, e_min) - Y), i.e. d = 23 - Y + max(0, e_min - e) low bits are dropped.
+    """
+    f = float_format(fmt)
+    x = jnp.asarray(x).astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    mag = bits & jnp.int32(0x7FFFFFFF)
+    biased = mag >> 23
+    exponent = jnp.minimum(biased - 127, f.emax + 1)  # beyond e_max + 1 everything saturates alike
+    significand = jnp.where(biased == 0, 0, (mag & jnp.int32(0x7FFFFF)) | jnp.int32(0x800000))  # FTZ input
+    quantum_exp = jnp.maximum(exponent, f.emin)
+    drop = jnp.clip(23 - f.man_bits + quantum_exp - exponent, 0, 30)  # >= 25 already rounds to 0
+    half_minus_one = (jnp.int32(1) << drop >> 1) - 1
+    rounded = (significand + half_minus_one + ((significand >> drop) & 1)) >> drop  # RNE
+    rounded = jnp.where(drop == 0, significand, rounded)
+    y = _mul_exp2(rounded.astype(jnp.float32), quantum_exp - f.man_bits, f.emin - f.man_bits,
+                  f.emax + 1 - f.man_bits)
+    y = jnp.where(mag > jnp.int32(0x7F800000), jnp.float32(jnp.nan), jnp.minimum(y, jnp.float32(f.max)))
+    sign = bits & jnp.int32(-(2**31))  # copysign, as bit arithmetic
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(y, jnp.int32) | sign, jnp.float32)
+
+
+# Hardware float8 converts, for the two formats that have them, inside the Pallas quantizer only.
+# cast_to_format is the definition; Triton's e4m3 convert matched it on every value tried on an H100,
+# while an XLA-compiled f32 → float8 → f32 round trip on that GPU (jax 0.11.2) came back unrounded for
+# most values (likely XLA's allow-excess-precision simplification), so XLA paths never use astype.
+_NATIVE_DTYPES = {"e4m3fn": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+
+
+def _native_cast(x: jax.Array, f: FloatFormat) -> jax.Array:
+    dtype = _NATIVE_DTYPES.get(f.name)
+    if dtype is None:
+        return cast_to_format(x, f)
+    return jnp.clip(x, -f.max, f.max).astype(dtype).astype(jnp.float32)
+
+
+def round_mantissa(x: jax.Array, bits: int, rounding: str = "truncate", keep_specials: bool = True) -> jax.Array:
+    """Keep `bits` explicit mantissa bits of float32 x: 'truncate' (toward zero) or 'nearest' (RNE).
+
+    Plain int32 bit arithmetic (also inside the Pallas kernel); inf and NaN pass through unless
+    keep_specials=False (the kernel's cheaper variant, where a NaN may turn into inf).
+    """
+    drop = 23 - bits
+    if drop <= 0:
+        return x
+    if rounding not in ("truncate", "nearest"):
+        raise ValueError(f"rounding must be 'truncate' or 'nearest', got {rounding!r}")
+    u = lax.bitcast_convert_type(x, jnp.int32)  # sign-magnitude: integer ops act on the magnitude
+    v = u
+    if rounding == "nearest":
+        v = v + (jnp.int32((1 << (drop - 1)) - 1) + ((v >> drop) & 1))
+    v = v & jnp.int32(-(1 << drop))
+    if not keep_specials:
+        return lax.bitcast_convert_type(v, jnp.float32)
+    special = (u & jnp.int32(0x7F800000)) == jnp.int32(0x7F800000)
+    return lax.bitcast_convert_type(jnp.where(special, u, v), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blockwise scaling
+# ----------------------------------------------------------------------------------------------
+def _as_2d(x: jax.Array) -> jax.Array:
+    """[..., C] → [R, C] with the leading dims flattened into rows (a vector is one row)."""
+    return x.reshape(1, -1) if x.ndim <= 1 else x.reshape(-1, x.shape[-1])
+
+
+def _resolve_block(block: Block, rows: int, cols: int) -> Block:
+    """-1 (or anything >= the dim) → the whole dim."""
+    r, c = block
+    if r == 0 or c == 0 or r < -1 or c < -1:
+        raise ValueError(f"block {block}: sizes must be positive or -1 (whole dimension)")
+    return (rows if r == -1 else min(r, max(rows, 1)), cols if c == -1 else min(c, max(cols, 1)))
+
+
+def _pad_to(x: jax.Array, r: int, c: int) -> jax.Array:
+    rows, cols = x.shape
+    pad_r, pad_c = -rows % r, -cols % c
+    return jnp.pad(x, ((0, pad_r), (0, pad_c))) if pad_r or pad_c else x
+
+
+def _scale_from_amax(amax: jax.Array, fmt_max: float, pow2: bool) -> jax.Array:
+    scale = amax * jnp.float32(1.0 / fmt_max)  # what XLA makes of amax / max anyway; same in kernels
+    if pow2:  # round up to a power of two: set the mantissa to zero after carrying it into the exponent
+        bits = lax.bitcast_convert_type(scale, jnp.int32)
+        scale = lax.bitcast_convert_type((bits + jnp.int32(0x7FFFFF)) & jnp.int32(-(1 << 23)), jnp.float32)
+    return jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero blocks: scale 1, q = 0, no NaN
+
+
+def _expand_scale(scale: jax.Array, r: int, c: int, rows: int, cols: int) -> jax.Array:
+    """[Rb, Cb] block scales → [rows, cols] per element."""
+    rb, cb = scale.shape
+    full = jnp.broadcast_to(scale[:, None, :, None], (rb, r, cb, c)).reshape(rb * r, cb * c)
+    return full[:rows, :cols]
+
+
+def quantize(x: jax.Array, fmt: str | FloatFormat = "e4m3", block: Block = (1, 128),
+             pow2_scales: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Blockwise FP8 quantization from the current amax.
+
+    Returns (q, scale): q has x's shape and holds float32 values representable in `fmt`; scale is
+    [ceil(R/r), ceil(C/c)] float32 for x seen as [R, C] (leading dims flattened into rows), and
+    x ≈ dequantize(q, scale, block).
+    """
+    f = float_format(fmt)
+    x = jnp.asarray(x)
+    x2 = _as_2d(x).astype(jnp.float32)
+    rows, cols = x2.shape
+    r, c = _resolve_block(block, rows, cols)
+    xp = _pad_to(x2, r, c)
+    rb, cb = xp.shape[0] // r, xp.shape[1] // c
+    x4 = xp.reshape(rb, r, cb, c)
+    scale = _scale_from_amax(jnp.max(jnp.abs(x4), axis=(1, 3)), f.max, pow2_scales)
+    inv_scale = 1.0 / scale  # explicit: XLA would turn x / broadcast(s) into an inexact x · (1/s) anyway
+    q = cast_to_format(x4 * inv_scale[:, None, :, None], f).reshape(rb * r, cb * c)
+    return q[:rows, :cols].reshape(x.shape), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, block: Block = (1, 128)) -> jax.Array:
+    """q · s per block (inverse of `quantize` up to the rounding); float32."""
+    q2 = _as_2d(jnp.asarray(q)).astype(jnp.float32)
+    rows, cols = q2.shape
+    r, c = _resolve_block(block, rows, cols)
+    return (q2 * _expand_scale(scale, r, c, rows, cols)).reshape(jnp.shape(q))
+
+
+def fake_quantize(x: jax.Array, fmt: str | FloatFormat = "e4m3", block: Block = (1, 128),
+                  pow2_scales: bool = False) -> jax.Array:
+    """dequantize(quantize(x)): x rounded to the blockwise-scaled FP8 grid, float32."""
+    return dequantize(*quantize(x, fmt, block, pow2_scales), block)
+
+
+Chain = tuple[tuple[str, Block], ...]  # fake-quantization stages applied one after the other
+_KERNEL_TILE = 128
+PALLAS_QUANTIZE = True  # one-pass Pallas quantizer on GPU (see fake_quantize_many)
+KERNEL_NATIVE_CASTS = True  # Triton's e4m3 convert in that kernel (bit-exact, ~1.6x faster on H100)
+_KERNEL_BLOCKS = ((1, _KERNEL_TILE), (_KERNEL_TILE, 1), (_KERNEL_TILE, _KERNEL_TILE))
+
+
+def fake_quantize_many(x: jax.Array, chains: tuple[Chain, ...], pow2_scales: bool = False,
+                       dtype: Any = jnp.float32, impl: str = "auto") -> tuple[jax.Array, ...]:
+    """Several fake-quantizations of one 2-D x, e.g. dy tiled 1×128 and 128×1, in one pass over x.
+
+    Each chain is a sequence of (fmt, block) stages applied in turn (x_fp8 re-tiled: ((fmt, (1, 128)),
+    (fmt, (128, 1)))). impl 'auto' uses a Pallas kernel on GPU (reads x once, writes each result once)
+    when both dims are multiples of 128 and every block is 1×128, 128×1 or 128×128; else XLA.
+    """
+    rows, cols = x.shape
+    fits = rows % _KERNEL_TILE == 0 and cols % _KERNEL_TILE == 0 and all(
+        tuple(block) in _KERNEL_BLOCKS for chain in chains for _, block in chain)
+    if impl == "pallas" or (impl == "auto" and PALLAS_QUANTIZE and fits and jax.default_backend() == "gpu"):
+        return _pallas_fake_quantize(x, chains, pow2_scales, dtype)
+    results = []
+    for chain in chains:
+        y = x
+        for fmt, block in chain:
+            y = fake_quantize(y, fmt, block, pow2_scales)
+        results.append(y.astype(dtype))
+    return tuple(results)
+
+
+def _fake_quantize_tile(v, fmt, block, pow2_scales):
+    """fake_quantize of one [128, 128] tile held in registers (same arithmetic as quantize/dequantize)."""
+    magnitude = jnp.abs(v)
+    if block == (1, _KERNEL_TILE):
+        amax = jnp.max(magnitude, axis=1)[:, None]
+    elif block == (_KERNEL_TILE, 1):
+        amax = jnp.max(magnitude, axis=0)[None, :]
+    else:
+        amax = jnp.max(jnp.max(magnitude, axis=1)[:, None], axis=0)[None, :]
+    f = float_format(fmt)
+    scale = _scale_from_amax(amax, f.max, pow2_scales)
+    # Triton's e4m3 convert was checked bit for bit on an H100; e5m2 (not checked there) keeps the bit maths
+    cast = _native_cast if KERNEL_NATIVE_CASTS and f.name == "e4m3fn" else cast_to_format
+    return cast(v * (1.0 / scale), f) * scale
+
+
+def _pallas_fake_quantize(x, chains, pow2_scales, dtype):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    rows, cols = x.shape
+    tile = (_KERNEL_TILE, _KERNEL_TILE)
+
+    def kernel(x_ref, *out_refs):
+        v = x_ref[...].astype(jnp.float32)
+        for chain, out_ref in zip(chains, out_refs):
+            y = v
+            for fmt, block in chain:
+                y = _fake_quantize_tile(y, fmt, tuple(block), pow2_scales)
+            out_ref[...] = y.astype(out_ref.dtype)
+
+    interpret = jax.default_backend() != "gpu"
+    spec = pl.BlockSpec(tile, lambda i, j: (i, j))
+    return tuple(pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((rows, cols), dtype)] * len(chains),
+        grid=(rows // tile[0], cols // tile[1]),
+        in_specs=[spec],
+        out_specs=[spec] * len(chains),
+        compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=8, num_stages=1),
+        interpret=interpret,
+    )(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM
+# ----------------------------------------------------------------------------------------------
+def _operand_dtype(*fmts: FloatFormat):
+    """bf16 holds every value of formats with <= 7 mantissa bits exactly (same exponent range as fp32)."""
+    return jnp.bfloat16 if all(f.man_bits <= 7 for f in fmts) else jnp.float32
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def fp8_matmul(a: jax.Array, b: jax.Array, *, fmt: str = "e4m3", b_fmt: str | None = None,
+               a_block: Block = (1, 128), b_block: Block = (128, 128), accum_bits: int | None = 14,
+               promote_every: int | None = 128, k_step: int = 32, rounding: str = "truncate",
+               pow2_scales: bool = False, compute_dtype: Any = None, impl: str = "auto") -> jax.Array:
+    """Simulated FP8 GEMM a @ b → float32, a [..., M, K] (leading dims flattened into M), b [K, N].
+
+    a is quantized in `fmt` with `a_block` over [M, K], b in `b_fmt` (default fmt) with `b_block` over
+    [K, N]. accum_bits=None: exact FP32 accumulation (fast path: one matmul of the dequantized operands
+    in `compute_dtype`, default float32 at HIGHEST precision; bf16 is exact for them when pow2_scales).
+    Otherwise the Hopper accumulator model of the module docstring, computed by `impl`: 'xla' (lax.scan
+    over promotion windows, any backend), 'pallas' (fused Triton kernel; interpreted off GPU), or 'auto'
+    (pallas on GPU for formats exact in bf16, else xla). Not meant to be
+    differentiated (use fp8_linear).
+    """
+    fa, fb = float_format(fmt), float_format(b_fmt if b_fmt is not None else fmt)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
+        raise ValueError(f"fp8_matmul needs a [..., M, K] and b [K, N], got {a.shape} and {b.shape}")
+    lead, (m, k), n = a.shape[:-2], a.shape[-2:], b.shape[1]
+    a2 = a.reshape(-1, k)
+    if accum_bits is None:
+        cd = jnp.float32 if compute_dtype is None else compute_dtype
+        (da,) = fake_quantize_many(a2, (((fa, tuple(a_block)),),), pow2_scales, cd)
+        (db,) = fake_quantize_many(b, (((fb, tuple(b_block)),),), pow2_scales, cd)
+        out = jnp.dot(da, db, precision=_precision(cd), preferred_element_type=jnp.float32)
+    else:
+        out = _simulated_accumulation(a2, b, fa, fb, a_block, b_block, accum_bits, promote_every,
+                                      k_step, rounding, pow2_scales, impl)
+    return out.reshape(*lead, m, n)
+
+
+def _steps_per_chunk(n_steps: int, cap: int = 8) -> int:
+    return max(d for d in range(1, min(cap, n_steps) + 1) if n_steps % d == 0)
+
+
+def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_every, k_step,
+                            rounding, pow2_scales, impl):
+    """[M, K] @ [K, N] with per-K-step partial sums fed through the limited-precision accumulator."""
+    if rounding not in ("truncate", "nearest"):
+        raise ValueError(f"rounding must be 'truncate' or 'nearest', got {rounding!r}")
+    if impl not in ("auto", "xla", "pallas"):
+        raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
+    if not 0 <= accum_bits <= 23:
+        raise ValueError(f"accum_bits must be in [0, 23] or None, got {accum_bits}")
+    if k_step < 1 or (promote_every is not None and (promote_every < 1 or promote_every % k_step)):
+        raise ValueError(f"promote_every ({promote_every}) must be a positive multiple of k_step ({k_step})")
+    m, k = a.shape
+    n = b.shape[1]
+    # Scaling blocks along K (None = one block over the whole of K).
+    ca = None if a_block[1] == -1 or a_block[1] >= k else a_block[1]
+    rb = None if b_block[0] == -1 or b_block[0] >= k else b_block[0]
+    k_blocks = [s for s in (ca, rb) if s is not None]
+    for s in k_blocks:
+        if s % k_step:
+            raise ValueError(f"scaling block of {s} along K is not a multiple of k_step={k_step}: "
+                             "a K-step would straddle two scales")
+    unit = math.lcm(k_step, promote_every or 1, *k_blocks)
+    kp = -(-k // unit) * unit
+    if kp != k:  # zero K-steps add exactly nothing
+        a, b = jnp.pad(a, ((0, 0), (0, kp - k))), jnp.pad(b, ((0, kp - k), (0, 0)))
+    ab = (a_block[0], kp if ca is None else ca)
+    bb = (kp if rb is None else rb, b_block[1])
+    qa, sa = quantize(a, fa, ab, pow2_scales)
+    qb, sb = quantize(b, fb, bb, pow2_scales)
+    n_steps = kp // k_step
+    # Per-step scales: sa_step [M, S], sb_step [S, N] (constant within a step by construction).
+    ra, cb = _resolve_block(ab, m, kp)[0], _resolve_block(bb, kp, n)[1]
+    sa_step = jnp.repeat(jnp.repeat(sa, ra, axis=0)[:m], ab[1] // k_step, axis=1)
+    sb_step = jnp.repeat(jnp.repeat(sb, cb, axis=1)[:, :n], bb[0] // k_step, axis=0)
+    window = promote_every or kp
+    granule = math.gcd(*k_blocks) if k_blocks else kp  # scales are constant over K-ranges of this length
+    scale_at_promotion = granule % window == 0
+    steps_per_window = window // k_step
+    op_dtype = _operand_dtype(fa, fb)
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" and op_dtype == jnp.bfloat16 else "xla"
+    if impl == "pallas":
+        if op_dtype != jnp.bfloat16:
+            raise ValueError("impl='pallas' needs formats with <= 7 mantissa bits (exact in bf16)")
+        stride = steps_per_window if scale_at_promotion else 1
+        return _pallas_accumulation(qa.astype(op_dtype), qb.astype(op_dtype), sa_step[:, ::stride].T,
+                                    sb_step[::stride, :], steps_per_window, k_step, accum_bits, rounding,
+                                    scale_per_step=not scale_at_promotion)
+    chunk = steps_per_window if promote_every is not None else _steps_per_chunk(n_steps)
+    n_chunks = n_steps // chunk
+    prec = _precision(op_dtype)
+    a_c = qa.astype(op_dtype).reshape(m, n_chunks, chunk, k_step).transpose(1, 0, 2, 3)  # [nc, M, C, ks]
+    b_c = qb.astype(op_dtype).reshape(n_chunks, chunk, k_step, n)  # [nc, C, ks, N]
+    if scale_at_promotion:  # one scale per window (the window's first step's)
+        s_a = sa_step[:, ::steps_per_window].T  # [n_windows, M]
+        s_b = sb_step[::steps_per_window, :]  # [n_windows, N]
+        step_scales = (jnp.zeros((n_chunks, 0)),) * 2
+    else:
+        step_scales = (sa_step.T.reshape(n_chunks, chunk, m), sb_step.reshape(n_chunks, chunk, n))
+
+    def partial_sums(a_chunk, b_chunk, sa_chunk, sb_chunk):
+        p = jnp.einsum("mck,ckn->cmn", a_chunk, b_chunk, precision=prec,
+                       preferred_element_type=jnp.float32)  # [C, M, N], exact per K-step
+        if not scale_at_promotion:
+            p = p * sa_chunk[:, :, None] * sb_chunk[:, None, :]
+        return p
+
+    def accumulate(acc, p):
+        for step in range(p.shape[0]):  # unrolled: C <= 8 steps
+            acc = round_mantissa(acc + p[step], accum_bits, rounding)
+        return acc
+
+    zeros = jnp.zeros((m, n), jnp.float32)
+    if promote_every is not None:
+        xs = (a_c, b_c, *step_scales) + ((s_a, s_b) if scale_at_promotion else ())
+
+        def window_body(total, xs_w):
+            acc = accumulate(zeros, partial_sums(*xs_w[:4]))
+            if scale_at_promotion:
+                acc = acc * xs_w[4][:, None] * xs_w[5][None, :]
+            return total + acc, None  # promotion: FP32 add on the CUDA cores
+
+        total, _ = lax.scan(window_body, zeros, xs)
+        return total
+
+    def chunk_body(acc, xs_c):  # never promoted: one accumulator over all of K
+        return accumulate(acc, partial_sums(*xs_c)), None
+
+    acc, _ = lax.scan(chunk_body, zeros, (a_c, b_c, *step_scales))
+    if scale_at_promotion:  # whole-K scales (per tensor / per row / per column)
+        acc = acc * s_a[0][:, None] * s_b[0][None, :]
+    return acc
+
+
+# Fused GPU kernel: one program per [block_m, block_n] output tile loops over the K-steps, keeping the
+# limited-precision accumulator and the FP32 total in registers; nothing [steps, M, N]-sized is stored.
+PALLAS_BLOCK = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}  # best of a sweep on H100
+
+
+def _pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, rounding, scale_per_step,
+                         **block):
+    """qa [M, Kp] @ qb [Kp, N] (exact FP8 values in bf16) through the accumulator model → [M, N] f32.
+
+    sa [G, M], sb [G, N]: scales per promotion window (G = windows), or per K-step (G = steps) when
+    scale_per_step, in which case each step's partial sum is scaled before it enters the accumulator.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    cfg = {**PALLAS_BLOCK, **block}
+    m, kp = qa.shape
+    n = qb.shape[1]
+    n_windows = kp // (steps_per_window * k_step)
+    bm = min(cfg["block_m"], max(16, pl.next_power_of_2(m)))
+    bn = min(cfg["block_n"], max(16, pl.next_power_of_2(n)))
+    mp, np_ = -(-m // bm) * bm, -(-n // bn) * bn
+    qa, sa = jnp.pad(qa, ((0, mp - m), (0, 0))), jnp.pad(sa, ((0, 0), (0, mp - m)))
+    qb, sb = jnp.pad(qb, ((0, 0), (0, np_ - n))), jnp.pad(sb, ((0, 0), (0, np_ - n)))
+
+    def kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref):
+        def window(w, total):
+            def step(s, acc):
+                j = w * steps_per_window + s
+                k0 = pl.multiple_of(j * k_step, k_step)
+                p = jnp.dot(a_ref[:, pl.ds(k0, k_step)], b_ref[pl.ds(k0, k_step), :],
+                            preferred_element_type=jnp.float32)  # exact products of one K-step
+                if scale_per_step:
+                    p = p * sa_ref[j][:, None] * sb_ref[j][None, :]
+                return round_mantissa(acc + p, accum_bits, rounding, keep_specials=False)
+
+            acc = lax.fori_loop(0, steps_per_window, step, jnp.zeros((bm, bn), jnp.float32))
+            if not scale_per_step:  # promotion with the window's scales
+                acc = acc * sa_ref[w][:, None] * sb_ref[w][None, :]
+            return total + acc
+
+        out_ref[...] = lax.fori_loop(0, n_windows, window, jnp.zeros((bm, bn), jnp.float32))
+
+    interpret = jax.default_backend() != "gpu"
+    groups = sa.shape[0]
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+        grid=(mp // bm, np_ // bn),
+        in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
+                  pl.BlockSpec((groups, bm), lambda i, j: (0, i)),
+                  pl.BlockSpec((groups, bn), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=cfg["num_warps"],
+                                                                        num_stages=cfg["num_stages"]),
+        interpret=interpret,
+    )(qa, qb, sa, sb)
+    return out[:m, :n]
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layer with FP8 forward, input-gradient and weight-gradient GEMMs
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _LinearSpec:
+    """The hashable subset of FP8Config that fp8_linear uses (a static argument of the custom VJP)."""
+
+    fmt: str
+    grad_fmt: str
+    act_block: Block
+    weight_block: Block
+    pow2_scales: bool
+    accum_bits: int | None
+    accum_rounding: str
+    k_step: int
+    promote_every: int | None
+    forward: bool
+    input_grad: bool
+    weight_grad: bool
+
+    @classmethod
+    def of(cls, cfg: Any) -> _LinearSpec:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def gemm(self, a, b, a_fmt, b_fmt, a_block, b_block, compute_dtype):
+        return fp8_matmul(a, b, fmt=a_fmt, b_fmt=b_fmt, a_block=tuple(a_block), b_block=tuple(b_block),
+                          accum_bits=self.accum_bits, promote_every=self.promote_every,
+                          k_step=self.k_step, rounding=self.accum_rounding, pow2_scales=self.pow2_scales,
+                          compute_dtype=compute_dtype)
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, cfg: FP8Config) -> jax.Array:
+    """y = x @ w (x [..., K], w [K, N]) with the FP8 GEMMs that `cfg` enables; y has x's dtype.
+
+    `cfg` is an FP8Config (or any object with its fields). Gradients: dx in x.dtype, dw in w.dtype.
+    """
+    spec = _LinearSpec.of(cfg)
+    if not (spec.forward or spec.input_grad or spec.weight_grad):
+        return jnp.dot(x, w)
+    return _fp8_linear(x, w, spec)
+
+
+def _plain(x, w):
+    return jnp.dot(x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_linear(x, w, spec: _LinearSpec):
+    if not spec.forward:
+        return _plain(x, w)
+    cd = jnp.promote_types(x.dtype, w.dtype)
+    y = spec.gemm(x.reshape(-1, x.shape[-1]), w, spec.fmt, spec.fmt, spec.act_block, spec.weight_block, cd)
+    return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+
+
+def _fp8_linear_fwd(x, w, spec):
+    return _fp8_linear(x, w, spec), (x, w)
+
+
+def _fp8_linear_bwd(spec, residuals, dy):
+    x, w = residuals
+    k, n = w.shape
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    cd = jnp.promote_types(x.dtype, w.dtype)
+    dx_plain = dw_plain = None
+    if not (spec.input_grad and spec.weight_grad):
+        dx_plain, dw_plain = jax.vjp(_plain, x, w)[1](dy)
+    ab, wb = tuple(spec.act_block), tuple(spec.weight_block)
+    tokens = ab[::-1]  # Wgrad tiles: 128 tokens × 1 channel
+    x_stages = ((spec.fmt, ab),) if spec.forward else ()  # V3: the forward's FP8 x, re-tiled
+    if spec.accum_bits is None:
+        # Scaling only: contract the fake-quantized operands in place (dot_general on the stored layouts,
+        # no transposed copies). wᵀ with the transposed blocks holds the same values as w with its own.
+        def dot(u, v, dims):
+            return lax.dot_general(u, v, (dims, ((), ())), precision=_precision(cd),
+                                   preferred_element_type=jnp.float32)
+
+        dy_chains = (((spec.grad_fmt, ab),),) * spec.input_grad + (((spec.grad_fmt, tokens),),) * spec.weight_grad
+        dy_q = list(fake_quantize_many(dy2, dy_chains, spec.pow2_scales, cd))  # one pass over dy
+        if spec.input_grad:
+            (w_q,) = fake_quantize_many(w, (((spec.fmt, wb),),), spec.pow2_scales, cd)
+            dx = dot(dy_q.pop(0), w_q, ((1,), (1,)))
+        if spec.weight_grad:
+            (x_q,) = fake_quantize_many(x2, (x_stages + ((spec.fmt, tokens),),), spec.pow2_scales, cd)
+            dw = dot(x_q, dy_q.pop(0), ((0,), (0,)))
+    else:
+        x_fp8 = fake_quantize(x2, spec.fmt, ab, spec.pow2_scales) if spec.forward else x2
+        if spec.input_grad:  # Dgrad: dy [M, N] tiles along N  ×  wᵀ [N, K] with the transposed blocks
+            dx = spec.gemm(dy2, w.T, spec.grad_fmt, spec.fmt, ab, wb[::-1], cd)
+        if spec.weight_grad:  # Wgrad: xᵀ [K, M] (1 × 128 tokens)  ×  dy [M, N] (128 tokens × 1)
+            dw = spec.gemm(x_fp8.T, dy2, spec.fmt, spec.grad_fmt, ab, ab[::-1], cd)
+    dx = dx.reshape(x.shape).astype(x.dtype) if spec.input_grad else dx_plain
+    dw = dw.astype(w.dtype) if spec.weight_grad else dw_plain
+    return dx, dw
+
+
+_fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
