@@ -5,6 +5,9 @@
   efftrain ptq RUN_DIR [--methods rtn,gptq,awq] [--bits 2,3,4,8]  QiD of every checkpoint -> ptq.csv
   efftrain info RUN_DIR [--json]                                 the run and its finalized checkpoints
   efftrain presets                                               list the presets in configs/
+  efftrain grid run|status|export SPEC                           experiment grids (train x PTQ) -> SQLite
+  efftrain fit TABLE [--law ouyang|kumar|both]                   QiD scaling-law fits with bootstrap CIs
+  efftrain report SPEC_OR_DB --out DIR                           HTML + Markdown report with plots
 
 Every command exits non-zero with a one-line `error:` cause on bad input.
 """
@@ -186,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the config presets")
     p.set_defaults(func=cmd_presets)
+
+    from efftrain.grid.commands import register as register_grid
+
+    register_grid(sub)  # grid run|status|export, fit, report
     return parser
 
 

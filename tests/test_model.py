@@ -115,3 +115,24 @@ def test_flops_per_token_convention():
     counts = parameter_counts(model)
     T = 64
     assert flops_per_token(model, T) == 6 * counts["non_embedding"] + 12 * cfg.model.n_layers * T * cfg.model.d_model
+
+
+def test_cudnn_path_pads_odd_sequence_lengths_exactly(monkeypatch):
+    """cuDNN flash attention needs T % 64 == 0 (MTP runs on T - k): the padded call equals the plain one."""
+    from efftrain.model import attention
+
+    cfg = cfg_of().model
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 37, 4, 8)) for i in range(3))
+    plain = attention.causal_attention(q, k, v, scale=0.3, cfg=cfg)
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def fake_cudnn(q, k, v, *, implementation, **kw):
+        seen.append(q.shape[1])
+        return real(q, k, v, implementation="xla", **kw)
+
+    monkeypatch.setattr(attention, "attention_implementation", lambda cfg, dtype: "cudnn")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    padded = attention.causal_attention(q, k, v, scale=0.3, cfg=cfg)
+    assert seen == [64]
+    np.testing.assert_allclose(padded, plain, rtol=1e-6, atol=1e-7)

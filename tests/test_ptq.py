@@ -146,3 +146,28 @@ def test_ptq_cli_writes_csv(trained_run, capsys):
         rows = [r for r in csv.DictReader(f) if r["group_size"] == "16"]
     assert sorted(int(r["bits"]) for r in rows) == [4, 8]
     assert "ptq: 2 new rows" in capsys.readouterr().out
+
+
+def test_each_combination_starts_from_the_unquantized_checkpoint(trained_run, monkeypatch, tmp_path):
+    """Checkpoints restored as numpy arrays must not be quantized in place across combinations."""
+    import jax
+
+    from efftrain.train.checkpoint import CheckpointStore
+
+    original = CheckpointStore.restore
+
+    def restore_as_numpy(self, kind, step, abstract):
+        state, data, meta = original(self, kind, step, abstract)
+        return jax.tree.map(np.asarray, state), data, meta
+
+    monkeypatch.setattr(CheckpointStore, "restore", restore_as_numpy)
+    table = trained_run / "ptq.csv"
+    kept = table.exists() and table.rename(tmp_path / "keep.csv")
+    try:
+        rows = run_ptq_sweep(trained_run, make_spec(methods=["rtn"], bits=[2, 8], group_sizes=[-1],
+                                                    checkpoints=[500]), **QUIET)
+    finally:
+        table.unlink(missing_ok=True)
+        if kept:
+            (tmp_path / "keep.csv").rename(table)
+    assert abs(qid_of(rows, "rtn", 8, 500)) < 0.01 < qid_of(rows, "rtn", 2, 500)

@@ -531,10 +531,10 @@ def fit_law(
             continue
         try:
             tb = _solve(L, Xb, yb, free, fixed_theta, robust_loss, f_scale)
-        except np.linalg.LinAlgError:
+            pb = L.theta_to_params(tb)
+        except (np.linalg.LinAlgError, OverflowError):  # a degenerate resample: count it, skip it
             n_failed += 1
             continue
-        pb = L.theta_to_params(tb)
         boot.append([pb[k] for k in L.param_names])
     boot_arr = np.array(boot, dtype=float).reshape(-1, 4)
     if n_boot and n_failed > 0.1 * n_boot:

@@ -24,11 +24,23 @@ def attention_implementation(cfg: ModelConfig, dtype) -> str | None:
     return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
+CUDNN_SEQ_MULTIPLE = 64  # cuDNN flash attention rejects other sequence lengths (e.g. MTP's T - k)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                      cfg: ModelConfig) -> jax.Array:
-    """q [B,T,N,H], k/v [B,S,K,H] (K divides N) -> [B,T,N,H] with a causal mask."""
-    return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True, implementation=attention_implementation(cfg, q.dtype))
+    """q [B,T,N,H], k/v [B,T,K,H] (K divides N) -> [B,T,N,H] with a causal mask.
+
+    For cuDNN, T is zero-padded at the end to a multiple of 64 and the output sliced back: exact,
+    since under the causal mask no real query attends to a padded key."""
+    impl = attention_implementation(cfg, q.dtype)
+    T = q.shape[1]
+    pad = -T % CUDNN_SEQ_MULTIPLE if impl == "cudnn" else 0
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=impl)
+    return out[:, :T] if pad else out
 
 
 class Attention(nnx.Module):

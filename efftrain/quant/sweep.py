@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -207,7 +208,7 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
         loss_16 = val_loss(params, rest)
         for s in todo:
             t0 = time.time()
-            model = nnx.merge(graphdef, jax.tree.map(lambda a: a, params), rest)
+            model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
             report = quantize_model(model, calib, s)
             _, qparams, _ = nnx.split(model, nnx.Param, ...)
             loss_q = val_loss(qparams, rest)

@@ -1,0 +1,13 @@
+"""Experiment grids: a YAML spec expands into cells (resolved configs keyed by their hash); the runner
+trains each cell, quantizes every checkpoint and records everything in one SQLite store per grid.
+
+  spec.py      GridSpec / Cell, load_spec, expansion (product x zip x variants, cooldown branches,
+               checkpoint averaging), GridError
+  store.py     ResultsStore: runs_dir/results.sqlite (runs, checkpoints, ptq), export
+  runner.py    run_grid (resumable, idempotent; worker processes; SLURM via submitit), grid_status
+  commands.py  the `grid run|status|export`, `fit` and `report` commands: register(subparsers)
+"""
+
+from efftrain.grid.spec import Cell, GridError, GridSpec, expand_spec, load_spec
+
+__all__ = ["Cell", "GridError", "GridSpec", "expand_spec", "load_spec"]

@@ -1,0 +1,514 @@
+"""Run a grid: train every cell, quantize every checkpoint, record everything in the results store.
+
+For each cell (main cells first, each followed by its cooldown / average cells):
+  1. skip it if its status is done and all its PTQ rows are in the store; skip a failed cell unless
+     retry_failed; skip it (for now) if another process holds its lock (runs_dir/.locks/KEY.lock);
+  2. mark it running and produce its run in runs_dir/KEY:
+       main      train(cfg, run_dir), which resumes a partial run by itself;
+       cooldown  copy the parent's series checkpoint at T into the branch's resume slot (atomically),
+                 write the branch config, then train (= resume with the cooldown schedule);
+       average   mean of the parent's parameters at the averaging steps, saved as one series
+                 checkpoint (other state from the last of them) beside the parent's config;
+  3. record its series checkpoints and parameter counts;
+  4. backfill PTQ rows from RUN_DIR/ptq.csv, run the PTQ sweep (which skips rows already in
+     ptq.csv) with on_row writing each new row to the store, backfill again; mark it done.
+Any exception marks the cell failed with its message and the runner goes on with the next cell. A
+KeyboardInterrupt (or a kill) leaves the cell pending/running; rerunning completes it: training
+resumes from its checkpoints, the sweep from ptq.csv, and the store ignores rows it already has.
+
+`workers > 1` runs the cell families (a main cell and its derived cells) in that many spawned worker
+processes, each pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin) when GPUs are present; the
+store takes concurrent writers (WAL + busy timeout). `slurm="partition=...,time=..."` submits one
+job per unfinished family through submitit instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable
+
+from efftrain.grid.spec import (COOLDOWN, MAIN, Cell, GridError, GridSpec, expected_checkpoints, expected_ptq_keys,
+                                expected_ptq_rows, load_spec)
+from efftrain.grid.store import ResultsStore
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Locks: one process per cell at a time
+# ----------------------------------------------------------------------------------------------
+class CellLock:
+    """Non-blocking exclusive flock on runs_dir/.locks/KEY.lock (released when the process dies)."""
+
+    def __init__(self, runs_dir: Path, key: str):
+        self.path = runs_dir / ".locks" / f"{key}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Producing a cell's run
+# ----------------------------------------------------------------------------------------------
+def _train(cell: Cell, log: Log) -> None:
+    from efftrain.train.loop import train
+
+    train(cell.config, cell.run_dir, log=log)
+
+
+def series_steps_on_disk(run_dir: Path) -> list[int]:
+    """Finalized series checkpoints (orbax renames a checkpoint to its step only once committed)."""
+    d = run_dir / "checkpoints" / "series"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def prepare_branch(parent: Cell, cell: Cell, log: Log) -> None:
+    """Make cell.run_dir a run that resumes from the parent's series checkpoint at the branch step."""
+    config_path = cell.run_dir / "config.yaml"
+    if config_path.exists():
+        return  # prepared before (train resumes from its newest checkpoint)
+    step = cell.branch_step
+    available = series_steps_on_disk(parent.run_dir)
+    if step not in available:
+        raise GridError(f"cooldown branch {cell.key}: the parent run {parent.run_dir} has no series checkpoint "
+                        f"at step {step} (it has {available})")
+    resume = cell.run_dir / "checkpoints" / "resume"
+    resume.mkdir(parents=True, exist_ok=True)
+    final = resume / str(step)
+    if not final.exists():
+        tmp = resume / f"{step}.orbax-checkpoint-tmp-grid-copy"  # orbax never lists (and cleans) *-tmp-*
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(parent.run_dir / "checkpoints" / "series" / str(step), tmp)
+        tmp.rename(final)
+    _write_atomic(config_path, cell.config.to_yaml())
+    log(f"cooldown branch: starts from {parent.run_dir}/checkpoints/series/{step} "
+        f"({cell.branch_tokens:,} tokens), decays over {cell.config.train.max_steps - step} steps")
+
+
+def build_average(parent: Cell, cell: Cell, log: Log) -> None:
+    """One series checkpoint whose parameters are the mean of the parent's at cell.average_steps."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from efftrain.eval import abstract_train_state, evaluate_model, val_set
+    from efftrain.train.checkpoint import CheckpointStore
+
+    run_dir, step = cell.run_dir, cell.branch_step
+    if step not in series_steps_on_disk(run_dir):
+        missing = sorted(set(cell.average_steps) - set(series_steps_on_disk(parent.run_dir)))
+        if missing:
+            raise GridError(f"average cell {cell.key}: the parent run {parent.run_dir} lacks series checkpoints "
+                            f"at steps {missing}")
+        cfg = cell.config
+        graphdef, abstract = abstract_train_state(cfg)
+        src = CheckpointStore(parent.run_dir, read_only=True)
+        total = None
+        for s in cell.average_steps:  # running sum in float64, one checkpoint in memory at a time
+            state, data_state, meta = src.restore("series", s, abstract)
+            params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), state["params"])
+            total = params64 if total is None else jax.tree.map(np.add, total, params64)
+        src.close()
+        n = len(cell.average_steps)
+        # jax arrays, as the trainer saves them (a checkpoint written from numpy restores as numpy)
+        state["params"] = jax.tree.map(lambda t, a: jnp.asarray((t / n).astype(np.asarray(a).dtype)), total,
+                                       state["params"])
+        model = nnx.merge(graphdef, state["params"], state["rest"])
+        val = evaluate_model(model, cfg, val_set(cfg))["val_loss"]
+        meta = {**meta, "val_loss": val, "averaged_steps": list(cell.average_steps), "time": time.time()}
+        dst = CheckpointStore(run_dir, async_save=False)
+        dst.save("series", step, state, data_state, meta)
+        dst.wait()
+        dst.close()
+        log(f"average: mean of the parameters at steps {list(cell.average_steps)} -> "
+            f"{run_dir}/checkpoints/series/{step} (val loss {val:.4f})")
+    for name in ("tokenizer.json", "run.json"):
+        if not (run_dir / name).exists():
+            shutil.copyfile(parent.run_dir / name, run_dir / name)
+    if not (run_dir / "config.yaml").exists():
+        _write_atomic(run_dir / "config.yaml", cell.config.to_yaml())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording
+# ----------------------------------------------------------------------------------------------
+def record_run(store: ResultsStore, cell: Cell) -> int:
+    """Series checkpoints and parameter counts of the cell's run into the store; returns #checkpoints."""
+    from efftrain.train.checkpoint import CheckpointStore
+
+    ck = CheckpointStore(cell.run_dir, read_only=True)
+    series = ck.series()
+    ck.close()
+    store.add_checkpoints(cell.key, series)
+    info_path = cell.run_dir / "run.json"
+    if info_path.exists():
+        store.set_params(cell.key, json.loads(info_path.read_text()).get("params", {}))
+    return len(series)
+
+
+def backfill_ptq(store: ResultsStore, cell: Cell) -> int:
+    """Rows of RUN_DIR/ptq.csv missing from the store (a kill between the CSV and the DB); returns #new."""
+    from efftrain.quant.sweep import read_rows, row_key
+
+    rows = read_rows(cell.run_dir / "ptq.csv")
+    if not rows:
+        return 0
+    have = store.ptq_keys(cell.key).get(cell.key, set())
+    return sum(store.add_ptq_row(r, cell) for r in rows if row_key(r) not in have)
+
+
+def _sweep(spec: GridSpec, cell: Cell, store: ResultsStore, log: Log) -> None:
+    from efftrain.quant.sweep import run_ptq_sweep
+
+    run_ptq_sweep(cell.run_dir, spec.ptq_for(cell), on_row=lambda row: store.add_ptq_row(row, cell), log=log)
+
+
+# ----------------------------------------------------------------------------------------------
+# One cell, one family
+# ----------------------------------------------------------------------------------------------
+def ptq_progress(store: ResultsStore, spec: GridSpec, cell: Cell) -> tuple[int, int]:
+    """(rows of the current PTQ spec recorded, rows expected) for the cell."""
+    expected = expected_ptq_keys(spec, cell)
+    return len(expected & store.ptq_keys(cell.key).get(cell.key, set())), len(expected)
+
+
+def cell_complete(store: ResultsStore, spec: GridSpec, cell: Cell) -> bool:
+    rec = store.run(cell.key)
+    have, expected = ptq_progress(store, spec, cell)
+    return bool(rec) and rec["status"] == "done" and have == expected
+
+
+def run_cell(spec: GridSpec, cell: Cell, store: ResultsStore, *, retry_failed: bool = False,
+             log: Log = print) -> str:
+    """Bring one cell to done. Returns its status: done | failed | busy (locked by another process)."""
+    lock = CellLock(spec.runs_dir, cell.key)
+    if not lock.acquire():
+        log(f"cell {cell.key} ({cell.name}): running in another process, skipped")
+        return "busy"
+    try:
+        rec = store.run(cell.key)
+        if rec is None:
+            store.register_cell(cell, ckpt_expected=len(expected_checkpoints(cell)),
+                                ptq_expected=expected_ptq_rows(spec, cell))
+            rec = store.run(cell.key)
+        have, expected = ptq_progress(store, spec, cell)
+        if rec["status"] == "done" and have == expected:
+            log(f"cell {cell.key} ({cell.name}): done ({expected} PTQ rows), skipped")
+            return "done"
+        if rec["status"] == "failed" and not retry_failed:
+            log(f"cell {cell.key} ({cell.name}): failed before ({rec['error']}); skipped (use --retry-failed)")
+            return "failed"
+        store.set_status(cell.key, "running")
+        log(f"cell {cell.key} ({cell.name}): {cell.kind}, run dir {cell.run_dir}")
+        try:
+            if cell.kind == MAIN:
+                _train(cell, log)
+            elif cell.kind == COOLDOWN:
+                prepare_branch(spec.cell(cell.parent), cell, log)
+                _train(cell, log)
+            else:
+                build_average(spec.cell(cell.parent), cell, log)
+            record_run(store, cell)
+            backfill_ptq(store, cell)
+            _sweep(spec, cell, store, log)
+            backfill_ptq(store, cell)
+            have, expected = ptq_progress(store, spec, cell)
+            note = None if have == expected else f"incomplete: {have} of {expected} PTQ rows"
+            if note:
+                log(f"cell {cell.key}: warning: {note}")
+            store.set_status(cell.key, "done", error=note)
+            log(f"cell {cell.key} ({cell.name}): done, {have} PTQ rows")
+            return "done"
+        except KeyboardInterrupt:
+            store.set_status(cell.key, "pending", error="interrupted")
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of one cell must not stop the grid
+            message = f"{type(e).__name__}: {e}"
+            store.set_status(cell.key, "failed", error=message)
+            log(f"cell {cell.key} ({cell.name}): FAILED: {message}")
+            log("".join(traceback.format_exception(e)[-3:]).rstrip())
+            return "failed"
+    finally:
+        lock.release()
+
+
+def run_family(spec: GridSpec, cells: list[Cell], *, retry_failed: bool = False, only: set[str] | None = None,
+               log: Log = print) -> dict[str, str]:
+    """A main cell then its derived cells (which need the main run's checkpoints)."""
+    store = ResultsStore(spec.db_path)
+    out: dict[str, str] = {}
+    try:
+        main = cells[0]
+        for cell in cells:
+            if only is not None and cell.key not in only and cell.kind != MAIN:
+                continue
+            needed = {cell.branch_step, *cell.average_steps} if cell.kind != MAIN else set()
+            if needed - set(series_steps_on_disk(main.run_dir)):
+                log(f"[{cell.key}] cell {cell.key} ({cell.name}): waits for the checkpoints of its parent "
+                    f"{main.key} (now {out.get(main.key, 'not run')}), skipped")
+                out[cell.key] = "pending"
+                continue
+            prefix = f"[{cell.key}] "
+            out[cell.key] = run_cell(spec, cell, store, retry_failed=retry_failed,
+                                     log=lambda msg, p=prefix: log(p + msg))
+    finally:
+        store.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+# ----------------------------------------------------------------------------------------------
+def _select(spec: GridSpec, only) -> tuple[dict[str, list[Cell]], set[str] | None]:
+    families = spec.families()
+    if not only:
+        return families, None
+    keys = {spec.cell(k).key for k in only}  # resolves unique prefixes; GridError for unknown keys
+    chosen = {fam: cells for fam, cells in families.items() if any(c.key in keys for c in cells)}
+    return chosen, keys
+
+
+def preflight(spec: GridSpec, cells: list[Cell]) -> None:
+    """Refuse a grid whose PTQ settings cannot apply to some cell's weights (e.g. a group size that
+    does not divide a layer's input dim) before any training starts."""
+    from flax import nnx
+
+    from efftrain.model.transformer import build_model
+    from efftrain.quant.sweep import PTQError, check_group_sizes
+
+    seen = set()
+    for cell in cells:
+        model_cfg = (cell.config.model, cell.config.fp8)
+        if (model_cfg, tuple(spec.ptq.group_sizes)) in seen:
+            continue
+        seen.add((model_cfg, tuple(spec.ptq.group_sizes)))
+        abstract = nnx.eval_shape(lambda c=cell.config: build_model(c.model, c.fp8, seed=c.train.seed))
+        try:
+            check_group_sizes(abstract, spec.ptq)
+        except PTQError as e:
+            raise GridError(f"grid spec {spec.path}, cell {cell.key} ({cell.name}): {e}; "
+                            f"change ptq.group_sizes") from None
+
+
+def register_all(spec: GridSpec) -> None:
+    with ResultsStore(spec.db_path) as store:
+        for cell in spec.cells():
+            store.register_cell(cell, ckpt_expected=len(expected_checkpoints(cell)),
+                                ptq_expected=expected_ptq_rows(spec, cell))
+
+
+def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = False, only=None,
+             log: Log = print, set_overrides: dict[str, Any] | None = None, runs_dir: str | Path | None = None,
+             slurm: str | None = None) -> dict[str, str]:
+    """Run (or complete) the grid; returns {cell key: status} for the cells it handled.
+
+    only: cell keys (or unique prefixes); their families' main cells run first when needed.
+    set_overrides / runs_dir: as in `load_spec` (e.g. a data.cache_dir for every cell).
+    """
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    spec = load_spec(spec_path, set_overrides=set_overrides, runs_dir=runs_dir)
+    families, keys = _select(spec, only)
+    if workers < 1:
+        raise GridError(f"--workers must be >= 1, got {workers}")
+    preflight(spec, [c for cells in families.values() for c in cells])
+    register_all(spec)
+    n_cells = sum(len(c) for c in families.values())
+    log(f"grid {spec.name}: {n_cells} cells in {len(families)} families, results in {spec.db_path}")
+    if slurm:
+        return submit_slurm(spec, families, keys, slurm, retry_failed=retry_failed, set_overrides=set_overrides,
+                            log=log)
+    if workers > 1 and len(families) > 1:
+        results = _run_parallel(spec, families, keys, workers, retry_failed=retry_failed,
+                                set_overrides=set_overrides, log=log)
+    else:
+        results = {}
+        for cells in families.values():
+            results.update(run_family(spec, cells, retry_failed=retry_failed, only=keys, log=log))
+    counts = {s: sum(v == s for v in results.values()) for s in sorted(set(results.values()))}
+    log(f"grid {spec.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; results in {spec.db_path}")
+    return results
+
+
+# ---- worker processes -------------------------------------------------------------------------
+def visible_gpus() -> list[str]:
+    """GPU ids to spread workers over: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _init_worker(slots, share_gpu: bool) -> None:
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        if share_gpu:  # several workers on one GPU: no worker may take 75 % of its memory up front
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _worker(spec_path: str, keys: list[str], retry_failed: bool, set_overrides, runs_dir: str) -> dict[str, str]:
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    spec = load_spec(spec_path, set_overrides=set_overrides, runs_dir=runs_dir)
+    cells = [spec.cell(k) for k in keys]
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    tag = f"[worker {os.getpid()}" + (f" gpu {gpu}]" if gpu else "]")
+    return run_family(spec, cells, retry_failed=retry_failed, only=set(keys),
+                      log=lambda msg: print(f"{tag} {msg}", flush=True))
+
+
+def _run_parallel(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str] | None, workers: int, *,
+                  retry_failed: bool, set_overrides, log: Log) -> dict[str, str]:
+    gpus = visible_gpus()
+    workers = min(workers, len(families))
+    ctx = mp.get_context("spawn")
+    slots = ctx.Queue()
+    for i in range(workers):
+        slots.put(gpus[i % len(gpus)] if gpus else None)
+    log(f"{workers} worker processes" + (f" on GPUs {', '.join(gpus[:workers])}" if gpus else " (no GPUs)"))
+    results: dict[str, str] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(slots, bool(gpus) and workers > len(gpus))) as pool:
+        futures = {}
+        for fam, cells in families.items():
+            fam_keys = [c.key for c in cells if keys is None or c.key in keys or c.kind == MAIN]
+            futures[pool.submit(_worker, str(spec.path), fam_keys, retry_failed, set_overrides,
+                                str(spec.runs_dir))] = fam
+        for fut in as_completed(futures):
+            try:
+                results.update(fut.result())
+            except Exception as e:  # noqa: BLE001 - a crashed worker (e.g. OOM-killed) fails only its family
+                log(f"family {futures[fut]}: worker died: {type(e).__name__}: {e}")
+                results[futures[fut]] = "failed"
+    return results
+
+
+# ---- SLURM ---------------------------------------------------------------------------------------
+SLURM_ALIASES = {"partition": "slurm_partition", "time": "timeout_min", "gpus": "gpus_per_node",
+                 "gpus_per_node": "gpus_per_node", "cpus": "cpus_per_task", "cpus_per_task": "cpus_per_task",
+                 "mem": "mem_gb", "mem_gb": "mem_gb", "nodes": "nodes", "name": "name"}
+
+
+def _minutes(text: str) -> int:
+    """SLURM time: MINUTES, HH:MM:SS, MM:SS or D-HH:MM:SS -> minutes."""
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts[-3:]
+    return days * 1440 + h * 60 + m + (1 if s else 0)
+
+
+def parse_slurm(text: str) -> dict[str, Any]:
+    """'partition=gpu,time=2:00:00,gpus=1,account=abc' -> submitit AutoExecutor parameters."""
+    params: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise GridError(f"--slurm: '{item}' is not key=value (e.g. --slurm partition=gpu,time=60)")
+        name = SLURM_ALIASES.get(key, key if key.startswith("slurm_") else f"slurm_{key}")
+        if name == "timeout_min":
+            try:
+                params[name] = _minutes(value)
+            except ValueError:
+                raise GridError(f"--slurm: time '{value}' is not MINUTES or [D-]HH:MM:SS") from None
+        else:
+            params[name] = int(value) if value.isdigit() else value
+    return params
+
+
+def submit_slurm(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str] | None, slurm: str, *,
+                 retry_failed: bool, set_overrides, log: Log) -> dict[str, str]:
+    """One SLURM job per family with unfinished cells, each running `run_grid(..., only=family)`."""
+    try:
+        import submitit
+    except ImportError:
+        raise GridError("--slurm needs the 'submitit' package: pip install 'efftrain[cluster]' "
+                        "(or pip install submitit)") from None
+    params = parse_slurm(slurm)
+    folder = spec.runs_dir.resolve() / "slurm"
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"))
+    executor.update_parameters(**{"name": f"efftrain-{spec.name}", **params})
+    out: dict[str, str] = {}
+    with ResultsStore(spec.db_path) as store:
+        for fam, cells in families.items():
+            chosen = [c for c in cells if keys is None or c.key in keys or c.kind == MAIN]
+            if all(cell_complete(store, spec, c) for c in chosen):
+                continue
+            job = executor.submit(run_grid, str(spec.path.resolve()), only=[c.key for c in chosen],
+                                  retry_failed=retry_failed, set_overrides=set_overrides,
+                                  runs_dir=str(spec.runs_dir.resolve()))
+            log(f"family {fam} ({cells[0].name}): SLURM job {job.job_id}")
+            out.update({c.key: f"submitted {job.job_id}" for c in chosen})
+    log(f"{len(set(out.values()))} SLURM jobs submitted; logs in {folder}; `efftrain grid status` follows them")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Status
+# ----------------------------------------------------------------------------------------------
+def grid_status(spec: GridSpec) -> list[dict[str, Any]]:
+    """One row per cell: key, name, kind, status, checkpoints done/expected, PTQ rows done/expected."""
+    runs, counts, keys = {}, {}, {}
+    if spec.db_path.exists():
+        with ResultsStore(spec.db_path, read_only=True) as store:
+            runs = {r["key"]: r for r in store.runs()}
+            counts = store.counts()
+            keys = store.ptq_keys()
+    rows = []
+    for cell in spec.cells():
+        rec = runs.get(cell.key, {})
+        expected = expected_ptq_keys(spec, cell)
+        rows.append({
+            "key": cell.key, "name": cell.name, "kind": cell.kind, "status": rec.get("status", "pending"),
+            "checkpoints": max(counts.get(cell.key, (0, 0))[0], len(series_steps_on_disk(cell.run_dir))),
+            "checkpoints_expected": len(expected_checkpoints(cell)),
+            "ptq_rows": len(expected & keys.get(cell.key, set())), "ptq_expected": len(expected),
+            "error": rec.get("error"),
+        })
+    return rows

@@ -1,0 +1,315 @@
+"""The results store of a grid: one SQLite database, runs_dir/results.sqlite.
+
+Tables
+  runs         one row per cell: key (PK), name, kind (main|cooldown|average), parent, schedule, axes
+               (JSON of the values that define the cell), config_json, status (pending|running|done|
+               failed), error, started, finished, host, pid, params_total/active/nonembed/embedding,
+               ckpt_expected, ptq_expected
+  checkpoints  (run_key, step) PK: tokens, val_loss, target_tokens
+  ptq          one row per (run_key, step, method, bits, group_size, format) (UNIQUE): every column
+               of the PTQ sweep's rows (efftrain.quant.sweep.CSV_COLUMNS) + variant (the cell name),
+               run_key, axes (JSON), schedule, cell_kind, extra (JSON of any other row keys), recorded
+
+The database runs in WAL mode with a long busy timeout, so several worker processes write to it at
+once (on a network filesystem shared by several nodes, set EFFTRAIN_SQLITE_JOURNAL=delete: WAL
+needs shared memory). Each PTQ row is its own transaction and inserts are INSERT OR IGNORE: recording a row twice
+(a resumed sweep, a backfill from ptq.csv) leaves one row, and a killed writer loses nothing that
+was committed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from efftrain.grid.spec import GridError
+
+DB_NAME = "results.sqlite"
+STATUSES = ("pending", "running", "done", "failed")
+
+PTQ_COLUMNS: list[tuple[str, str]] = [
+    ("run_id", "TEXT"), ("step", "INTEGER NOT NULL"), ("tokens", "INTEGER"), ("params_total", "INTEGER"),
+    ("params_active", "INTEGER"), ("params_nonembed", "INTEGER"), ("method", "TEXT NOT NULL"),
+    ("bits", "INTEGER NOT NULL"), ("group_size", "INTEGER NOT NULL"), ("format", "TEXT NOT NULL"),
+    ("loss_16", "REAL"), ("loss_q", "REAL"), ("qid", "REAL"), ("eff_bits", "REAL"), ("model_bytes", "INTEGER"),
+    ("n_quantized", "INTEGER"), ("expert_fallbacks", "INTEGER"), ("calib_samples", "INTEGER"),
+    ("calib_seq_len", "INTEGER"), ("seconds", "REAL"),
+    # added by the grid
+    ("variant", "TEXT"), ("run_key", "TEXT NOT NULL"), ("axes", "TEXT"), ("schedule", "TEXT"),
+    ("cell_kind", "TEXT"), ("extra", "TEXT"), ("recorded", "REAL"),
+]
+PTQ_UNIQUE = ("run_key", "step", "method", "bits", "group_size", "format")
+GRID_COLUMNS = ("variant", "run_key", "axes", "schedule", "cell_kind", "extra", "recorded")
+TIMING_COLUMNS = ("seconds", "recorded")
+
+RUN_COLUMNS: list[tuple[str, str]] = [
+    ("key", "TEXT PRIMARY KEY"), ("name", "TEXT"), ("kind", "TEXT"), ("parent", "TEXT"), ("schedule", "TEXT"),
+    ("axes", "TEXT"), ("config_json", "TEXT"), ("status", "TEXT NOT NULL DEFAULT 'pending'"), ("error", "TEXT"),
+    ("started", "REAL"), ("finished", "REAL"), ("host", "TEXT"), ("pid", "INTEGER"),
+    ("params_total", "INTEGER"), ("params_active", "INTEGER"), ("params_nonembed", "INTEGER"),
+    ("params_embedding", "INTEGER"), ("ckpt_expected", "INTEGER"), ("ptq_expected", "INTEGER"),
+]
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{c} {t}" for c, t in RUN_COLUMNS)});
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_key TEXT NOT NULL, step INTEGER NOT NULL, tokens INTEGER, val_loss REAL, target_tokens INTEGER,
+    PRIMARY KEY (run_key, step));
+CREATE TABLE IF NOT EXISTS ptq ({", ".join(f"{c} {t}" for c, t in PTQ_COLUMNS)},
+    UNIQUE ({", ".join(PTQ_UNIQUE)}));
+"""
+
+_INT_COLUMNS = {c for c, t in PTQ_COLUMNS if t.startswith("INTEGER")}
+_REAL_COLUMNS = {c for c, t in PTQ_COLUMNS if t.startswith("REAL")}
+
+
+class StoreError(GridError):
+    """The results database (or table) cannot be found or read."""
+
+
+def _jsonable(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _coerce(column: str, value: Any) -> Any:
+    """CSV strings / numpy scalars -> the column's SQLite type (None for empty)."""
+    value = _jsonable(value)
+    if value is None or value == "":
+        return None
+    if column in _INT_COLUMNS:
+        return int(float(value)) if isinstance(value, str) else int(value)
+    if column in _REAL_COLUMNS:
+        return float(value)
+    return str(value)
+
+
+class ResultsStore:
+    """One grid's SQLite database. Safe to open from several processes at once."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False, timeout_s: float = 120.0):
+        self.path = Path(path)
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise StoreError(f"no results database at {self.path} (has the grid run yet?)")
+            self.con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout_s,
+                                       isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.con = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+        self.con.row_factory = sqlite3.Row
+        self.con.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        if not read_only:
+            # WAL lets many local processes write at once; it needs shared memory, so on a network
+            # filesystem (several SLURM nodes) set EFFTRAIN_SQLITE_JOURNAL=delete
+            mode = os.environ.get("EFFTRAIN_SQLITE_JOURNAL", "wal").upper()
+            if mode not in ("WAL", "DELETE", "TRUNCATE", "PERSIST"):
+                raise StoreError(f"EFFTRAIN_SQLITE_JOURNAL={mode.lower()}: expected wal, delete, truncate or persist")
+            self.con.execute(f"PRAGMA journal_mode = {mode}")
+            self.con.execute("PRAGMA synchronous = NORMAL")
+            with self.transaction():
+                for stmt in SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        self.con.execute(stmt)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (rolled back on any exception, KeyboardInterrupt included)."""
+        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- runs --------------------------------------------------------------------------------
+    def register_cell(self, cell, *, ckpt_expected: int, ptq_expected: int) -> None:
+        """Insert the cell (status pending) or refresh its description; the status is left alone."""
+        fields = {"name": cell.name, "kind": cell.kind, "parent": cell.parent, "schedule": cell.schedule,
+                  "axes": json.dumps(cell.values, sort_keys=True, default=str),
+                  "config_json": json.dumps(cell.config.to_dict(), sort_keys=True),
+                  "ckpt_expected": ckpt_expected, "ptq_expected": ptq_expected}
+        cols = ", ".join(fields)
+        with self.transaction() as con:
+            con.execute(f"INSERT INTO runs (key, {cols}) VALUES (?, {', '.join('?' * len(fields))}) "
+                        f"ON CONFLICT(key) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in fields)}",
+                        (cell.key, *fields.values()))
+
+    def set_status(self, key: str, status: str, *, error: str | None = None) -> None:
+        assert status in STATUSES, status
+        now = time.time()
+        with self.transaction() as con:
+            if status == "running":
+                con.execute("UPDATE runs SET status = ?, error = NULL, started = ?, finished = NULL, host = ?, "
+                            "pid = ? WHERE key = ?", (status, now, socket.gethostname(), os.getpid(), key))
+            else:
+                con.execute("UPDATE runs SET status = ?, error = ?, finished = ? WHERE key = ?",
+                            (status, error, now if status in ("done", "failed") else None, key))
+
+    def set_params(self, key: str, counts: dict[str, int]) -> None:
+        with self.transaction() as con:
+            con.execute("UPDATE runs SET params_total = ?, params_active = ?, params_nonembed = ?, "
+                        "params_embedding = ? WHERE key = ?",
+                        (counts.get("total"), counts.get("active"), counts.get("non_embedding"),
+                         counts.get("embedding"), key))
+
+    def run(self, key: str) -> dict[str, Any] | None:
+        row = self.con.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
+        return dict(row) if row else None
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.con.execute("SELECT * FROM runs ORDER BY rowid")]
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def add_checkpoints(self, key: str, series: Iterable[dict[str, Any]]) -> None:
+        """Series checkpoint metadata (step, tokens_seen, val_loss, target_tokens); idempotent."""
+        with self.transaction() as con:
+            for m in series:
+                con.execute("INSERT INTO checkpoints (run_key, step, tokens, val_loss, target_tokens) "
+                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(run_key, step) DO UPDATE SET "
+                            "val_loss = COALESCE(excluded.val_loss, val_loss)",
+                            (key, int(m["step"]), int(m.get("tokens_seen", m.get("tokens", 0))),
+                             m.get("val_loss"), m.get("target_tokens")))
+
+    def checkpoints(self, key: str | None = None) -> list[dict[str, Any]]:
+        if key is None:
+            cur = self.con.execute("SELECT * FROM checkpoints ORDER BY run_key, step")
+        else:
+            cur = self.con.execute("SELECT * FROM checkpoints WHERE run_key = ? ORDER BY step", (key,))
+        return [dict(r) for r in cur]
+
+    # ---- PTQ rows ----------------------------------------------------------------------------
+    def add_ptq_row(self, row: dict[str, Any], cell) -> bool:
+        """Record one PTQ sweep row of `cell` (one transaction). True if it was new."""
+        known = {c for c, _ in PTQ_COLUMNS} - set(GRID_COLUMNS)
+        values = {c: _coerce(c, row.get(c)) for c in known}
+        extra = {k: _jsonable(v) for k, v in row.items() if k not in known}
+        values.update(variant=cell.name, run_key=cell.key, schedule=cell.schedule, cell_kind=cell.kind,
+                      axes=json.dumps(cell.values, sort_keys=True, default=str),
+                      extra=json.dumps(extra, sort_keys=True, default=str) if extra else None,
+                      recorded=time.time())
+        cols = list(values)
+        with self.transaction() as con:
+            cur = con.execute(f"INSERT OR IGNORE INTO ptq ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                              [values[c] for c in cols])
+            return cur.rowcount == 1
+
+    def ptq_keys(self, key: str | None = None) -> dict[str, set[tuple]]:
+        """run_key -> {(step, method, bits, group_size, format)} of the recorded PTQ rows."""
+        sql = "SELECT run_key, step, method, bits, group_size, format FROM ptq"
+        cur = self.con.execute(sql + " WHERE run_key = ?", (key,)) if key else self.con.execute(sql)
+        out: dict[str, set[tuple]] = {}
+        for r in cur:
+            out.setdefault(r[0], set()).add(tuple(r[1:]))
+        return out
+
+    def ptq_count(self, key: str) -> int:
+        return self.con.execute("SELECT COUNT(*) FROM ptq WHERE run_key = ?", (key,)).fetchone()[0]
+
+    def ptq_rows(self, key: str | None = None) -> list[dict[str, Any]]:
+        if key is None:
+            cur = self.con.execute("SELECT * FROM ptq ORDER BY rowid")
+        else:
+            cur = self.con.execute("SELECT * FROM ptq WHERE run_key = ? ORDER BY rowid", (key,))
+        return [dict(r) for r in cur]
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """key -> (checkpoints recorded, PTQ rows recorded)."""
+        ck = dict(self.con.execute("SELECT run_key, COUNT(*) FROM checkpoints GROUP BY run_key").fetchall())
+        pq = dict(self.con.execute("SELECT run_key, COUNT(*) FROM ptq GROUP BY run_key").fetchall())
+        return {k: (ck.get(k, 0), pq.get(k, 0)) for k in set(ck) | set(pq)}
+
+    # ---- export ------------------------------------------------------------------------------
+    def table(self, name: str) -> tuple[list[str], list[tuple]]:
+        if name not in ("ptq", "runs", "checkpoints"):
+            raise StoreError(f"unknown table '{name}' (tables: ptq, runs, checkpoints)")
+        cur = self.con.execute(f"SELECT * FROM {name} ORDER BY rowid")
+        return [c[0] for c in cur.description], [tuple(r) for r in cur.fetchall()]
+
+
+def export_table(store: ResultsStore, out: str | Path, fmt: str, table: str = "ptq") -> Path:
+    """Write a table of the store as CSV or Parquet (atomically); returns the path."""
+    columns, rows = store.table(table)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if fmt == "csv":
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in r]
+                             for r in rows)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        types = dict(RUN_COLUMNS if table == "runs" else PTQ_COLUMNS if table == "ptq" else [])
+        types.update({"run_key": "TEXT", "step": "INTEGER", "tokens": "INTEGER", "val_loss": "REAL",
+                      "target_tokens": "INTEGER"} if table == "checkpoints" else {})
+        arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
+        fields = [pa.field(c, arrow[types.get(c, "TEXT").split()[0]]) for c in columns]
+        data = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
+        pq.write_table(pa.table(data, schema=pa.schema(fields)), tmp)
+    else:
+        raise StoreError(f"unknown export format '{fmt}' (csv or parquet)")
+    tmp.replace(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading results for fits and reports
+# ----------------------------------------------------------------------------------------------
+def with_n_params(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with `n_params` (the N of the QiD laws) = params_nonembed where only that is present."""
+    out = []
+    for r in rows:
+        if r.get("n_params") is None and r.get("params_nonembed") is not None:
+            r = {**r, "n_params": r["params_nonembed"]}
+        out.append(r)
+    return out
+
+
+def resolve_results(source: str | Path) -> Path:
+    """A grid spec (-> its runs_dir/results.sqlite), a runs dir, or a table file itself."""
+    p = Path(source)
+    if p.suffix in (".yaml", ".yml"):
+        from efftrain.grid.spec import load_spec
+
+        return load_spec(p).db_path
+    if p.is_dir():
+        return p / DB_NAME
+    return p
+
+
+def load_results(source: str | Path) -> list[dict[str, Any]]:
+    """PTQ rows from a grid spec, results.sqlite, a CSV or a Parquet file, with n_params set."""
+    from efftrain.analysis.fits import load_rows
+
+    path = resolve_results(source)
+    if not path.exists():
+        raise StoreError(f"no results at {path}" + (" (has the grid run yet?)" if path.name == DB_NAME else ""))
+    rows = load_rows(path, required=())
+    rows = with_n_params(rows)
+    missing = [c for c in ("n_params", "tokens", "bits", "qid") if rows and c not in rows[0]]
+    if missing:
+        raise StoreError(f"{path}: missing column(s) {missing} (need n_params or params_nonembed, tokens, "
+                         f"bits, qid); found {sorted(rows[0])}")
+    return rows

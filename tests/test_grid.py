@@ -1,0 +1,476 @@
+"""Grid specs, the results store, the runner (resume after a kill, failures, cooldown branches,
+averages, workers), `grid status|export` and `fit`."""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from efftrain.config import ConfigError
+from efftrain.grid import runner as grid_runner
+from efftrain.grid.commands import main as cli
+from efftrain.grid.spec import GridError, expand_spec, expected_checkpoints, expected_ptq_rows, load_spec
+from efftrain.grid.store import TIMING_COLUMNS, ResultsStore
+
+from conftest import tiny_raw
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+QUIET = dict(log=lambda *_: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def write_base(tmp: Path, cache_dir: str, **sections) -> Path:
+    raw = tiny_raw(cache_dir, **sections)
+    path = tmp / "base.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def write_spec(tmp: Path, cache_dir: str, spec: dict, **base_sections) -> Path:
+    write_base(tmp, cache_dir, **base_sections)
+    spec = {"name": "g", "base": "base.yaml", "runs_dir": str(tmp / "runs"), **spec}
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def comparable(rows):
+    """PTQ rows without timing columns, as a sorted list (floats kept exact)."""
+    drop = set(TIMING_COLUMNS)
+    return sorted(tuple(sorted((k, v) for k, v in r.items() if k not in drop)) for r in rows)
+
+
+SMALL = {"train": {"batch_size": 8, "max_steps": 6, "eval_every": 0, "eval_batches": 2, "log_every": 1,
+                   "data_parallel": 1},
+         "checkpoint": {"tokens": [512], "resume_every": 100, "async_save": False}}
+
+
+# ----------------------------------------------------------------------------------------------
+# spec expansion
+# ----------------------------------------------------------------------------------------------
+def test_expansion_is_product_times_zip_with_stable_distinct_keys(tmp_path, cache_dir):
+    spec_dict = {"set": {"optim.warmup_steps": 1},
+                 "axes": {"optim.lr": [1e-3, 2e-3], "optim.schedule": ["cosine", "wsd"]},
+                 "zip": [{"model.d_model": [32, 64], "model.n_heads": [2, 4]}],
+                 "ptq": {"methods": ["rtn"], "bits": [4]}}
+    path = write_spec(tmp_path, cache_dir, spec_dict)
+    spec, cells = expand_spec(path)
+    assert len(cells) == 2 * 2 * 2
+    keys = [c.key for c in cells]
+    assert len(set(keys)) == len(keys) and all(len(k) == 12 for k in keys)
+    assert [c.key for c in expand_spec(path)[1]] == keys  # stable
+    for c in cells:  # zip values go together, every cell got the common `set`
+        assert (c.config.model.d_model, c.config.model.n_heads) in {(32, 2), (64, 4)}
+        assert c.config.optim.warmup_steps == 1
+        assert c.run_dir == tmp_path / "runs" / c.key
+        assert c.key == c.config.hash()[:12]
+    assert cells[0].name == "lr=0.001,schedule=cosine,d_model=32,n_heads=2"
+    assert len({c.name for c in cells}) == len(cells)
+    # reordering the spec (and renaming nothing) keeps every key: results survive edits of the file
+    reordered = {**spec_dict, "axes": {"optim.schedule": ["wsd", "cosine"], "optim.lr": [2e-3, 1e-3]}}
+    other = tmp_path / "other"
+    other.mkdir()
+    assert {c.key for c in expand_spec(write_spec(other, cache_dir, reordered))[1]} == set(keys)
+
+
+def test_variants_and_derived_cells(tmp_path, cache_dir):
+    path = write_spec(tmp_path, cache_dir, {
+        "variants": {"dense": {}, "wide": {"model.mlp_hidden": 96}},
+        "axes": {"optim.schedule": ["cosine", "wsd"]},
+        "cooldown": [1024], "cooldown_fraction": 0.5, "average": {"count": 2, "window": 0.5},
+        "ptq": {"methods": ["rtn"], "bits": [4]}}, train__max_steps=10, checkpoint={"tokens": []})
+    spec, cells = expand_spec(path)
+    kinds = [(c.name, c.kind) for c in cells]
+    assert kinds[:5] == [("dense,schedule=cosine", "main"), ("dense,schedule=cosine,avg@1024", "average"),
+                         ("dense,schedule=wsd", "main"), ("dense,schedule=wsd,cooldown@1024", "cooldown"),
+                         ("dense,schedule=wsd,avg@1024", "average")]
+    stable = cells[2]
+    assert stable.config.optim.schedule == "constant" and stable.schedule == "wsd-stable"
+    branch = cells[3]
+    # branch at step 4 (1024 tokens / 256 per step), C = round(0.5 * 4) = 2 more steps, decay over them
+    assert branch.parent == stable.key and branch.branch_step == 4
+    assert branch.config.train.max_steps == 6 and branch.config.optim.schedule == "wsd"
+    assert branch.config.optim.decay_fraction == pytest.approx(2 / 6)
+    # every main cell checkpoints at T and where the branches end (1536 tokens)
+    assert {1024, 1536} <= set(stable.config.checkpoint.tokens)
+    assert 1536 in cells[0].config.checkpoint.tokens
+    assert cells[1].average_steps == (2, 4)
+    # the averaging-only checkpoint (step 2) is saved but not PTQ-swept
+    assert expected_checkpoints(cells[0]) == [2, 4, 6, 10]
+    assert spec.ptq_for(cells[0]).checkpoints == [4, 6, 10]
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ({"axis": {"optim.lr": [1e-3]}}, GridError, r"unknown top-level key\(s\) 'axis'"),
+    ({"zip": [{"model.d_model": [32, 64], "model.n_heads": [2]}]}, GridError,
+     r"zip\[0\]' lists have unequal lengths \(model.d_model: 2, model.n_heads: 1\)"),
+    ({"axes": {"model.d_modle": [32, 64]}}, ConfigError, r"cell 'd_modle=32'.*model.d_modle: unknown key"),
+    ({"axes": {"model.d_model": [32, 33]}}, ConfigError, r"cell 'd_model=33'.*divisible by model.n_heads"),
+    ({"axes": {"optim.lr": []}}, GridError, r"'axes.optim.lr' must be a non-empty list"),
+    ({"ptq": {"bitz": [4]}}, GridError, r"ptq.bitz: unknown key"),
+    ({"ptq": {"bits": [1]}}, GridError, r"ptq.bits: bits must be between 2 and 8"),
+    ({"axes": {"optim.schedule": ["wsd"]}, "cooldown": [256]}, GridError, r"cooldown at 256 tokens.*warmup"),
+    ({"axes": {"optim.lr": [1e-3]}, "zip": [{"optim.lr": [2e-3]}]}, GridError, r"'optim.lr' varies in both"),
+    ({"axes": {"optim.lr": [1e-3, 0.001]}}, GridError, r"resolve to the same config"),
+])
+def test_bad_specs_are_rejected_naming_the_field(tmp_path, cache_dir, spec, error, match):
+    path = write_spec(tmp_path, cache_dir, spec, optim={"lr": 3e-3, "warmup_steps": 4})
+    with pytest.raises(error, match=match):
+        load_spec(path).cells()
+
+
+def test_ptq_settings_that_cannot_apply_are_refused_before_training(tmp_path, cache_dir):
+    path = write_spec(tmp_path, cache_dir, {"axes": {"model.mlp_hidden": [64, 96]},
+                                            "ptq": {"methods": ["rtn"], "bits": [4], "group_sizes": [64]}})
+    with pytest.raises(GridError, match=r"cell \w+ \(mlp_hidden=96\): group size 64 does not divide the input "
+                                        r"dims \[96\]"):
+        grid_runner.run_grid(path, **QUIET)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_base_and_bad_yaml(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nbase: no-such-preset\n")
+    with pytest.raises(GridError, match="unknown preset 'no-such-preset'"):
+        load_spec(path)
+    path.write_text("name: g\nbase: [\n")
+    with pytest.raises(GridError, match="not valid YAML"):
+        load_spec(path)
+    assert cli(["grid", "status", str(tmp_path / "nope.yaml")]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_experiment_specs_expand(path):
+    spec, cells = expand_spec(path)
+    assert cells and all(expected_ptq_rows(spec, c) > 0 for c in cells)
+    assert spec.name == path.stem
+
+
+def test_qid_scaling_series_reaches_500_tokens_per_param():
+    from flax import nnx
+
+    from efftrain.model.transformer import build_model, parameter_counts
+
+    spec, cells = expand_spec(EXPERIMENTS / "qid_scaling.yaml")
+    sizes = {}
+    for c in cells:
+        model = nnx.eval_shape(lambda c=c: build_model(c.config.model, c.config.fp8, seed=0))
+        sizes[c.key] = parameter_counts(model)["non_embedding"]
+    assert len(set(sizes.values())) >= 3
+    smallest = min(cells, key=lambda c: sizes[c.key])
+    last = max(expected_checkpoints(smallest)) * smallest.config.tokens_per_step
+    assert last / sizes[smallest.key] >= 500
+    assert set(spec.ptq.methods) == {"rtn", "gptq", "awq"} and set(spec.ptq.bits) == {2, 3, 4, 8}
+
+
+# ----------------------------------------------------------------------------------------------
+# store
+# ----------------------------------------------------------------------------------------------
+def test_store_is_idempotent(tmp_path, cache_dir):
+    spec, cells = expand_spec(write_spec(tmp_path, cache_dir, {"ptq": {"methods": ["rtn"], "bits": [4]}}))
+    cell = cells[0]
+    row = {"run_id": "r", "step": 2, "tokens": 512, "params_total": 10, "params_active": 10, "params_nonembed": 8,
+           "method": "rtn", "bits": 4, "group_size": 128, "format": "int", "loss_16": 5.0, "loss_q": 5.25,
+           "qid": 0.25, "eff_bits": 4.125, "model_bytes": 7, "n_quantized": 3, "expert_fallbacks": 0,
+           "calib_samples": 8, "calib_seq_len": 32, "seconds": 0.1, "novel_metric": 1.5}
+    with ResultsStore(spec.db_path) as store:
+        store.register_cell(cell, ckpt_expected=1, ptq_expected=1)
+        store.register_cell(cell, ckpt_expected=1, ptq_expected=1)
+        assert store.add_ptq_row(row, cell) is True
+        assert store.add_ptq_row(dict(row, seconds=9.9), cell) is False  # same key: ignored
+        as_csv = {k: str(v) for k, v in row.items()}  # a row read back from ptq.csv
+        assert store.add_ptq_row(as_csv, cell) is False
+        store.add_checkpoints(cell.key, [{"step": 2, "tokens_seen": 512, "val_loss": 5.0}] * 2)
+        (stored,) = store.ptq_rows()
+        assert len(store.runs()) == 1 and len(store.checkpoints()) == 1
+    assert stored["qid"] == 0.25 and stored["seconds"] == 0.1 and stored["variant"] == cell.name
+    assert stored["run_key"] == cell.key and json.loads(stored["extra"]) == {"novel_metric": 1.5}
+
+
+# ----------------------------------------------------------------------------------------------
+# runner: kill anywhere, rerun, same rows
+# ----------------------------------------------------------------------------------------------
+KILL_SPEC = {"axes": {"model.mlp_hidden": [48, 64]}, "ptq": {"methods": ["rtn"], "bits": [2, 3, 4, 8]}}
+
+
+def test_kill_and_rerun_equals_uninterrupted(tmp_path, cache_dir, monkeypatch):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref_dir.mkdir(), run_dir.mkdir()
+    ref_spec = write_spec(ref_dir, cache_dir, KILL_SPEC, **SMALL)
+    spec_path = write_spec(run_dir, cache_dir, KILL_SPEC, **SMALL)
+    assert set(grid_runner.run_grid(ref_spec, **QUIET).values()) == {"done"}
+
+    # 1) killed in the middle of training the first cell
+    real_train = grid_runner._train
+
+    def killed_training(cell, log):
+        from efftrain.train.loop import train
+
+        train(cell.config, cell.run_dir, stop_at_step=3, log=log)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid_runner, "_train", killed_training)
+    with pytest.raises(KeyboardInterrupt):
+        grid_runner.run_grid(spec_path, **QUIET)
+    monkeypatch.setattr(grid_runner, "_train", real_train)
+
+    # 2) killed after a PTQ row reached ptq.csv but before the store recorded it
+    real_add = ResultsStore.add_ptq_row
+    calls = []
+
+    def killed_after_csv(self, row, cell):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, row, cell)
+
+    monkeypatch.setattr(ResultsStore, "add_ptq_row", killed_after_csv)
+    with pytest.raises(KeyboardInterrupt):
+        grid_runner.run_grid(spec_path, **QUIET)
+    monkeypatch.setattr(ResultsStore, "add_ptq_row", real_add)
+    spec = load_spec(spec_path)
+    with ResultsStore(spec.db_path) as store:
+        first = spec.cells()[0]
+        assert store.run(first.key)["status"] == "pending" and store.run(first.key)["error"] == "interrupted"
+        assert store.ptq_count(first.key) == 2
+
+    # 3) rerun: completes, nothing duplicated, nothing lost
+    assert set(grid_runner.run_grid(spec_path, **QUIET).values()) == {"done"}
+    with ResultsStore(spec.db_path) as a, ResultsStore(load_spec(ref_spec).db_path) as b:
+        rows, ref_rows = a.ptq_rows(), b.ptq_rows()
+        assert len(rows) == len(ref_rows) == 2 * 2 * 4  # 2 cells x 2 checkpoints x 4 combinations
+        assert comparable(rows) == comparable(ref_rows)
+        assert a.checkpoints() == b.checkpoints()
+    # and a third run does nothing
+    assert set(grid_runner.run_grid(spec_path, **QUIET).values()) == {"done"}
+
+    # a wider PTQ spec later: the same cells (keys are config hashes), only the new rows are swept
+    wider = yaml.safe_load(spec_path.read_text())
+    wider["ptq"]["group_sizes"] = [128, 16]
+    spec_path.write_text(yaml.safe_dump(wider))
+    assert cli(["grid", "status", str(spec_path)]) == 0
+    assert cli(["grid", "run", str(spec_path)]) == 0
+    with ResultsStore(spec.db_path) as store:
+        rows2 = store.ptq_rows()
+    assert len(rows2) == 2 * len(rows)
+    assert comparable([r for r in rows2 if r["group_size"] == 128]) == comparable(rows)
+
+
+def test_failed_cell_is_recorded_and_retried_only_on_request(tmp_path, cache_dir, monkeypatch, capsys):
+    spec_path = write_spec(tmp_path, cache_dir, {"axes": {"model.mlp_hidden": [48, 64]},
+                                                 "ptq": {"methods": ["rtn"], "bits": [4]}},
+                           **SMALL)
+    spec = load_spec(spec_path)
+    bad = spec.cells()[0].key
+    real_train = grid_runner._train
+
+    def flaky(cell, log):
+        if cell.key == bad:
+            raise RuntimeError("simulated out-of-memory")
+        real_train(cell, log)
+
+    monkeypatch.setattr(grid_runner, "_train", flaky)
+    assert grid_runner.run_grid(spec_path, **QUIET) == {bad: "failed", spec.cells()[1].key: "done"}
+    assert cli(["grid", "run", str(spec_path)]) == 1  # not retried: still failed
+    err = capsys.readouterr().err
+    assert f"1 cell(s) failed: {bad}" in err
+
+    assert cli(["grid", "status", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "RuntimeError: simulated out-of-memory" in out
+    monkeypatch.setattr(grid_runner, "_train", real_train)
+    assert set(grid_runner.run_grid(spec_path, retry_failed=True, **QUIET).values()) == {"done"}
+    assert cli(["grid", "status", str(spec_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [(r["status"], r["checkpoints"], r["ptq_rows"]) for r in status] == [("done", 2, 2)] * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# a finished grid with WSD cooldown branches and averages (shared by the tests below)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def schedule_grid(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("schedule-grid")
+    spec_path = write_spec(tmp, cache_dir, {
+        "axes": {"optim.schedule": ["cosine", "wsd"]}, "cooldown": [1024], "cooldown_fraction": 0.5,
+        "average": {"count": 2, "window": 0.5}, "ptq": {"methods": ["rtn"], "bits": [2, 4]}},
+        optim={"lr": 3e-3, "warmup_steps": 2, "min_lr_ratio": 0.0},
+        train={**SMALL["train"], "max_steps": 8}, checkpoint={"tokens": [512], "async_save": False})
+    results = grid_runner.run_grid(spec_path, **QUIET)
+    return spec_path, load_spec(spec_path), results
+
+
+def test_status_lists_every_cell(schedule_grid, capsys):
+    spec_path, spec, results = schedule_grid
+    assert set(results.values()) == {"done"} and len(results) == 5
+    assert cli(["grid", "status", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    for cell in spec.cells():
+        assert cell.key in out and cell.name in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line[:12] in results}
+    stable = spec.cells()[2]
+    n = expected_ptq_rows(spec, stable)
+    assert n == 4 * 2  # steps 2 (series), 4 (cooldown/average point), 6 (branch end), 8 (final) x rtn x 2 bits
+    assert lines[stable.key].split()[3:6] == ["done", "4/4", f"{n}/{n}"]
+    assert "5 cells: 5 done; PTQ rows" in out
+
+
+def test_cooldown_branch_continues_the_stable_run_then_decays(schedule_grid):
+    _, spec, _ = schedule_grid
+    stable, branch = spec.cells()[2], spec.cells()[3]
+    assert branch.kind == "cooldown" and branch.branch_step == 4
+
+    def metrics(cell):
+        return {r["step"]: r for r in map(json.loads, (cell.run_dir / "metrics.jsonl").read_text().splitlines())}
+
+    main, cool = metrics(stable), metrics(branch)
+    assert sorted(cool) == [5, 6]  # resumed at step 4, two cooldown steps
+    peak = stable.config.optim.lr
+    assert [main[s]["lr"] for s in range(3, 9)] == pytest.approx([peak] * 6)  # the stable run never decays
+    assert cool[5]["lr"] == pytest.approx(peak) and cool[6]["lr"] == pytest.approx(peak / 2)
+    # the branch starts from the stable run's checkpoint: its first step is the stable run's step 5,
+    # bit for bit (same params, optimizer state, data position and learning rate)
+    assert cool[5]["loss"] == main[5]["loss"]
+    with ResultsStore(spec.db_path) as store:
+        (ck,) = store.checkpoints(branch.key)
+        assert ck["step"] == 6 and ck["tokens"] == 6 * 256
+        # every main cell has a checkpoint where the branch ends: compared at equal tokens
+        for cell in (spec.cells()[0], stable):
+            assert 6 in [c["step"] for c in store.checkpoints(cell.key)]
+        assert {r["tokens"] for r in store.ptq_rows(branch.key)} == {1536}
+        assert {r["schedule"] for r in store.ptq_rows(branch.key)} == {"wsd-cooldown"}
+
+
+def test_average_cell_holds_the_mean_of_the_parent_checkpoints(schedule_grid):
+    import jax
+
+    from efftrain.eval import load_model
+    from flax import nnx
+
+    _, spec, _ = schedule_grid
+    avg = spec.cells()[1]
+    parent = spec.cells()[0]
+    assert avg.kind == "average" and avg.average_steps == (2, 4)
+
+    def params(run_dir, step):
+        return jax.tree.leaves(nnx.state(load_model(run_dir, step)[1], nnx.Param))
+
+    mean = [(a + b) / 2 for a, b in zip(params(parent.run_dir, 2), params(parent.run_dir, 4))]
+    for got, want in zip(params(avg.run_dir, 4), mean, strict=True):
+        assert isinstance(got, jax.Array)  # saved like the trainer's checkpoints (numpy would restore as numpy)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    with ResultsStore(spec.db_path) as store:
+        assert store.ptq_count(avg.key) == 2 and store.run(avg.key)["schedule"] == "cosine+avg"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_export_round_trip(schedule_grid, tmp_path, fmt, capsys):
+    from efftrain.analysis.fits import load_rows
+
+    spec_path, spec, _ = schedule_grid
+    out = tmp_path / f"rows.{fmt}"
+    assert cli(["grid", "export", str(spec_path), "--format", fmt, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    with ResultsStore(spec.db_path) as store:
+        stored = store.ptq_rows()
+    back = load_rows(out, required=())
+    assert len(back) == len(stored) > 0
+    assert back == stored  # every column, floats bit for bit, NULLs as None
+
+
+# ----------------------------------------------------------------------------------------------
+# workers and SLURM
+# ----------------------------------------------------------------------------------------------
+def test_workers_run_families_in_parallel_processes(tmp_path, cache_dir):
+    spec_path = write_spec(tmp_path, cache_dir, {"axes": {"model.mlp_hidden": [48, 64]},
+                                                 "ptq": {"methods": ["rtn"], "bits": [4]}},
+                           train={**SMALL["train"], "max_steps": 3}, checkpoint=SMALL["checkpoint"])
+    lines = []
+    results = grid_runner.run_grid(spec_path, workers=2, log=lines.append)
+    assert set(results.values()) == {"done"} and len(results) == 2, (results, lines)
+    assert any("2 worker processes" in line for line in lines)
+    with ResultsStore(load_spec(spec_path).db_path) as store:
+        assert {r["pid"] for r in store.runs()}.isdisjoint({__import__("os").getpid()})
+        assert len(store.ptq_rows()) == 4
+
+
+def test_gpu_round_robin_and_slurm_options(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert grid_runner.visible_gpus() == ["2", "3"]
+    assert grid_runner.parse_slurm("partition=gpu,time=1:30:00,gpus=1,account=abc") == {
+        "slurm_partition": "gpu", "timeout_min": 90, "gpus_per_node": 1, "slurm_account": "abc"}
+    with pytest.raises(GridError, match="not key=value"):
+        grid_runner.parse_slurm("partition")
+
+
+def test_slurm_without_submitit_is_a_clear_error(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import fails
+    spec_path = write_spec(tmp_path, cache_dir, {"ptq": {"methods": ["rtn"], "bits": [4]}}, **SMALL)
+    with pytest.raises(GridError, match="--slurm needs the 'submitit' package"):
+        grid_runner.run_grid(spec_path, slurm="partition=gpu", **QUIET)
+
+
+# ----------------------------------------------------------------------------------------------
+# fit
+# ----------------------------------------------------------------------------------------------
+TRUE = {"k": 0.02, "beta": 0.5, "alpha": 0.25, "gamma": 5.0}
+
+
+def law_csv(path: Path, noise: float = 0.02) -> Path:
+    rng = np.random.default_rng(0)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["params_nonembed", "tokens", "bits", "qid", "method"])
+        for method, scale in (("gptq", 1.0), ("rtn", 3.0)):
+            for n in (1e6, 4e6, 1.6e7):
+                for d in np.logspace(7, 10, 7):
+                    for p in (2, 3, 4, 8):
+                        q = scale * TRUE["k"] * d ** TRUE["beta"] / (n ** TRUE["alpha"] * p ** TRUE["gamma"])
+                        w.writerow([int(n), int(d), p, q * math.exp(noise * rng.standard_normal()), method])
+    return path
+
+
+def test_fit_cli_recovers_a_known_law(tmp_path, capsys):
+    table = law_csv(tmp_path / "qid.csv")
+    assert cli(["fit", str(table), "--filter", "method=gptq", "--json", "--n-boot", "50"]) == 0
+    fit = json.loads(capsys.readouterr().out)["all"]
+    assert fit["n_points"] == 3 * 7 * 4
+    for name, value in TRUE.items():
+        assert fit["params"][name] == pytest.approx(value, rel=0.05)
+        lo, hi = fit["ci"][name]
+        assert lo <= fit["params"][name] <= hi
+    assert fit["r2_log"] > 0.99
+
+    args = ["fit", str(table), "--group-by", "method", "--n-boot", "20", "--predict", "1e7,1e9,4",
+            "--threshold", "0.1", "--at", "1e7,3"]
+    assert cli(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["fits"]) == {"all", "method=gptq", "method=rtn"}
+    pred = {p["group"]: p["qid"] for p in out["predictions"]}
+    assert pred["method=gptq"] == pytest.approx(TRUE["k"] * 1e9 ** 0.5 / (1e7 ** 0.25 * 4 ** 5.0), rel=0.1)
+    assert pred["method=rtn"] == pytest.approx(3 * pred["method=gptq"], rel=0.1)
+    reach = {t["group"]: t for t in out["thresholds"]}["method=gptq"]
+    d_star = (0.1 * 1e7 ** 0.25 * 3 ** 5.0 / TRUE["k"]) ** 2  # D = (Q N^alpha P^gamma / k)^(1/beta)
+    assert reach["tokens"] == pytest.approx(d_star, rel=0.2) and reach["tokens_lo"] < reach["tokens_hi"]
+
+    assert cli(args + ["--law", "both"]) == 0
+    text = capsys.readouterr().out
+    assert "ouyang: QiD = k * D^beta" in text and "kumar: QiD = C * D^gamma_D" in text
+    assert "predicted QiD" in text and "tokens to QiD 0.1 at N=1e7,3" in text
+
+
+def test_fit_cli_errors_are_one_line(tmp_path, capsys):
+    table = law_csv(tmp_path / "qid.csv")
+    assert cli(["fit", str(table), "--filter", "size=3"]) == 2
+    assert "error: --filter 'size=3': no column 'size'" in capsys.readouterr().err
+    assert cli(["fit", str(table), "--filter", "method=awq"]) == 2
+    assert "no rows left" in capsys.readouterr().err
+    assert cli(["fit", str(tmp_path / "missing.sqlite")]) == 2
+    assert "no results at" in capsys.readouterr().err
