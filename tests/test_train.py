@@ -134,8 +134,8 @@ def test_cli_train_info_eval(cache_dir, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
-    assert main(["train", "dense-tiny", "--set", "model.d_model=100", "--out", str(tmp_path / "x")]) == 2
-    assert "model.d_model (100) must be divisible by model.n_heads (4)" in capsys.readouterr().err
+    assert main(["train", "dense-tiny", "--set", "model.d_model=130", "--out", str(tmp_path / "x")]) == 2
+    assert "model.d_model (130) must be divisible by model.n_heads (4)" in capsys.readouterr().err
     assert main(["train", "no-such-preset"]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main(["info", str(tmp_path)]) == 2
