@@ -397,6 +397,27 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def set_dotted(raw: dict, key: str, value: Any) -> dict:
+    """A copy of raw with the dotted `key` set to `value`. Setting train.max_steps or train.max_tokens
+    drops the other, so an override of the training length replaces the preset's."""
+    out = copy.deepcopy(raw)
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = copy.deepcopy(value)
+    if key in EXCLUSIVE_OVERRIDES and value is not None:
+        out.get("train", {}).pop(EXCLUSIVE_OVERRIDES[key].split(".")[1], None)
+    return out
+
+
+# Setting one of these replaces the other from the preset.
+EXCLUSIVE_OVERRIDES = {"train.max_steps": "train.max_tokens", "train.max_tokens": "train.max_steps"}
+
+
 def apply_override(raw: dict, assignment: str) -> dict:
     """Apply one `dotted.key=value` override (value parsed as YAML) to a raw config dict."""
     if "=" not in assignment:
@@ -409,16 +430,7 @@ def apply_override(raw: dict, assignment: str) -> dict:
         value = yaml_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    out = copy.deepcopy(raw)
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-    return out
+    return set_dotted(raw, key, value)
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -448,14 +460,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     raw = _load_raw(name_or_path)
     for assignment in overrides:
         raw = apply_override(raw, assignment)
-        key = assignment.partition("=")[0].strip()
-        if key in EXCLUSIVE_OVERRIDES and raw.get("train", {}).get(key.split(".")[1]) is not None:
-            raw["train"].pop(EXCLUSIVE_OVERRIDES[key].split(".")[1], None)
     return from_dict(raw)
-
-
-# Setting one of these on the command line replaces the other from the preset.
-EXCLUSIVE_OVERRIDES = {"train.max_steps": "train.max_tokens", "train.max_tokens": "train.max_steps"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from efftrain.config import (EXCLUSIVE_OVERRIDES, Config, ConfigError, PRESET_DIR, _load_raw, deep_merge,
+from efftrain.config import (Config, ConfigError, PRESET_DIR, _load_raw, deep_merge, set_dotted,
                              from_dict, list_presets, yaml_load)
 
 
@@ -338,23 +338,6 @@ def expand_spec(path: str | Path, **kwargs) -> tuple[GridSpec, list[Cell]]:
 # ----------------------------------------------------------------------------------------------
 # Expansion
 # ----------------------------------------------------------------------------------------------
-def set_dotted(raw: dict, key: str, value: Any) -> dict:
-    """raw with `key` (dotted) set to `value`; setting one of train.max_steps / train.max_tokens drops
-    the other (as `efftrain train --set` does)."""
-    out = copy.deepcopy(raw)
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
-        node = nxt
-    node[parts[-1]] = copy.deepcopy(value)
-    if key in EXCLUSIVE_OVERRIDES:
-        out.get("train", {}).pop(EXCLUSIVE_OVERRIDES[key].split(".")[1], None)
-    return out
-
-
 def format_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
