@@ -27,7 +27,7 @@ def main() -> int:
     spec = load_spec(SPEC)
     steps = [
         ("train + PTQ sweep", ["grid", "run", str(SPEC)]),
-        *[(f"eval {cell.name}", ["eval", str(cell.run_dir)]) for cell in spec.cells],
+        *[(f"eval {cell.name}", ["eval", str(cell.run_dir)]) for cell in spec.cells()],
         ("QiD fit (Ouyang et al. 2024), per method", ["fit", str(SPEC), "--group-by", "method", "--n-boot", "200"]),
         ("report", ["report", str(SPEC), "--out", str(spec.runs_dir / "report")]),
     ]
@@ -37,7 +37,7 @@ def main() -> int:
         if code:
             return code
     print(f"\ndemo finished in {time.time() - started:.0f}s. Report: {spec.runs_dir / 'report' / 'report.html'} "
-          f"(and report.md); runs in {spec.runs_dir}/ — try: .venv/bin/efftrain info {spec.cells[0].run_dir}")
+          f"(and report.md); runs in {spec.runs_dir}/ — try: .venv/bin/efftrain info {spec.cells()[0].run_dir}")
     return 0
 
 
