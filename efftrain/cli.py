@@ -86,7 +86,7 @@ def cmd_ptq(args) -> int:
               "group_sizes": parse_int_list(args.group_size, "--group-size"),
               "formats": [f.strip() for f in args.formats.split(",") if f.strip()],
               "calib_samples": args.calib_samples, "symmetric": args.symmetric, "save": args.save,
-              "act_order": args.act_order}
+              "act_order": args.act_order, "quantize_head": args.quantize_head}
     if args.calib_seq_len:
         fields["calib_seq_len"] = args.calib_seq_len
     if args.eval_batches:
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, help="val batches (default: the run's train.eval_batches)")
     p.add_argument("--symmetric", action="store_true", help="symmetric int grid (default asymmetric min-max)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing Hessian diagonal")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the output head (default: kept in 16-bit, like embedding, router, norms)")
     p.add_argument("--save", action="store_true", help="also write packed quantized checkpoints to RUN_DIR/quantized/")
     p.set_defaults(func=cmd_ptq)
 

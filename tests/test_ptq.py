@@ -1,6 +1,7 @@
 """PTQ over a run's checkpoint series: QiD ordering, packed round trip, resume, MoE experts, bad input."""
 
 import csv
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +172,26 @@ def test_each_combination_starts_from_the_unquantized_checkpoint(trained_run, mo
         if kept:
             (tmp_path / "keep.csv").rename(table)
     assert abs(qid_of(rows, "rtn", 8, 500)) < 0.01 < qid_of(rows, "rtn", 2, 500)
+
+
+def test_output_head_is_kept_16bit_unless_asked(trained_run, capsys):
+    spec = make_spec(methods=["gptq"], bits=[3], group_sizes=[16], checkpoints=[10], save=True)
+    head = make_spec(methods=["gptq"], bits=[3], group_sizes=[16], checkpoints=[10], save=True, quantize_head=True)
+    (plain,) = run_ptq_sweep(trained_run, spec, **QUIET)
+    (with_head,) = run_ptq_sweep(trained_run, head, **QUIET)
+    assert plain["format"] == "int" and with_head["format"] == "int+head"
+    assert with_head["n_quantized"] == plain["n_quantized"] + 1
+    _, m_plain, _ = load_quantized(trained_run, "step10-gptq-w3-g16-int")
+    _, m_head, _ = load_quantized(trained_run, "step10-gptq-w3-g16-int+head")
+    w_plain, w_head = np.asarray(m_plain.lm_head.kernel[...]), np.asarray(m_head.lm_head.kernel[...])
+    assert len(np.unique(w_plain[:16, 0])) > 8 >= len(np.unique(w_head[:16, 0]))  # one group of 16 rows
+    assert main(["eval", str(trained_run), "--quantized", "step10-gptq-w3-g16-int+head", "--json"]) == 0
+    assert f'"val_loss": {with_head["loss_q"]!r}' in capsys.readouterr().out
+
+
+def test_run_whose_config_no_longer_parses_is_refused(trained_run, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(trained_run, broken)
+    (broken / "config.yaml").write_text((broken / "config.yaml").read_text() + "\nnot_a_section: 1\n")
+    assert main(["ptq", str(broken), "--bits", "4"]) == 2
+    assert "stored config no longer parses" in capsys.readouterr().err

@@ -4,7 +4,8 @@ Covered (weight-only, y = x @ w, w [in, out]): every `Linear` inside the transfo
 q/k/v/o or MLA's q_down/q_up (or q), kv_down, kv_up and o; the dense MLP's gate/up/down; an MoE
 layer's shared experts — and each routed expert's gate/up/down slice of the stacked [E, in, out]
 weights. Kept in 16-bit by default: token embedding, output head, MoE router, norms, and the MTP
-modules (they are excluded from evaluation anyway).
+modules (they are excluded from evaluation anyway). `quantize_head` also quantizes an untied output
+head, calibrated on the final-norm hidden states after all (quantized) blocks.
 
 Calibration (GPTQ/AWQ) is sequential, as in GPTQ (Frantar et al. 2022, §4 "Step 3"): the calibration
 hidden states enter block l after blocks 0..l-1 have been quantized, so each block is calibrated on
@@ -46,6 +47,7 @@ class QuantSettings:
     act_order: bool = False
     awq_grid: int = 20
     min_expert_tokens: int = 16
+    quantize_head: bool = False  # also the (untied) output head, calibrated on the final-norm states
 
     def group_for(self, in_dim: int) -> int:
         """Group size used for a weight with `in_dim` input rows: whole-channel when the group is at
@@ -167,6 +169,14 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
             quantize_experts(block.ffn, moe_inputs, s, report, f"{prefix}/ffn")
         if needs_inputs:
             h = block(h, positions)[0]  # next block sees this block's quantized output
+    if s.quantize_head:
+        if model.lm_head is None:
+            raise ValueError("quantize_head needs an untied output head (model.tie_embeddings is true)")
+        x = model.final_norm(h).reshape(-1, h.shape[-1]).astype(jnp.float32) if needs_inputs else None
+        w_hat, packed, awq_s = quantize_matrix(model.lm_head.kernel[...], x, s)
+        model.lm_head.kernel[...] = w_hat.astype(model.lm_head.kernel[...].dtype)
+        report.add(tuple(model.lm_head.kernel[...].shape), s, 16.0 if awq_s is not None else 0.0)
+        report.packed["lm_head/kernel"] = (packed, awq_s)
     return report
 
 

@@ -57,6 +57,7 @@ class PTQSpec(BaseModel):
     damp: float = Field(0.01, ge=0)
     act_order: bool = False
     min_expert_tokens: int = Field(16, ge=1)
+    quantize_head: bool = False
     save: bool = False
 
     @field_validator("bits")
@@ -95,7 +96,7 @@ def combinations(spec: PTQSpec) -> list[QuantSettings]:
             continue  # e.g. nf4 at 3 bits
         out.append(QuantSettings(method=method, bits=bits, group_size=group, fmt=fmt, symmetric=spec.symmetric,
                                  damp=spec.damp, act_order=spec.act_order,
-                                 min_expert_tokens=spec.min_expert_tokens))
+                                 min_expert_tokens=spec.min_expert_tokens, quantize_head=spec.quantize_head))
     if not out:
         raise PTQError(f"no valid (bits, format) combination in bits={spec.bits} formats={spec.formats} "
                        "(nf4/fp4 need 4 bits, fp8 needs 8)")
@@ -104,6 +105,8 @@ def combinations(spec: PTQSpec) -> list[QuantSettings]:
 
 def check_group_sizes(model, spec: PTQSpec) -> None:
     """Fail before any work if a group size does not divide some quantized weight's input dim."""
+    if spec.quantize_head and model.lm_head is None:
+        raise PTQError("quantize_head needs an untied output head, but this model ties it to the embedding")
     dims = {lin.kernel.get_value().shape[0] for block in model.blocks for _, lin in linears_of(block)}
     for block in model.blocks:
         if block.is_moe:
@@ -128,6 +131,11 @@ def calibration_windows(train_tokens: np.ndarray, n: int, seq_len: int) -> np.nd
 # ----------------------------------------------------------------------------------------------
 # ptq.csv
 # ----------------------------------------------------------------------------------------------
+def row_format(s: QuantSettings) -> str:
+    """The `format` column: the weight format, with '+head' when the output head is quantized too."""
+    return f"{s.fmt}+head" if s.quantize_head else s.fmt
+
+
 def row_key(row: dict) -> tuple:
     return (int(row["step"]), str(row["method"]), int(row["bits"]), int(row["group_size"]), str(row["format"]))
 
@@ -198,7 +206,7 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
     new_rows = []
     total = len(series) * len(settings)
     for ci, meta in enumerate(series):
-        todo = [s for s in settings if (meta["step"], s.method, s.bits, s.group_size, s.fmt) not in done]
+        todo = [s for s in settings if (meta["step"], s.method, s.bits, s.group_size, row_format(s)) not in done]
         log(f"ptq: checkpoint step {meta['step']} ({meta['tokens_seen']:,} tokens): {len(todo)} of "
             f"{len(settings)} combinations to run [{ci + 1}/{len(series)}]")
         if not todo:
@@ -216,7 +224,7 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
                 "run_id": run_id, "step": meta["step"], "tokens": meta["tokens_seen"],
                 "params_total": counts["total"], "params_active": counts["active"],
                 "params_nonembed": counts["non_embedding"], "method": s.method, "bits": s.bits,
-                "group_size": s.group_size, "format": s.fmt, "loss_16": loss_16, "loss_q": loss_q,
+                "group_size": s.group_size, "format": row_format(s), "loss_16": loss_16, "loss_q": loss_q,
                 "qid": loss_q - loss_16, "eff_bits": report.eff_bits, "model_bytes": count_bytes(model, report),
                 "n_quantized": report.n_weights, "expert_fallbacks": report.expert_fallbacks,
                 "calib_samples": spec.calib_samples, "calib_seq_len": seq_len, "seconds": time.time() - t0,
@@ -284,7 +292,7 @@ def load_quantized(run_dir: str | Path, name: str):
     floats = {k.split("|")[0]: v for k, v in arrays.items() if k.endswith("|float")}
     load_dequantized(model, floats)
     packed = {k: v for k, v in arrays.items() if not k.endswith("|float")}
-    load_dequantized(model, dequantize_arrays(packed, bits=meta["bits"], fmt=meta["format"]))
+    load_dequantized(model, dequantize_arrays(packed, bits=meta["bits"], fmt=meta["format"].split("+")[0]))
     return cfg, model, meta
 
 
