@@ -694,6 +694,15 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def format_param(result: "FitResult", name: str) -> str:
+    """'value [lo, hi]' with the bootstrap CI, or 'value (fixed)' for a parameter held fixed."""
+    v = result.params[name]
+    if name in result.fixed:
+        return f"{_fmt(v)} (fixed)"
+    lo, hi = result.ci[name]
+    return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def format_table(results: Mapping[Any, FitResult] | FitResult | Iterable[FitResult]) -> str:
     """Plain-text table: one row per fit, each parameter as "est [lo, hi]",
     then R^2 and RMSE (log space), points used and dropped."""
@@ -717,13 +726,7 @@ def format_table(results: Mapping[Any, FitResult] | FitResult | Iterable[FitResu
         body = []
         for lab, r in its:
             cells = [lab]
-            for nme in L.param_names:
-                v = r.params[nme]
-                if nme in r.fixed:
-                    cells.append(f"{_fmt(v)} (fixed)")
-                else:
-                    lo, hi = r.ci[nme]
-                    cells.append(f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]")
+            cells += [format_param(r, nme) for nme in L.param_names]
             cells += [f"{r.r2:.4f}", f"{r.rmse:.4f}", str(r.n_points), str(r.n_dropped)]
             body.append(cells)
         widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]

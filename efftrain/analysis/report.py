@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from efftrain.analysis import plots
-from efftrain.analysis.fits import LAWS, FitResult, fit_law
+from efftrain.analysis.fits import LAWS, FitResult, fit_law, format_param
 
 Log = Callable[[str], None]
 
@@ -442,14 +442,7 @@ def _fit_table_rows(fits: list[tuple[str, FitResult | None, list[str]]], law: st
         if fr is None:
             rows.append([label] + ["-"] * len(names) + ["-", "-", "-", "; ".join(notes)])
             continue
-        cells = []
-        for n in names:
-            v = fr.params[n]
-            if n in fr.fixed:
-                cells.append(f"{_fmt(v)} (fixed)")
-            else:
-                lo, hi = fr.ci[n]
-                cells.append(f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]")
+        cells = [format_param(fr, n) for n in names]
         rows.append([label] + cells + [f"{fr.r2:.3f}", f"{fr.rmse:.3f}", fr.n_points, "; ".join(notes)])
     return header, rows
 
