@@ -140,7 +140,6 @@ def test_mtp_loss_weight_switch_under_jit():
 
 
 def test_mtp_block_follows_last_layer_moe():
-    pytest.importorskip("efftrain.model.moe")
     cfg = model_cfg(depth=2, moe={"enabled": True, "num_routed_experts": 4, "top_k": 2, "expert_hidden": 32,
                                   "first_dense_layers": 1})
     model = build_model(cfg)
