@@ -463,3 +463,14 @@ def test_val_batches():
         val_batches(tokens, seq_len=seq_len, batch_size=16, n_batches=3, allow_partial=False)
     with pytest.raises(DataError, match="0 windows"):
         val_batches(tokens[:4], seq_len=seq_len, batch_size=1, n_batches=1)
+
+
+def test_tokenizer_sample_spreads_over_every_train_document():
+    from efftrain.data.cache import _train_texts
+
+    docs = [Document(f"doc{i}.py", chr(97 + i) * 100) for i in range(8)]
+    train = [d for d in docs if not is_val(d.doc_id, 0.2)]
+    total = sum(len(d.text) for d in train)
+    sample = list(_train_texts(iter(docs), 0.2, total // 2, total))
+    assert len(sample) == len(train)  # every train document contributes, not just the first ones
+    assert all(len(t) == 50 for t in sample) and sum(map(len, sample)) == total // 2
