@@ -177,6 +177,8 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss of that step (logged steps)
     val_losses: dict[int, float] = field(default_factory=dict)
     series: list[dict] = field(default_factory=list)
+    final_state: Any = None  # the train state after the last step (params, other variables, optimizer)
+    graphdef: Any = None
 
 
 def make_mesh(cfg: Config) -> Mesh:
