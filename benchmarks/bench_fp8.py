@@ -155,6 +155,39 @@ def bench_quantize(shapes, args):
         fp8.KERNEL_NATIVE_CASTS = default
 
 
+def bench_dequant_gemm(shapes, args):
+    """Can the GEMM read FP8 storage? x is held as float8_e4m3fn values plus one float32 scale per 1×128
+    tile (quantized in a separate jit, as a kernel would hand it over) and the matmul dequantizes in its
+    prologue; if XLA fuses that into the GEMM it costs about a bf16 matmul while moving half the bytes.
+    Compared with a bf16 matmul of the same shape (ratio) and with the bf16-storage path (fake-quantized
+    x in bf16, the current implementation)."""
+    for m, k, n in shapes:
+        rng = np.random.default_rng(5)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
+
+        @jax.jit
+        def to_fp8(x):
+            t = x.astype(jnp.float32).reshape(m, k // 128, 128)
+            s = jnp.maximum(jnp.max(jnp.abs(t), axis=-1), 1e-30) / 448.0
+            return (t / s[..., None]).astype(jnp.float8_e4m3fn).reshape(m, k), s
+
+        q, s = to_fp8(x)
+        xq = jax.jit(lambda q, s: (q.astype(jnp.float32).reshape(m, k // 128, 128) * s[..., None])
+                     .reshape(m, k).astype(jnp.bfloat16))(q, s)
+        plain = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+        fused = jax.jit(lambda q, s, w: jnp.dot(
+            (q.astype(jnp.float32).reshape(m, k // 128, 128) * s[..., None]).reshape(m, k).astype(jnp.bfloat16),
+            w, preferred_element_type=jnp.float32))
+        base = time_fn(plain, x, w, warmup=args.warmup, iters=args.iters)
+        t_bf16 = time_fn(plain, xq, w, warmup=args.warmup, iters=args.iters)
+        t_fp8 = time_fn(fused, q, s, w, warmup=args.warmup, iters=args.iters)
+        same = bool(np.array_equal(np.asarray(fused(q, s, w)), np.asarray(plain(xq, w))))
+        emit(bench="dequant_gemm", shape=[m, k, n], bf16_ms=round(base, 4),
+             bf16_storage_ratio=round(t_bf16 / base, 3), fp8_storage_ratio=round(t_fp8 / base, 3),
+             same_result=same)
+
+
 def sweep_pallas(shape, args):
     """Time block configurations of the fused accumulation kernel on one shape."""
     from efftrain import fp8
@@ -186,7 +219,7 @@ def main(argv=None):
     parser.add_argument("--shapes", type=str, default=None, help="'M,K,N;M,K,N' overrides the shape list")
     parser.add_argument("--iters", type=int, default=None, help="timed runs (default 20, --small 5)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--only", choices=["matmul", "linear", "check", "sweep", "quantize"], default=None)
+    parser.add_argument("--only", choices=["matmul", "linear", "check", "sweep", "quantize", "dequant"], default=None)
     args = parser.parse_args(argv)
     args.iters = args.iters or (5 if args.small else 20)
     global INNER
@@ -202,6 +235,8 @@ def main(argv=None):
         sweep_pallas(shapes[0], args)
     if args.only in (None, "quantize"):
         bench_quantize(shapes, args)
+    if args.only in (None, "dequant"):
+        bench_dequant_gemm(shapes, args)
     if args.only in (None, "matmul"):
         bench_matmul(shapes, args)
     if args.only in (None, "linear"):

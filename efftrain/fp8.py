@@ -99,6 +99,7 @@ __all__ = [
     "round_mantissa",
     "fp8_matmul",
     "fp8_linear",
+    "fp8_linear_shared",
 ]
 
 Block = tuple[int, int]
@@ -628,64 +629,104 @@ def fp8_linear(x: jax.Array, w: jax.Array, cfg: FP8Config) -> jax.Array:
 
     `cfg` is an FP8Config (or any object with its fields). Gradients: dx in x.dtype, dw in w.dtype.
     """
+    return fp8_linear_shared(x, (w,), cfg)[0]
+
+
+def fp8_linear_shared(x: jax.Array, ws: tuple[jax.Array, ...] | list[jax.Array], cfg: FP8Config
+                      ) -> tuple[jax.Array, ...]:
+    """(x @ w for w in ws) for linears that read the same x (q/k/v, gate/up): the same numbers as
+    separate fp8_linear calls, but x is quantized once for all of them, and with scaling only
+    (accum_bits=None) the Wgrad tiling of x is made in that same forward pass (kept instead of x)."""
     spec = _LinearSpec.of(cfg)
+    ws = tuple(ws)
     if not (spec.forward or spec.input_grad or spec.weight_grad):
-        return jnp.dot(x, w)
-    return _fp8_linear(x, w, spec)
+        return tuple(jnp.dot(x, w) for w in ws)
+    return _fp8_linear(x, ws, spec)
 
 
 def _plain(x, w):
     return jnp.dot(x, w)
 
 
+def _dot(u, v, dims, cd):
+    """Contract the stored layouts (no transposed copies); float32 result."""
+    return lax.dot_general(u, v, (dims, ((), ())), precision=_precision(cd), preferred_element_type=jnp.float32)
+
+
+def _wgrad_x_chain(spec: _LinearSpec) -> Chain:
+    """x for Wgrad: tiled 128 tokens × 1 channel; as in V3, starting from the forward's FP8 x."""
+    ab = tuple(spec.act_block)
+    return ((spec.fmt, ab),) * spec.forward + ((spec.fmt, ab[::-1]),)
+
+
+def _forward(x, ws, spec, keep_residuals):
+    """The forward GEMMs and (keep_residuals) what the backward needs: for Wgrad the token-tiled FP8 x
+    (scaling only) or x, for Dgrad the quantized weights (scaling only) or the weights."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    cd = jnp.promote_types(x.dtype, ws[0].dtype)
+    ab, wb = tuple(spec.act_block), tuple(spec.weight_block)
+    x_res, w_res = x2, ws
+    if spec.accum_bits is None:
+        chains = (((spec.fmt, ab),),) * spec.forward + (_wgrad_x_chain(spec),) * (keep_residuals and spec.weight_grad)
+        xq = list(fake_quantize_many(x2, chains, spec.pow2_scales, cd)) if chains else []
+        x_fwd = xq.pop(0) if spec.forward else None
+        x_res = xq.pop(0) if keep_residuals and spec.weight_grad else x2
+        if spec.forward or (keep_residuals and spec.input_grad):
+            wq = tuple(fake_quantize_many(w, (((spec.fmt, wb),),), spec.pow2_scales, cd)[0] for w in ws)
+            w_res = wq if spec.input_grad else ws
+        if spec.forward:
+            ys = tuple(_dot(x_fwd, w_q, ((1,), (0,)), cd) for w_q in wq)
+    elif spec.forward:
+        ys = tuple(spec.gemm(x2, w, spec.fmt, spec.fmt, ab, wb, cd) for w in ws)
+    if spec.forward:
+        ys = tuple(y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype) for y in ys)
+    else:
+        ys = tuple(_plain(x, w) for w in ws)
+    return ys, (x_res, w_res)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fp8_linear(x, w, spec: _LinearSpec):
-    if not spec.forward:
-        return _plain(x, w)
-    cd = jnp.promote_types(x.dtype, w.dtype)
-    y = spec.gemm(x.reshape(-1, x.shape[-1]), w, spec.fmt, spec.fmt, spec.act_block, spec.weight_block, cd)
-    return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+def _fp8_linear(x, ws, spec: _LinearSpec):
+    return _forward(x, ws, spec, keep_residuals=False)[0]
 
 
-def _fp8_linear_fwd(x, w, spec):
-    return _fp8_linear(x, w, spec), (x, w)
+def _fp8_linear_fwd(x, ws, spec):
+    ys, residuals = _forward(x, ws, spec, keep_residuals=True)
+    dtype_tags = (jnp.zeros((0,), x.dtype), tuple(jnp.zeros((0,), w.dtype) for w in ws))
+    return ys, (residuals, dtype_tags)
 
 
-def _fp8_linear_bwd(spec, residuals, dy):
-    x, w = residuals
-    k, n = w.shape
-    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
-    cd = jnp.promote_types(x.dtype, w.dtype)
-    dx_plain = dw_plain = None
-    if not (spec.input_grad and spec.weight_grad):
-        dx_plain, dw_plain = jax.vjp(_plain, x, w)[1](dy)
+def _fp8_linear_bwd(spec, residuals, dys):
+    (x_res, w_res), (x_tag, w_tags) = residuals
+    x_shape = (*dys[0].shape[:-1], x_res.shape[1])
+    cd = jnp.promote_types(x_tag.dtype, w_tags[0].dtype)
     ab, wb = tuple(spec.act_block), tuple(spec.weight_block)
     tokens = ab[::-1]  # Wgrad tiles: 128 tokens × 1 channel
-    x_stages = ((spec.fmt, ab),) if spec.forward else ()  # V3: the forward's FP8 x, re-tiled
-    if spec.accum_bits is None:
-        # Scaling only: contract the fake-quantized operands in place (dot_general on the stored layouts,
-        # no transposed copies). wᵀ with the transposed blocks holds the same values as w with its own.
-        def dot(u, v, dims):
-            return lax.dot_general(u, v, (dims, ((), ())), precision=_precision(cd),
-                                   preferred_element_type=jnp.float32)
-
-        dy_chains = (((spec.grad_fmt, ab),),) * spec.input_grad + (((spec.grad_fmt, tokens),),) * spec.weight_grad
-        dy_q = list(fake_quantize_many(dy2, dy_chains, spec.pow2_scales, cd))  # one pass over dy
-        if spec.input_grad:
-            (w_q,) = fake_quantize_many(w, (((spec.fmt, wb),),), spec.pow2_scales, cd)
-            dx = dot(dy_q.pop(0), w_q, ((1,), (1,)))
-        if spec.weight_grad:
-            (x_q,) = fake_quantize_many(x2, (x_stages + ((spec.fmt, tokens),),), spec.pow2_scales, cd)
-            dw = dot(x_q, dy_q.pop(0), ((0,), (0,)))
-    else:
-        x_fp8 = fake_quantize(x2, spec.fmt, ab, spec.pow2_scales) if spec.forward else x2
-        if spec.input_grad:  # Dgrad: dy [M, N] tiles along N  ×  wᵀ [N, K] with the transposed blocks
-            dx = spec.gemm(dy2, w.T, spec.grad_fmt, spec.fmt, ab, wb[::-1], cd)
-        if spec.weight_grad:  # Wgrad: xᵀ [K, M] (1 × 128 tokens)  ×  dy [M, N] (128 tokens × 1)
-            dw = spec.gemm(x_fp8.T, dy2, spec.fmt, spec.grad_fmt, ab, ab[::-1], cd)
-    dx = dx.reshape(x.shape).astype(x.dtype) if spec.input_grad else dx_plain
-    dw = dw.astype(w.dtype) if spec.weight_grad else dw_plain
-    return dx, dw
+    dx, dws = 0, []
+    if spec.accum_bits is not None and spec.weight_grad:  # V3: Wgrad reads the forward's FP8 x
+        x_fp8 = fake_quantize(x_res, spec.fmt, ab, spec.pow2_scales) if spec.forward else x_res
+    for dy, w, w_tag in zip(dys, w_res, w_tags):
+        dy2 = dy.reshape(-1, w.shape[1])
+        dw = None
+        if not (spec.input_grad and spec.weight_grad):  # what autodiff of x @ w gives, for the plain GEMM
+            # (dx does not read x's values, dw not w's, so the quantized residuals stand in for them)
+            dx_plain, dw = jax.vjp(_plain, x_res.reshape(x_shape).astype(x_tag.dtype), w.astype(w_tag.dtype))[1](dy)
+            dx = dx + dx_plain if not spec.input_grad else dx
+        if spec.accum_bits is None:  # scaling only: one pass over dy makes every tiling it needs
+            chains = (((spec.grad_fmt, ab),),) * spec.input_grad + (((spec.grad_fmt, tokens),),) * spec.weight_grad
+            dy_q = list(fake_quantize_many(dy2, chains, spec.pow2_scales, cd))
+            if spec.input_grad:  # w is quantized already (wᵀ with the transposed blocks: the same values)
+                dx = dx + _dot(dy_q.pop(0), w, ((1,), (1,)), cd).reshape(x_shape)
+            if spec.weight_grad:  # x_res is the token-tiled FP8 x
+                dw = _dot(x_res, dy_q.pop(0), ((0,), (0,)), cd)
+        else:
+            if spec.input_grad:  # Dgrad: dy [M, N] tiles along N  ×  wᵀ [N, K] with the transposed blocks
+                dx = dx + spec.gemm(dy2, w.T, spec.grad_fmt, spec.fmt, ab, wb[::-1], cd).reshape(x_shape)
+            if spec.weight_grad:  # Wgrad: xᵀ [K, M] (1 × 128 tokens)  ×  dy [M, N] (128 tokens × 1)
+                dw = spec.gemm(x_fp8.T, dy2, spec.fmt, spec.grad_fmt, ab, tokens, cd)
+        dws.append(dw.astype(w_tag.dtype))
+    return dx.astype(x_tag.dtype), tuple(dws)
 
 
 _fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)

@@ -326,6 +326,36 @@ def test_linear_fp8_forward_and_grads(accum_bits, grad_fmt, max_err):
         assert 1e-3 < rel < max_err  # FP8 noise: present, and small
 
 
+@pytest.mark.parametrize("flags", [{}, {"accum_bits": None}, {"accum_bits": None, "forward": False},
+                                   {"accum_bits": None, "input_grad": False}, {"weight_grad": False}])
+def test_linear_shared_input_equals_separate_linears(flags):
+    # q/k/v-style linears of one x: quantizing x once (and, with scaling only, making the Wgrad tiling
+    # in the forward pass) must give the numbers of separate fp8_linear calls, values and gradients
+    from efftrain.fp8 import fp8_linear_shared
+
+    cfg = _cfg(**flags)
+    rng = np.random.default_rng(14)
+    x = jnp.asarray(rng.standard_normal((2, 64, 256)), jnp.bfloat16)
+    ws = tuple(jnp.asarray(rng.standard_normal((256, n)) / 16, jnp.bfloat16) for n in (128, 64, 64))
+    rs = tuple(jnp.asarray(rng.standard_normal((2, 64, n)), jnp.float32) for n in (128, 64, 64))
+
+    def loss(fn, x, ws):
+        return sum(jnp.sum(y.astype(jnp.float32) * r) for y, r in zip(fn(x, ws), rs))
+
+    shared = jax.jit(jax.grad(functools.partial(loss, lambda x, ws: fp8_linear_shared(x, ws, cfg)), (0, 1)))
+    separate = jax.jit(jax.grad(functools.partial(loss, lambda x, ws: [fp8_linear(x, w, cfg) for w in ws]), (0, 1)))
+    (dx_a, dws_a), (dx_b, dws_b) = shared(x, ws), separate(x, ws)
+    for got, want in zip(dws_a, dws_b):
+        assert _same_bits(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # dx: the shared version sums the three Dgrad GEMMs in float32 before its one bf16 rounding
+    # (the separate calls round each of the three to bf16 and add the roundings up)
+    dx_a, dx_b = np.asarray(dx_a, np.float32), np.asarray(dx_b, np.float32)
+    assert np.linalg.norm(dx_a - dx_b) < 4e-3 * np.linalg.norm(dx_b)
+    ys_a = jax.jit(lambda x, ws: fp8_linear_shared(x, ws, cfg))(x, ws)
+    for y_a, w in zip(ys_a, ws):
+        assert _same_bits(np.asarray(y_a, np.float32), np.asarray(fp8_linear(x, w, cfg), np.float32))
+
+
 @pytest.mark.parametrize("flag", ["forward", "input_grad", "weight_grad"])
 def test_linear_each_flag_controls_only_its_gemm(flag):
     x, w, r = _data(shape=(16, 128), n=32)

@@ -13,7 +13,7 @@ from einops import rearrange
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
-from efftrain.model.layers import Linear, apply_rope
+from efftrain.model.layers import Linear, apply_rope, apply_shared_input
 
 
 def attention_implementation(cfg: ModelConfig, dtype) -> str | None:
@@ -55,9 +55,10 @@ class Attention(nnx.Module):
                         std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        q = rearrange(self.q(x), "b t (n h) -> b t n h", n=self.n_heads)
-        k = rearrange(self.k(x), "b t (n h) -> b t n h", n=self.n_kv)
-        v = rearrange(self.v(x), "b t (n h) -> b t n h", n=self.n_kv)
+        q, k, v = apply_shared_input((self.q, self.k, self.v), x)
+        q = rearrange(q, "b t (n h) -> b t n h", n=self.n_heads)
+        k = rearrange(k, "b t (n h) -> b t n h", n=self.n_kv)
+        v = rearrange(v, "b t (n h) -> b t n h", n=self.n_kv)
         theta = self.cfg.rope_theta
         q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
         out = causal_attention(q, k, v, scale=self.head_dim ** -0.5, cfg=self.cfg)

@@ -51,6 +51,18 @@ class Linear(nnx.Module):
         return jnp.dot(x, w.astype(self.compute_dtype))
 
 
+def apply_shared_input(layers: tuple[Linear, ...], x: jax.Array) -> tuple[jax.Array, ...]:
+    """(layer(x) for layer in layers), e.g. q/k/v or gate/up. With simulated FP8 the same numbers, but x
+    is quantized once for all of them (efftrain.fp8.fp8_linear_shared)."""
+    fp8, dtype = layers[0].fp8, layers[0].compute_dtype
+    if fp8 is None or len(layers) == 1 or any(l.fp8 != fp8 or l.compute_dtype != dtype for l in layers):
+        return tuple(layer(x) for layer in layers)
+    from efftrain.fp8 import fp8_linear_shared
+
+    ws = tuple(layer.kernel[...].astype(dtype) for layer in layers)
+    return tuple(y.astype(dtype) for y in fp8_linear_shared(x.astype(dtype), ws, fp8))
+
+
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, statistics in fp32; output in the input's dtype."""
 
@@ -96,7 +108,8 @@ class MLP(nnx.Module):
                            std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gate, up = apply_shared_input((self.gate, self.up), x)
+        return self.down(jax.nn.silu(gate) * up)
 
 
 class Embedding(nnx.Module):

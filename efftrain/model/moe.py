@@ -391,17 +391,20 @@ class MoE(nnx.Module):
         return Routing(logits, scores, idx, gates)
 
     # -- experts ---------------------------------------------------------------------------------
-    def _bmm(self, a: jax.Array, w: jax.Array) -> jax.Array:
-        """[G, R, K] @ [G, K, N] -> [G, R, N] in compute dtype (simulated FP8 per group if enabled)."""
+    def _bmm(self, a: jax.Array, *ws: jax.Array) -> tuple[jax.Array, ...]:
+        """[G, R, K] @ [G, K, N] for each w -> [G, R, N] in compute dtype (simulated FP8 per group if
+        enabled, with a quantized once for all ws)."""
         if self.fp8 is not None:
-            from efftrain.fp8 import fp8_linear
+            from efftrain.fp8 import fp8_linear_shared
 
             cfg = self.fp8
-            return jax.vmap(lambda ai, wi: fp8_linear(ai, wi, cfg))(a, w).astype(self.compute_dtype)
-        return jnp.einsum("grk,gkn->grn", a, w)
+            outs = jax.vmap(lambda ai, *wi: fp8_linear_shared(ai, wi, cfg))(a, *ws)
+            return tuple(y.astype(self.compute_dtype) for y in outs)
+        return tuple(jnp.einsum("grk,gkn->grn", a, w) for w in ws)
 
     def _swiglu_grouped(self, buf: jax.Array, wg, wu, wd) -> jax.Array:
-        return self._bmm(jax.nn.silu(self._bmm(buf, wg)) * self._bmm(buf, wu), wd)
+        gate, up = self._bmm(buf, wg, wu)
+        return self._bmm(jax.nn.silu(gate) * up, wd)[0]
 
     def _expert_weights(self):
         c = self.compute_dtype
