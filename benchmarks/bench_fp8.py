@@ -199,17 +199,19 @@ def sweep_pallas(shape, args):
     base = time_fn(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)), a, b,
                    warmup=args.warmup, iters=args.iters)
     default = dict(fp8.PALLAS_BLOCK)
-    for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 4), (128, 64, 8, 3),
-                                  (64, 64, 4, 3), (64, 64, 2, 3), (64, 128, 4, 3), (128, 32, 4, 3),
-                                  (256, 64, 8, 3), (128, 128, 4, 3)]:
-        fp8.PALLAS_BLOCK.update(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+    for bm, bn, warps, stages, unroll in [(128, 64, 4, 3, 1), (128, 64, 4, 3, 2), (128, 64, 4, 3, 4),
+                                          (64, 64, 4, 3, 4), (64, 64, 4, 3, 2), (128, 64, 8, 3, 4),
+                                          (128, 128, 8, 3, 2), (128, 128, 8, 3, 4), (64, 128, 4, 3, 4),
+                                          (128, 32, 4, 3, 4)]:
+        fp8.PALLAS_BLOCK.update(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, unroll=unroll)
         try:
             ms = time_fn(jax.jit(functools.partial(fp8_matmul, impl="pallas")), a, b, warmup=args.warmup,
                          iters=args.iters)
             emit(bench="pallas_sweep", shape=list(shape), block=[bm, bn], num_warps=warps, num_stages=stages,
-                 median_ms=round(ms, 4), ratio_vs_bf16=round(ms / base, 3))
+                 unroll=unroll, median_ms=round(ms, 4), ratio_vs_bf16=round(ms / base, 3))
         except Exception as err:  # noqa: BLE001 - report and go on
-            emit(bench="pallas_sweep", block=[bm, bn], num_warps=warps, num_stages=stages, error=str(err)[:300])
+            emit(bench="pallas_sweep", block=[bm, bn], num_warps=warps, num_stages=stages, unroll=unroll,
+                 error=str(err)[:300])
     fp8.PALLAS_BLOCK.update(default)
 
 

@@ -407,7 +407,8 @@ def _precision(dtype):
 def fp8_matmul(a: jax.Array, b: jax.Array, *, fmt: str = "e4m3", b_fmt: str | None = None,
                a_block: Block = (1, 128), b_block: Block = (128, 128), accum_bits: int | None = 14,
                promote_every: int | None = 128, k_step: int = 32, rounding: str = "truncate",
-               pow2_scales: bool = False, compute_dtype: Any = None, impl: str = "auto") -> jax.Array:
+               pow2_scales: bool = False, compute_dtype: Any = None, impl: str = "auto",
+               out_dtype: Any = jnp.float32) -> jax.Array:
     """Simulated FP8 GEMM a @ b → float32, a [..., M, K] (leading dims flattened into M), b [K, N].
 
     a is quantized in `fmt` with `a_block` over [M, K], b in `b_fmt` (default fmt) with `b_block` over
@@ -416,7 +417,8 @@ def fp8_matmul(a: jax.Array, b: jax.Array, *, fmt: str = "e4m3", b_fmt: str | No
     Otherwise the Hopper accumulator model of the module docstring, computed by `impl`: 'xla' (lax.scan
     over promotion windows, any backend), 'pallas' (fused Triton kernel; interpreted off GPU), or 'auto'
     (pallas on GPU for formats exact in bf16, else xla). Not meant to be
-    differentiated (use fp8_linear).
+    differentiated (use fp8_linear). out_dtype: the float32 result rounded once on output (the linear
+    layers ask for bf16, which saves writing and re-reading a float32 [M, N]).
     """
     fa, fb = float_format(fmt), float_format(b_fmt if b_fmt is not None else fmt)
     a, b = jnp.asarray(a), jnp.asarray(b)
@@ -428,10 +430,10 @@ def fp8_matmul(a: jax.Array, b: jax.Array, *, fmt: str = "e4m3", b_fmt: str | No
         cd = jnp.float32 if compute_dtype is None else compute_dtype
         (da,) = fake_quantize_many(a2, (((fa, tuple(a_block)),),), pow2_scales, cd)
         (db,) = fake_quantize_many(b, (((fb, tuple(b_block)),),), pow2_scales, cd)
-        out = jnp.dot(da, db, precision=_precision(cd), preferred_element_type=jnp.float32)
+        out = jnp.dot(da, db, precision=_precision(cd), preferred_element_type=jnp.float32).astype(out_dtype)
     else:
         out = _simulated_accumulation(a2, b, fa, fb, a_block, b_block, accum_bits, promote_every,
-                                      k_step, rounding, pow2_scales, impl)
+                                      k_step, rounding, pow2_scales, impl, out_dtype)
     return out.reshape(*lead, m, n)
 
 
@@ -440,7 +442,7 @@ def _steps_per_chunk(n_steps: int, cap: int = 8) -> int:
 
 
 def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_every, k_step,
-                            rounding, pow2_scales, impl):
+                            rounding, pow2_scales, impl, out_dtype=jnp.float32):
     """[M, K] @ [K, N] with per-K-step partial sums fed through the limited-precision accumulator."""
     if rounding not in ("truncate", "nearest"):
         raise ValueError(f"rounding must be 'truncate' or 'nearest', got {rounding!r}")
@@ -486,7 +488,7 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
         stride = steps_per_window if scale_at_promotion else 1
         return _pallas_accumulation(qa.astype(op_dtype), qb.astype(op_dtype), sa_step[:, ::stride].T,
                                     sb_step[::stride, :], steps_per_window, k_step, accum_bits, rounding,
-                                    scale_per_step=not scale_at_promotion)
+                                    scale_per_step=not scale_at_promotion, out_dtype=out_dtype)
     chunk = steps_per_window if promote_every is not None else _steps_per_chunk(n_steps)
     n_chunks = n_steps // chunk
     prec = _precision(op_dtype)
@@ -522,7 +524,7 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
             return total + acc, None  # promotion: FP32 add on the CUDA cores
 
         total, _ = lax.scan(window_body, zeros, xs)
-        return total
+        return total.astype(out_dtype)
 
     def chunk_body(acc, xs_c):  # never promoted: one accumulator over all of K
         return accumulate(acc, partial_sums(*xs_c)), None
@@ -530,16 +532,16 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
     acc, _ = lax.scan(chunk_body, zeros, (a_c, b_c, *step_scales))
     if scale_at_promotion:  # whole-K scales (per tensor / per row / per column)
         acc = acc * s_a[0][:, None] * s_b[0][None, :]
-    return acc
+    return acc.astype(out_dtype)
 
 
 # Fused GPU kernel: one program per [block_m, block_n] output tile loops over the K-steps, keeping the
 # limited-precision accumulator and the FP32 total in registers; nothing [steps, M, N]-sized is stored.
-PALLAS_BLOCK = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}  # best of a sweep on H100
+PALLAS_BLOCK = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "unroll": 1}  # best of a sweep on H100
 
 
 def _pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, rounding, scale_per_step,
-                         **block):
+                         out_dtype=jnp.float32, **block):
     """qa [M, Kp] @ qb [Kp, N] (exact FP8 values in bf16) through the accumulator model → [M, N] f32.
 
     sa [G, M], sb [G, N]: scales per promotion window (G = windows), or per K-step (G = steps) when
@@ -558,29 +560,37 @@ def _pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, r
     qa, sa = jnp.pad(qa, ((0, mp - m), (0, 0))), jnp.pad(sa, ((0, 0), (0, mp - m)))
     qb, sb = jnp.pad(qb, ((0, 0), (0, np_ - n))), jnp.pad(sb, ((0, 0), (0, np_ - n)))
 
+    # K-steps whose products are issued together before they enter the accumulator one by one (they are
+    # independent, so the MMAs need not wait for each rounding); a divisor of the steps per window
+    unroll = max(d for d in range(1, min(cfg["unroll"], steps_per_window) + 1) if steps_per_window % d == 0)
+
     def kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref):
         def window(w, total):
-            def step(s, acc):
-                j = w * steps_per_window + s
-                k0 = pl.multiple_of(j * k_step, k_step)
-                p = jnp.dot(a_ref[:, pl.ds(k0, k_step)], b_ref[pl.ds(k0, k_step), :],
-                            preferred_element_type=jnp.float32)  # exact products of one K-step
-                if scale_per_step:
-                    p = p * sa_ref[j][:, None] * sb_ref[j][None, :]
-                return round_mantissa(acc + p, accum_bits, rounding, keep_specials=False)
+            def steps(g, acc):
+                first = w * steps_per_window + g * unroll
+                products = []
+                for u in range(unroll):
+                    k0 = pl.multiple_of((first + u) * k_step, k_step)
+                    products.append(jnp.dot(a_ref[:, pl.ds(k0, k_step)], b_ref[pl.ds(k0, k_step), :],
+                                            preferred_element_type=jnp.float32))  # exact products of one K-step
+                for u, p in enumerate(products):
+                    if scale_per_step:
+                        p = p * sa_ref[first + u][:, None] * sb_ref[first + u][None, :]
+                    acc = round_mantissa(acc + p, accum_bits, rounding, keep_specials=False)
+                return acc
 
-            acc = lax.fori_loop(0, steps_per_window, step, jnp.zeros((bm, bn), jnp.float32))
+            acc = lax.fori_loop(0, steps_per_window // unroll, steps, jnp.zeros((bm, bn), jnp.float32))
             if not scale_per_step:  # promotion with the window's scales
                 acc = acc * sa_ref[w][:, None] * sb_ref[w][None, :]
             return total + acc
 
-        out_ref[...] = lax.fori_loop(0, n_windows, window, jnp.zeros((bm, bn), jnp.float32))
+        out_ref[...] = lax.fori_loop(0, n_windows, window, jnp.zeros((bm, bn), jnp.float32)).astype(out_ref.dtype)
 
     interpret = jax.default_backend() != "gpu"
     groups = sa.shape[0]
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         grid=(mp // bm, np_ // bn),
         in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
                   pl.BlockSpec((groups, bm), lambda i, j: (0, i)),
@@ -621,7 +631,7 @@ class _LinearSpec:
         return fp8_matmul(a, b, fmt=a_fmt, b_fmt=b_fmt, a_block=tuple(a_block), b_block=tuple(b_block),
                           accum_bits=self.accum_bits, promote_every=self.promote_every,
                           k_step=self.k_step, rounding=self.accum_rounding, pow2_scales=self.pow2_scales,
-                          compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, out_dtype=compute_dtype)
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, cfg: FP8Config) -> jax.Array:
@@ -649,8 +659,11 @@ def _plain(x, w):
 
 
 def _dot(u, v, dims, cd):
-    """Contract the stored layouts (no transposed copies); float32 result."""
-    return lax.dot_general(u, v, (dims, ((), ())), precision=_precision(cd), preferred_element_type=jnp.float32)
+    """Contract the stored layouts (no transposed copies) with float32 accumulation; the result in the
+    compute dtype cd: the GEMM rounds its float32 accumulator once on output, the same single rounding
+    as a float32 result cast to bf16, without writing and re-reading a float32 [M, N] (on the H100 that
+    round trip cost most of the scaling-only overhead)."""
+    return lax.dot_general(u, v, (dims, ((), ())), precision=_precision(cd), preferred_element_type=cd)
 
 
 def _wgrad_x_chain(spec: _LinearSpec) -> Chain:

@@ -376,9 +376,14 @@ def test_linear_dtypes_follow_inputs():
     assert np.all(np.isfinite(np.asarray(dw)))
 
 
-@pytest.mark.parametrize("promote_every,a_block", [(128, (1, 128)), (None, (1, 128))])
-def test_pallas_kernel_matches_xla_scan(promote_every, a_block):
+@pytest.mark.parametrize("promote_every,a_block,unroll", [(128, (1, 128), 1), (None, (1, 128), 1),
+                                                          (128, (1, 128), 4), (None, (1, 32), 3)])
+def test_pallas_kernel_matches_xla_scan(promote_every, a_block, unroll, monkeypatch):
     # the fused GPU kernel, run by Pallas' interpreter here: same maths as the lax.scan path, bit for bit
+    # (also with several K-steps' products issued before they are accumulated in turn)
+    from efftrain import fp8
+
+    monkeypatch.setitem(fp8.PALLAS_BLOCK, "unroll", unroll)
     rng = np.random.default_rng(10)
     a = rng.uniform(0, 1, (40, 300)).astype(np.float32)
     b = rng.standard_normal((300, 24)).astype(np.float32)
