@@ -49,6 +49,16 @@ def test_series_points_convert_tokens_to_steps():
     assert dropped == [10**9]
 
 
+def test_series_target_within_the_last_step_is_the_final_checkpoint():
+    # 80M tokens at 32768 per step: training runs ceil(...) = 2442 steps; the 80M target is nearest to
+    # step 2441 but only reached during step 2442, which is the final checkpoint anyway (no near-duplicate)
+    cfg = CheckpointConfig(tokens=[], log_start=1_000_000, log_stop=80_000_000, per_decade=3)
+    points, dropped = series_points(cfg, tokens_per_step=32768, total_steps=2442)
+    steps = [p.step for p in points]
+    assert steps[-1] == 2442 and 2441 not in steps and not dropped
+    assert points[-1].target_tokens == 80_000_000 and len(points) == 7
+
+
 def test_weight_decay_mask_skips_embedding_and_vectors():
     params = {"embed": {"embedding": np.zeros((4, 2))}, "w": {"kernel": np.zeros((2, 2))}, "n": np.zeros(2)}
     mask = decay_mask(params)

@@ -3,8 +3,10 @@
 A series is given in tokens, as researchers think of it (Pythia's log-spaced early checkpoints,
 gpt-neox `extra_save_iters`): an explicit list, a log-spaced range (`log_start`, `log_stop`,
 `per_decade` points per factor of ten, both ends included), or both. Each target becomes the step
-whose cumulative token count is nearest (at least step 1); the tokens actually seen at that step are
-what the checkpoint records. Targets beyond the end of training are reported and dropped.
+whose cumulative token count is nearest (at least step 1), except that a target first reached during
+the last step is the last step (log_stop = max_tokens would otherwise add a checkpoint one step before
+the final one); the tokens actually seen at that step are what the checkpoint records. Targets beyond
+the end of training are reported and dropped.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def series_points(cfg: CheckpointConfig, tokens_per_step: int, total_steps: int)
     dropped = []
     for t in target_tokens(cfg):
         step = max(1, round(t / tokens_per_step))
+        if (total_steps - 1) * tokens_per_step < t <= total_steps * tokens_per_step:
+            step = total_steps  # reached only during the last step: the final checkpoint, not one step before
         if step > total_steps:
             dropped.append(t)
             continue
