@@ -58,6 +58,8 @@ def test_report_writes_self_contained_html_and_markdown(tiny_grid, tmp_path):
     assert "baseline **dense**" in summary and "**moe**" in summary and "**fp8**" in summary
     assert "model.moe.enabled" in md and "fp8.enabled" in md  # the differing config fields
     assert "ouyang: QiD = k * D^beta" in md and "R² (log)" in md
+    # the cells' N lie within a factor 2, so the pooled α is flagged as not identified
+    assert "so α is not identified by these cells" in summary
 
 
 def test_report_cli_prints_the_path_and_rejects_unknown_baseline(tiny_grid, tmp_path, capsys):

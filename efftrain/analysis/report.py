@@ -576,10 +576,14 @@ def build_report(source: str | Path, out_dir: str | Path, *, method: str | None 
             free = [k for k in ("beta", "alpha", "gamma") if k not in fr.fixed]
             parts = ", ".join(f"{k} = {fr.params[k]:.2f} [{_fmt(fr.ci[k][0], 2)}, {_fmt(fr.ci[k][1], 2)}]"
                               for k in free)
+            ns = [r["params_nonembed"] for r in slice_rows if r["method"] == m and r.get("params_nonembed")]
+            narrow = "alpha" in free and ns and max(ns) < 2 * min(ns)
             summary.append(f"{_method_label(m)} pooled over the cells: QiD = k·D^β/(N^α·P^γ) with {parts} "
                            f"(R² {fr.r2:.2f} on log QiD, {fr.n_points} rows"
-                           + (f", {fr.n_dropped} with QiD ≤ 0 left out" if fr.n_dropped else "") +
-                           "); Ouyang et al. report β ≈ 0.53, α ≈ 0.23, γ ≈ 5.5 for GPTQ on Pythia.")
+                           + (f", {fr.n_dropped} with QiD ≤ 0 left out" if fr.n_dropped else "")
+                           + (f"; N spans only {min(ns) / 1e6:.3g}M–{max(ns) / 1e6:.3g}M, so α is not "
+                              "identified by these cells" if narrow else "")
+                           + "); Ouyang et al. report β ≈ 0.53, α ≈ 0.23, γ ≈ 5.5 for GPTQ on Pythia.")
 
     # ---- MoE balance and FP8 gap ---------------------------------------------------------------
     doc_extra = Doc()
