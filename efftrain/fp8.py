@@ -730,7 +730,8 @@ def _fp8_linear_bwd(spec, residuals, dys):
         if not (spec.input_grad and spec.weight_grad):  # what autodiff of x @ w gives, for the plain GEMM
             # (dx does not read x's values, dw not w's, so the quantized residuals stand in for them)
             dx_plain, dw = jax.vjp(_plain, x_res.reshape(x_shape).astype(x_tag.dtype), w.astype(w_tag.dtype))[1](dy)
-            dx = dx + dx_plain if not spec.input_grad else dx
+            if not spec.input_grad:
+                dx = dx + dx_plain
         if spec.accum_bits is None:  # scaling only: one pass over dy makes every tiling it needs
             chains = (((spec.grad_fmt, ab),),) * spec.input_grad + (((spec.grad_fmt, tokens),),) * spec.weight_grad
             dy_q = list(fake_quantize_many(dy2, chains, spec.pow2_scales, cd))

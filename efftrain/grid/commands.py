@@ -276,7 +276,8 @@ def register(subparsers) -> None:
     p.add_argument("spec", help="grid spec YAML (see experiments/)")
     p.add_argument("--workers", type=int, default=1, help="cell families run in N processes (one GPU each)")
     p.add_argument("--retry-failed", action="store_true", help="also rerun cells that failed before")
-    p.add_argument("--only", action="append", metavar="KEY", help="only these cell keys (repeatable, or a,b)")
+    p.add_argument("--only", action="append", metavar="KEY",
+                   help="only these cell keys (repeatable, or a,b); they run in the spec's order")
     p.add_argument("--slurm", metavar="OPTS", help="submit one job per unfinished family through submitit, "
                                                    "e.g. partition=gpu,time=2:00:00,gpus=1")
     _spec_options(p)
