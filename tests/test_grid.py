@@ -135,6 +135,15 @@ def test_ptq_settings_that_cannot_apply_are_refused_before_training(tmp_path, ca
     assert not (tmp_path / "runs").exists()
 
 
+def test_data_paths_that_find_nothing_are_refused_before_training(tmp_path, cache_dir):
+    missing = str(tmp_path / "no-corpus" / "**" / "*.py")
+    path = write_spec(tmp_path, cache_dir, {"axes": {"optim.lr": [1e-3, 2e-3]},
+                                            "set": {"data.source": "files", "data.paths": [missing]}})
+    with pytest.raises(GridError, match=r"cell \w+ \(lr=0.001\): data: glob '.*no-corpus.*' matched no files"):
+        grid_runner.run_grid(path, **QUIET)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_base_and_bad_yaml(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("name: g\nbase: no-such-preset\n")

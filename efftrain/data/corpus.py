@@ -169,7 +169,8 @@ def _expand_paths(cfg: DataConfig) -> list[tuple[str, Path]]:
             matches = [Path(m) for m in glob.glob(pattern, recursive=True)]
             files = [m for m in matches if m.is_file()]
             if not files:
-                raise DataError(f"glob '{pattern}' matched no files")
+                where = "" if os.path.isabs(pattern) else f" (relative to the working directory {os.getcwd()})"
+                raise DataError(f"glob '{pattern}' matched no files{where}")
         else:
             p = Path(pattern)
             if not p.exists():
@@ -183,6 +184,13 @@ def _expand_paths(cfg: DataConfig) -> list[tuple[str, Path]]:
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     out = sorted((p.relative_to(root).as_posix(), p) for p in paths)
     return out
+
+
+def check_paths(cfg: DataConfig) -> None:
+    """Raise DataError now if a files / jsonl / parquet source's paths or globs find nothing (cheap:
+    no file is read), so a grid can refuse a bad spec before it trains anything."""
+    if cfg.source in ("files", "jsonl", "parquet"):
+        _expand_paths(cfg)
 
 
 def _read_text(path: Path) -> str:

@@ -300,13 +300,22 @@ def _select(spec: GridSpec, only) -> tuple[dict[str, list[Cell]], set[str] | Non
 
 
 def preflight(spec: GridSpec, cells: list[Cell]) -> None:
-    """Refuse a grid whose PTQ settings cannot apply to some cell's weights (e.g. a group size that
-    does not divide a layer's input dim) before any training starts."""
+    """Refuse a grid, before any training starts, whose data paths find no files or whose PTQ settings
+    cannot apply to some cell's weights (e.g. a group size that does not divide a layer's input dim)."""
     from flax import nnx
 
+    from efftrain.data.corpus import DataError, check_paths
     from efftrain.model.transformer import build_model
     from efftrain.quant.sweep import PTQError, check_group_sizes
 
+    first_of_data: dict[str, Cell] = {}
+    for c in cells:
+        first_of_data.setdefault(c.config.data.model_dump_json(), c)
+    for cell in first_of_data.values():  # each distinct data config once
+        try:
+            check_paths(cell.config.data)
+        except DataError as e:
+            raise GridError(f"grid spec {spec.path}, cell {cell.key} ({cell.name}): data: {e}") from None
     seen = set()
     for cell in cells:
         model_cfg = (cell.config.model, cell.config.fp8)
