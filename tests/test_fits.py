@@ -227,6 +227,18 @@ def test_load_csv_keeps_extra_columns_and_fits(tmp_path):
     assert res.params["gamma"] == pytest.approx(OUYANG["gamma"], rel=1e-6)
 
 
+def test_load_csv_keeps_keys_that_look_like_numbers_as_text(tmp_path):
+    # hex config keys such as 867e70887370 parse as a float (inf); a column with any text stays text
+    path = tmp_path / "rows.csv"
+    rows = [{"run_key": "867e70887370", "cell": "1e5", "n_params": 10, "tokens": 5, "bits": 3, "qid": 0.5},
+            {"run_key": "123456789012", "cell": "dense", "n_params": 20, "tokens": 6, "bits": 4, "qid": ""}]
+    _write_csv(path, rows, list(rows[0]))
+    loaded = load_rows(path)
+    assert [r["run_key"] for r in loaded] == ["867e70887370", "123456789012"]
+    assert [r["cell"] for r in loaded] == ["1e5", "dense"]
+    assert loaded[1]["n_params"] == 20 and loaded[0]["qid"] == 0.5 and loaded[1]["qid"] is None
+
+
 def test_load_csv_missing_columns(tmp_path):
     path = tmp_path / "bad.csv"
     _write_csv(path, [{"n_params": 1, "tokens": 2}], ["n_params", "tokens", "method"])

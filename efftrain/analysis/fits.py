@@ -629,6 +629,21 @@ def _coerce(v: Any) -> Any:
     return v
 
 
+# Columns of efftrain's tables that hold names and keys: never numbers, even when a hex key such as
+# "867e70887370" happens to parse as one (as a float it is inf).
+TEXT_COLUMNS = frozenset({"run_id", "run_key", "key", "name", "parent", "method", "format", "variant", "axes",
+                          "schedule", "cell_kind", "kind", "extra", "host", "status", "error"})
+
+
+def _coerce_csv(rows: list[dict[str, str]], cols: list[str]) -> list[dict[str, Any]]:
+    """Numbers for the columns whose every non-empty value is one (ints stay ints), text otherwise and
+    for TEXT_COLUMNS; empty cells become None."""
+    numeric = {c for c in cols if c not in TEXT_COLUMNS
+               and not any(isinstance(_coerce(r.get(c)), str) for r in rows)}
+    return [{k: (_coerce(v) if k in numeric else (v if v not in ("", None) else None)) for k, v in r.items()}
+            for r in rows]
+
+
 def load_rows(
     path: str | Path,
     *,
@@ -638,8 +653,9 @@ def load_rows(
 ) -> list[dict[str, Any]]:
     """Read rows from a CSV file, a SQLite database or a Parquet file.
 
-    CSV: header row with at least ``required`` columns; numeric-looking values are
-    converted (ints stay ints), empty cells become None, extra columns are kept.
+    CSV: header row with at least ``required`` columns; a column whose values all look numeric is
+    converted (ints stay ints) unless it is one of TEXT_COLUMNS (keys, names), empty cells become
+    None, extra columns are kept.
     SQLite (.sqlite/.sqlite3/.db, or any file with the SQLite header): ``SELECT *``
     from ``table`` (default "ptq"), or the given ``query``. Parquet: via pyarrow.
     Raises ValueError listing any missing required columns.
@@ -675,7 +691,7 @@ def load_rows(
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             cols = list(reader.fieldnames or [])
-            rows = [{k: _coerce(v) for k, v in r.items()} for r in reader]
+            rows = _coerce_csv(list(reader), cols)
     missing = [c for c in required if c not in cols]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; found columns {cols}")
