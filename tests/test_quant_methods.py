@@ -197,6 +197,26 @@ def test_gptq_packed_and_hessian_accumulation(layer):
     np.testing.assert_allclose(quantize_gptq_from_hessian(w, H, bits=3), quantize_gptq(w, x, bits=3), atol=1e-6)
 
 
+def test_calibration_statistics_compile_once_per_power_of_two_tokens(layer):
+    """Routed experts see a different token count each: the X^T X and AWQ kernels pad with zero rows,
+    which leaves the statistics unchanged (float64 reference) and bounds the compiles, which on a GPU
+    cost a second or more each (an MoE GPTQ row had taken minutes)."""
+    from efftrain.quant import awq, gptq
+
+    x, w = layer
+    gptq._xtx2.clear_cache()
+    awq._stats.clear_cache()
+    counts = [300, 301, 333, 400, 511, 512]  # all pad to 512
+    for n in counts:
+        np.testing.assert_allclose(np.asarray(hessian_from_inputs(x[:n])),
+                                   2 * x[:n].astype(np.float64).T @ x[:n], rtol=1e-4, atol=1e-2)
+        _, info = quantize_awq(w, x[:n], bits=3)
+        s_ref = awq._scale(jnp.asarray(np.mean(np.abs(x[:n]), axis=0)), info["alpha"])
+        np.testing.assert_allclose(info["s"], np.asarray(s_ref), rtol=1e-5)
+    assert gptq._xtx2._cache_size() == 1
+    assert awq._stats._cache_size() == 1
+
+
 def test_jax_arrays_in_jax_arrays_out(layer):
     x, w = layer
     wj, xj = jnp.asarray(w, jnp.bfloat16), jnp.asarray(x)

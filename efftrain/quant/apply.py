@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from scipy.special import expit
 
 from efftrain.model.layers import Linear
 from efftrain.quant.awq import quantize_awq
@@ -197,7 +198,8 @@ def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: Quant
             x_e = None
         hidden = None
         if x_e is not None:
-            hidden = np.asarray(jax.nn.silu(jnp.asarray(x_e @ wg[e])) * (x_e @ wu[e]), np.float32)
+            gate = x_e @ wg[e]  # numpy: a jax op here would compile once per expert's token count
+            hidden = (gate * expit(gate) * (x_e @ wu[e])).astype(np.float32)  # SwiGLU
         for name, x_in in (("w_gate", x_e), ("w_up", x_e), ("w_down", hidden)):
             w_hat, packed, awq_s = quantize_matrix(out[name][e], x_in, s)
             out[name][e] = np.asarray(w_hat)

@@ -49,6 +49,7 @@ from .formats import (
     _kernel_format,
     _like,
     _pack_jit,
+    _pad_tokens,
     _rtn_jit,
     _rtn_kernel,
     _to_compute,
@@ -62,9 +63,9 @@ _HIGHEST = lax.Precision.HIGHEST
 
 
 @jax.jit
-def _stats(x):
-    """mean |x| per input channel and the Gram matrix X^T X."""
-    return jnp.mean(jnp.abs(x), axis=0), jnp.matmul(x.T, x, precision=_HIGHEST)
+def _stats(x, n_tokens):
+    """mean |x| per input channel and the Gram matrix X^T X (x may carry zero padding rows)."""
+    return jnp.sum(jnp.abs(x), axis=0) / n_tokens, jnp.matmul(x.T, x, precision=_HIGHEST)
 
 
 @jax.jit
@@ -136,7 +137,7 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
     dt = _compute_dtype(w)
     wc = _to_compute(w, dt)
     xc = _to_compute(x, dt).reshape(-1, n_in)
-    sx, G = _stats(xc)
+    sx, G = _stats(_pad_tokens(xc), jnp.asarray(xc.shape[0], dt))
 
     alphas = np.linspace(0.0, 1.0, int(grid)) if grid > 1 else np.zeros(1)
     fs, maxq = _kernel_format(f)

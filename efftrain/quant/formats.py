@@ -350,6 +350,21 @@ def _to_compute(a, dtype=None):
     return jnp.asarray(np.asarray(a, dtype=np.dtype(dtype)))
 
 
+def _pad_tokens(x2d):
+    """``x2d [n, in]`` with zero rows appended up to the next power of two (at least 256).
+
+    Calibration statistics (X^T X, sum |x|) do not change with zero rows, and a jitted kernel then
+    compiles once per power of two instead of once per token count: routed experts each see a
+    different number of tokens, and on a GPU every new shape is a compile (with autotuning) of a second
+    or more.
+    """
+    n = x2d.shape[0]
+    padded = max(256, 1 << max(n - 1, 0).bit_length())
+    if padded == n:
+        return x2d
+    return jnp.pad(x2d, ((0, padded - n), (0, 0)))
+
+
 def _like(out, ref):
     """``out`` as the same kind of array (numpy or jax) and dtype as ``ref``."""
     if _is_jax(ref):

@@ -55,6 +55,7 @@ from .formats import (
     _check_weight,
     _kernel_format,
     _like,
+    _pad_tokens,
     _to_compute,
     decode,
     encode,
@@ -97,7 +98,7 @@ def hessian_from_inputs(x, *, compute_dtype: str = "float32"):
         raise ValueError("x must be [..., in]")
     with _precision_ctx(dt):
         x = _to_compute(x, dt)
-        H = _xtx2(x.reshape(-1, x.shape[-1]))
+        H = _xtx2(_pad_tokens(x.reshape(-1, x.shape[-1])))
         return np.asarray(H) if dt == jnp.float64 else H
 
 
