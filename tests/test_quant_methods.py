@@ -240,6 +240,24 @@ def test_argument_errors(layer):
         quantize_awq(w, x[:, :100], bits=4)
     with pytest.raises(ValueError, match="not positive definite"):
         quantize_gptq_from_hessian(w, -np.eye(D_IN, dtype=np.float32), bits=4, damp=0.0)
+    H_stack = np.stack([np.eye(D_IN, dtype=np.float32), -np.eye(D_IN, dtype=np.float32)])
+    with pytest.raises(ValueError, match=r"not positive definite for matrices \[1\]"):
+        quantize_gptq_from_hessian(np.stack([w, w]), H_stack, bits=4, damp=0.0)
+    with pytest.raises(ValueError, match="Hessian must be"):
+        quantize_gptq_from_hessian(np.stack([w, w]), H_stack[:1], bits=4)
+
+
+def test_gptq_stack_equals_each_matrix(layer):
+    """A stack [E, in, out] (MoE experts) quantizes each matrix with its own Hessian, as one by one."""
+    x, w = layer
+    ws = np.stack([w, 2 * w, w[::-1]])
+    Hs = np.stack([hessian_from_inputs(x[:k]) for k in (100, 300, 512)])
+    for kw in [dict(bits=3), dict(bits=4, act_order=True, group_size=64, symmetric=True)]:
+        w_hat, packed = quantize_gptq_from_hessian(ws, Hs, return_packed=True, **kw)
+        for e in range(3):
+            one, one_packed = quantize_gptq_from_hessian(ws[e], Hs[e], return_packed=True, **kw)
+            np.testing.assert_allclose(w_hat[e], one, atol=1e-6)
+            np.testing.assert_array_equal(packed.codes[e], one_packed.codes)
 
 
 # ------------------------------------------------------------------------------------ reference

@@ -25,13 +25,14 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from flax import nnx
 from scipy.special import expit
 
 from efftrain.model.layers import Linear
 from efftrain.quant.awq import quantize_awq
 from efftrain.quant.formats import Packed, effective_bits, resolve_group_size
-from efftrain.quant.gptq import quantize_gptq
+from efftrain.quant.gptq import quantize_gptq, quantize_gptq_from_hessian
 from efftrain.quant.rtn import quantize_rtn
 
 METHODS = ("rtn", "gptq", "awq")
@@ -102,7 +103,7 @@ def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
 
 
 def linears_of(module: nnx.Module) -> list[tuple[str, Linear]]:
-    return [("/".join(map(str, path)), m) for path, m in module.iter_modules() if isinstance(m, Linear)]
+    return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(module) if isinstance(m, Linear)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,27 +182,33 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
     return report
 
 
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
 def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: QuantReport, prefix: str) -> None:
     """Per routed expert e: gate/up on the tokens routed to e, down on their SwiGLU activations."""
-    wg, wu, wd = (np.asarray(v[...], np.float32) for v in (moe.w_gate, moe.w_up, moe.w_down))
-    E = wg.shape[0]
-    routed_rows = [None] * E
+    w = {name: np.asarray(getattr(moe, name)[...], np.float32) for name in EXPERT_WEIGHTS}
+    E = w["w_gate"].shape[0]
+    calibrated = np.zeros(E, bool)
     if x2d is not None:
+        x = np.asarray(x2d, np.float32)
         idx = np.asarray(moe.route(x2d).expert_idx)  # [N, K]
-        xs = np.asarray(x2d, np.float32)
-        routed_rows = [xs[np.any(idx == e, axis=-1)] for e in range(E)]
-    out = {"w_gate": wg.copy(), "w_up": wu.copy(), "w_down": wd.copy()}
+        routed = np.stack([np.any(idx == e, axis=-1) for e in range(E)])  # [E, N]
+        calibrated = routed.sum(axis=1) >= s.min_expert_tokens
+        report.expert_fallbacks += int(E - calibrated.sum())
+    if s.method == "gptq" and calibrated.any():
+        gptq = _gptq_experts(w, x, routed, calibrated, s)
+    out = {name: value.copy() for name, value in w.items()}
     for e in range(E):
-        x_e = routed_rows[e]
-        if x_e is not None and len(x_e) < s.min_expert_tokens:
-            report.expert_fallbacks += 1
-            x_e = None
-        hidden = None
-        if x_e is not None:
-            gate = x_e @ wg[e]  # numpy: a jax op here would compile once per expert's token count
-            hidden = (gate * expit(gate) * (x_e @ wu[e])).astype(np.float32)  # SwiGLU
-        for name, x_in in (("w_gate", x_e), ("w_up", x_e), ("w_down", hidden)):
-            w_hat, packed, awq_s = quantize_matrix(out[name][e], x_in, s)
+        inputs = dict.fromkeys(EXPERT_WEIGHTS)
+        if calibrated[e] and s.method == "awq":
+            x_e = x[routed[e]]
+            inputs = {"w_gate": x_e, "w_up": x_e, "w_down": _swiglu(x_e, w["w_gate"][e], w["w_up"][e])}
+        for name in EXPERT_WEIGHTS:
+            if calibrated[e] and s.method == "gptq":
+                w_hat, packed, awq_s = gptq[name][0][e], gptq[name][1][e], None
+            else:
+                w_hat, packed, awq_s = quantize_matrix(w[name][e], inputs[name], s)
             out[name][e] = np.asarray(w_hat)
             report.add(out[name][e].shape, s, 16.0 if awq_s is not None else 0.0)
             report.packed[f"{prefix}/{name}#{e}"] = (packed, awq_s)
@@ -209,6 +216,47 @@ def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: Quant
     for name, value in out.items():
         var = getattr(moe, name)
         var[...] = jnp.asarray(value, var[...].dtype)
+
+
+def _swiglu(x, w_gate, w_up):
+    gate = x @ w_gate  # numpy: a jax op here would compile once per expert's token count
+    return (gate * expit(gate) * (x @ w_up)).astype(np.float32)
+
+
+@jax.jit
+def _expert_hessians(x, routed, w_gate, w_up):
+    """``2 X_e^T X_e`` over each expert's tokens and over their SwiGLU activations (the down projection's
+    inputs): x [N, d], routed [E, N] in {0, 1}, w_gate/w_up [E, d, h] -> ([E, d, d], [E, h, h]).
+    Zeroing the rows of the other tokens gives the Hessian of the routed rows with one static shape
+    for every expert; one expert at a time (lax.map) keeps memory at N x max(d, h)."""
+
+    def gram(a):
+        return 2 * jnp.matmul(a.T, a, precision=lax.Precision.HIGHEST)
+
+    def one(args):
+        m, wg, wu = args
+        hp = lax.Precision.HIGHEST
+        hidden = jax.nn.silu(jnp.matmul(x, wg, precision=hp)) * jnp.matmul(x, wu, precision=hp)
+        return gram(x * m[:, None]), gram(hidden * m[:, None])
+
+    return lax.map(one, (routed, w_gate, w_up))
+
+
+def _gptq_experts(w, x, routed, calibrated, s: QuantSettings) -> dict[str, tuple[np.ndarray, list[Packed]]]:
+    """GPTQ of all routed experts of a layer at once (one stacked program per weight name); the
+    experts left for RTN get an identity Hessian here and their result is not used."""
+    H_in, H_hidden = _expert_hessians(jnp.asarray(x), jnp.asarray(routed, jnp.float32),
+                                      jnp.asarray(w["w_gate"]), jnp.asarray(w["w_up"]))
+    keep = jnp.asarray(calibrated)[:, None, None]
+    results = {}
+    for name, H in (("w_gate", H_in), ("w_up", H_in), ("w_down", H_hidden)):
+        H = jnp.where(keep, H, jnp.eye(H.shape[-1], dtype=H.dtype))
+        w_hat, packed = quantize_gptq_from_hessian(
+            w[name], H, bits=s.bits, group_size=s.group_for(w[name].shape[1]), damp=s.damp,
+            act_order=s.act_order, symmetric=s.symmetric, fmt=s.fmt, return_packed=True)
+        zeros = packed.zeros if packed.zeros is not None else [None] * len(w_hat)
+        results[name] = (w_hat, [Packed(c, sc, z) for c, sc, z in zip(packed.codes, packed.scales, zeros)])
+    return results
 
 
 def count_bytes(model, report: QuantReport) -> int:

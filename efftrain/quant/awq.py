@@ -136,8 +136,8 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
         raise ValueError(f"clip needs clip_grid >= 1 and 0 <= max_shrink < 1, got {clip_grid}, {max_shrink}")
     dt = _compute_dtype(w)
     wc = _to_compute(w, dt)
-    xc = _to_compute(x, dt).reshape(-1, n_in)
-    sx, G = _stats(_pad_tokens(xc), jnp.asarray(xc.shape[0], dt))
+    x2d = x.reshape(-1, n_in)
+    sx, G = _stats(_to_compute(_pad_tokens(x2d), dt), jnp.asarray(x2d.shape[0], dt))
 
     alphas = np.linspace(0.0, 1.0, int(grid)) if grid > 1 else np.zeros(1)
     fs, maxq = _kernel_format(f)

@@ -356,13 +356,14 @@ def _pad_tokens(x2d):
     Calibration statistics (X^T X, sum |x|) do not change with zero rows, and a jitted kernel then
     compiles once per power of two instead of once per token count: routed experts each see a
     different number of tokens, and on a GPU every new shape is a compile (with autotuning) of a second
-    or more.
+    or more. Pad numpy inputs (before they go to the device) to avoid even the eager pad's compile.
     """
     n = x2d.shape[0]
     padded = max(256, 1 << max(n - 1, 0).bit_length())
     if padded == n:
         return x2d
-    return jnp.pad(x2d, ((0, padded - n), (0, 0)))
+    pad = np.pad if isinstance(x2d, np.ndarray) else jnp.pad  # numpy: no eager op to compile per shape
+    return pad(x2d, ((0, padded - n), (0, 0)))
 
 
 def _like(out, ref):

@@ -97,8 +97,7 @@ def hessian_from_inputs(x, *, compute_dtype: str = "float32"):
     if getattr(x, "ndim", 0) < 1:
         raise ValueError("x must be [..., in]")
     with _precision_ctx(dt):
-        x = _to_compute(x, dt)
-        H = _xtx2(_pad_tokens(x.reshape(-1, x.shape[-1])))
+        H = _xtx2(_to_compute(_pad_tokens(x.reshape(-1, x.shape[-1])), dt))
         return np.asarray(H) if dt == jnp.float64 else H
 
 
@@ -214,22 +213,33 @@ def _gptq_core(W, H, damp, maxq, *, f: QuantFormat, g: int, B: int, act_order: b
     return Q, C.astype(jnp.uint8), S.astype(jnp.float16), Z.astype(jnp.float16), ok
 
 
+@functools.partial(jax.jit, static_argnames=("f", "g", "B", "act_order"))
+def _gptq_core_stacked(Ws, Hs, damp, maxq, *, f: QuantFormat, g: int, B: int, act_order: bool):
+    """``_gptq_core`` over a stack ``[E, in, out]`` of matrices with their own Hessians ``[E, in, in]``:
+    one program whose row loop runs once for all E (MoE experts), not E times."""
+    core = functools.partial(_gptq_core, f=f, g=g, B=B, act_order=act_order)
+    return jax.vmap(core, in_axes=(0, 0, None, None))(Ws, Hs, damp, maxq)
+
+
 def quantize_gptq_from_hessian(w, H, *, bits: int, group_size: int = 128, damp: float = 0.01,
                                act_order: bool = False, symmetric: bool = False, fmt: str = "int",
                                block_size: int = 128, compute_dtype: str = "float32",
                                return_packed: bool = False):
     """GPTQ of ``w[in, out]`` given ``H = 2 X^T X`` ``[in, in]`` (any positive multiple works too).
 
-    Returns the dequantized weight (same shape, dtype and array kind as ``w``, rows in the original
-    order), or ``(w_hat, Packed)`` with ``return_packed=True`` (``unpack`` of it equals ``w_hat``).
+    A stack ``w[E, in, out]`` with ``H[E, in, in]`` quantizes E independent matrices (e.g. the routed
+    experts of an MoE layer) in one program. Returns the dequantized weight (same shape, dtype and
+    array kind as ``w``, rows in the original order), or ``(w_hat, Packed)`` with
+    ``return_packed=True`` (``unpack`` of it equals ``w_hat``; stacked arrays for a stack).
     """
     _check_weight(w)
-    if w.ndim != 2:
-        raise ValueError(f"GPTQ quantizes one [in, out] matrix at a time, got shape {w.shape}")
-    n_in, n_out = w.shape
-    if tuple(H.shape) != (n_in, n_in):
-        raise ValueError(f"Hessian must be [{n_in}, {n_in}] for a weight of shape {tuple(w.shape)}, "
-                         f"got {tuple(H.shape)}")
+    if w.ndim not in (2, 3):
+        raise ValueError(f"GPTQ quantizes one [in, out] matrix or a stack [E, in, out] of them, "
+                         f"got shape {w.shape}")
+    n_in, n_out = w.shape[-2:]
+    if tuple(H.shape) != (*w.shape[:-2], n_in, n_in):
+        raise ValueError(f"Hessian must be {[*w.shape[:-2], n_in, n_in]} for a weight of shape "
+                         f"{tuple(w.shape)}, got {tuple(H.shape)}")
     f = make_format(bits, fmt, symmetric)
     g = resolve_group_size(group_size, n_in)
     if not (isinstance(damp, (int, float, np.floating)) and damp >= 0):
@@ -240,11 +250,14 @@ def quantize_gptq_from_hessian(w, H, *, bits: int, group_size: int = 128, damp: 
     B = _pick_block(n_in, g, int(block_size))
     with _precision_ctx(dt):
         fs, maxq = _kernel_format(f)
-        Q, C, S, Z, ok = _gptq_core(_to_compute(w, dt), _to_compute(H, dt), jnp.asarray(damp, dt), maxq,
-                                    f=fs, g=g, B=B, act_order=bool(act_order))
-        if not bool(ok):
-            raise ValueError("GPTQ: the dampened Hessian is not positive definite (Cholesky failed); "
-                             "raise damp or use more calibration data")
+        core = _gptq_core if w.ndim == 2 else _gptq_core_stacked
+        Q, C, S, Z, ok = core(_to_compute(w, dt), _to_compute(H, dt), jnp.asarray(damp, dt), maxq,
+                              f=fs, g=g, B=B, act_order=bool(act_order))
+        ok = np.asarray(ok)
+        if not ok.all():
+            which = f" for matrices {np.flatnonzero(~ok).tolist()} of the stack" if w.ndim == 3 else ""
+            raise ValueError(f"GPTQ: the dampened Hessian is not positive definite{which} (Cholesky "
+                             "failed); raise damp or use more calibration data")
     w_hat = _like(Q, w)
     if not return_packed:
         return w_hat
