@@ -170,7 +170,7 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
         if block.is_moe:
             quantize_experts(block.ffn, moe_inputs, s, report, f"{prefix}/ffn")
         if needs_inputs:
-            h = block(h, positions)[0]  # next block sees this block's quantized output
+            h = _block_output(block, h, positions)  # next block sees this block's quantized output
     if s.quantize_head:
         if model.lm_head is None:
             raise ValueError("quantize_head needs an untied output head (model.tie_embeddings is true)")
@@ -185,6 +185,18 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
+# jitted: run op by op, an MoE block's routing and dispatch compile hundreds of small programs the
+# first time (on the H100, 3.7 minutes before the first GPTQ row of an MoE model)
+@nnx.jit
+def _block_output(block, h, positions):
+    return block(h, positions)[0]
+
+
+@nnx.jit
+def _expert_choice(moe, x2d):
+    return moe.route(x2d).expert_idx
+
+
 def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: QuantReport, prefix: str) -> None:
     """Per routed expert e: gate/up on the tokens routed to e, down on their SwiGLU activations."""
     w = {name: np.asarray(getattr(moe, name)[...], np.float32) for name in EXPERT_WEIGHTS}
@@ -192,7 +204,7 @@ def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: Quant
     calibrated = np.zeros(E, bool)
     if x2d is not None:
         x = np.asarray(x2d, np.float32)
-        idx = np.asarray(moe.route(x2d).expert_idx)  # [N, K]
+        idx = np.asarray(_expert_choice(moe, x2d))  # [N, K]
         routed = np.stack([np.any(idx == e, axis=-1) for e in range(E)])  # [E, N]
         calibrated = routed.sum(axis=1) >= s.min_expert_tokens
         report.expert_fallbacks += int(E - calibrated.sum())
