@@ -3,6 +3,7 @@
 import csv
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,15 +135,26 @@ def test_bad_requests_fail_before_any_row(trained_run, tmp_path):
     assert main(["ptq", str(empty), "--bits", "4"]) == 1
 
 
-def test_capture_sees_every_linear_of_a_block():
-    cfg = from_dict(tiny_raw("x", train={"max_steps": 1}))
-    model = build_model(cfg.model)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_capture_sees_every_linear_of_a_block(fp8):
+    """Also with simulated FP8, where q/k/v and gate/up share one quantized input (an FP8 model's
+    GPTQ had silently fallen back to RTN for them)."""
+    from efftrain.quant.apply import _calibration_inputs
+
+    cfg = from_dict(tiny_raw("x", train={"max_steps": 1}, fp8={"enabled": fp8}))
+    model = build_model(cfg.model, fp8=cfg.fp8)
     block = model.blocks[0]
-    x = jnp.ones((2, 8, cfg.model.d_model))
+    x = jax.random.normal(jax.random.key(0), (2, 8, cfg.model.d_model))
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
     with capture_linear_inputs() as seen:
-        block(x, jnp.broadcast_to(jnp.arange(8), (2, 8)))
+        block(x, positions)
     names = {name for name, lin in linears_of(block) if id(lin) in seen}
-    assert names == {"attn/q", "attn/k", "attn/v", "attn/o", "ffn/gate", "ffn/up", "ffn/down"}
+    expected = {"attn/q", "attn/k", "attn/v", "attn/o", "ffn/gate", "ffn/up", "ffn/down"}
+    assert names == expected
+    jitted, moe_inputs = _calibration_inputs(block, x, positions)  # the jitted pass PTQ uses
+    assert set(jitted) == expected and moe_inputs is None
+    for name, lin in linears_of(block):
+        np.testing.assert_allclose(jitted[name], jnp.concatenate(seen[id(lin)]), rtol=2e-2, atol=2e-2)
 
 
 def test_moe_experts_are_calibrated_per_expert_with_rtn_fallback():

@@ -31,6 +31,11 @@ def fp8_for(fp8: FP8Config | None, role: str = "linear") -> FP8Config | None:
     return None
 
 
+# Set by efftrain.quant.apply.capture_linear_inputs while it records PTQ calibration inputs: called as
+# observer(layer, x) with the input of every Linear, also of those that share one input below.
+_input_observer = None
+
+
 class Linear(nnx.Module):
     """y = x @ kernel, kernel [in, out]; optional simulated-FP8 GEMMs."""
 
@@ -42,6 +47,8 @@ class Linear(nnx.Module):
         self.fp8 = fp8_for(fp8, fp8_role)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if _input_observer is not None:
+            _input_observer(self, x)
         x = x.astype(self.compute_dtype)
         w = self.kernel[...]
         if self.fp8 is not None:
@@ -59,6 +66,9 @@ def apply_shared_input(layers: tuple[Linear, ...], x: jax.Array) -> tuple[jax.Ar
         return tuple(layer(x) for layer in layers)
     from efftrain.fp8 import fp8_linear_shared
 
+    if _input_observer is not None:
+        for layer in layers:
+            _input_observer(layer, x)
     ws = tuple(layer.kernel[...].astype(dtype) for layer in layers)
     return tuple(y.astype(dtype) for y in fp8_linear_shared(x.astype(dtype), ws, fp8))
 
