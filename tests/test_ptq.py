@@ -139,7 +139,7 @@ def test_bad_requests_fail_before_any_row(trained_run, tmp_path):
 def test_capture_sees_every_linear_of_a_block(fp8):
     """Also with simulated FP8, where q/k/v and gate/up share one quantized input (an FP8 model's
     GPTQ had silently fallen back to RTN for them)."""
-    from efftrain.quant.apply import _calibration_inputs
+    from efftrain.quant.apply import _block_pass
 
     cfg = from_dict(tiny_raw("x", train={"max_steps": 1}, fp8={"enabled": fp8}))
     model = build_model(cfg.model, fp8=cfg.fp8)
@@ -151,8 +151,9 @@ def test_capture_sees_every_linear_of_a_block(fp8):
     names = {name for name, lin in linears_of(block) if id(lin) in seen}
     expected = {"attn/q", "attn/k", "attn/v", "attn/o", "ffn/gate", "ffn/up", "ffn/down"}
     assert names == expected
-    jitted, moe_inputs = _calibration_inputs(block, x, positions)  # the jitted pass PTQ uses
+    jitted, moe_inputs, out = _block_pass(block, x, positions)  # the jitted pass PTQ uses
     assert set(jitted) == expected and moe_inputs is None
+    np.testing.assert_allclose(out, block(x, positions)[0], rtol=2e-2, atol=2e-2)
     for name, lin in linears_of(block):
         np.testing.assert_allclose(jitted[name], jnp.concatenate(seen[id(lin)]), rtol=2e-2, atol=2e-2)
 

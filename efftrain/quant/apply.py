@@ -103,21 +103,18 @@ def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
 
 
 @nnx.jit
-def _calibration_inputs(block, h, positions):
-    """({Linear path: its inputs [n, in]} for one block run on h, the MoE layer's input [n, d] or None).
-    Jitted (calls inside are traced, so paths, not ids): op by op an FP8 block took ~18 s per GPTQ row."""
+def _block_pass(block, h, positions):
+    """One block on h, jitted: ({Linear path: its inputs [n, in]}, the MoE layer's input [n, d] or None,
+    the block's output). PTQ calls it twice per block, on the original weights for the calibration
+    inputs and on the quantized ones for the next block's input, so both share one compiled program
+    (calls inside are traced, hence paths, not ids). Op by op an FP8 block took ~18 s per GPTQ row."""
     paths = {id(lin): name for name, lin in linears_of(block)}
-    moe_inputs = None
     with capture_linear_inputs() as captured:
-        attn_out = block.attn(block.attn_norm(h), positions)
-        ffn_in = block.ffn_norm(h + attn_out)
-        if block.is_moe:
-            moe_inputs = ffn_in.reshape(-1, ffn_in.shape[-1])
-            if block.ffn.shared is not None:
-                block.ffn.shared(moe_inputs)
-        else:
-            block.ffn(ffn_in)
-    return {paths[k]: jnp.concatenate(xs) for k, xs in captured.items()}, moe_inputs
+        x = h + block.attn(block.attn_norm(h), positions)  # as Block.__call__
+        ffn_in = block.ffn_norm(x)
+        y = block.ffn(ffn_in)[0] if block.is_moe else block.ffn(ffn_in)
+    moe_inputs = ffn_in.reshape(-1, ffn_in.shape[-1]) if block.is_moe else None
+    return {paths[k]: jnp.concatenate(xs) for k, xs in captured.items()}, moe_inputs, x + y
 
 
 def linears_of(module: nnx.Module) -> list[tuple[str, Linear]]:
@@ -165,7 +162,7 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
     h = model.embed(tokens) if needs_inputs else None
     for li, block in enumerate(model.blocks):
         prefix = f"blocks/{li}"
-        captured, moe_inputs = _calibration_inputs(block, h, positions) if needs_inputs else ({}, None)
+        captured, moe_inputs, _ = _block_pass(block, h, positions) if needs_inputs else ({}, None, None)
         # dense Linears (attention, MLP, shared experts): skip the router (kept in 16-bit)
         for name, lin in linears_of(block):
             x = captured.get(name)
@@ -176,7 +173,7 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
         if block.is_moe:
             quantize_experts(block.ffn, moe_inputs, s, report, f"{prefix}/ffn")
         if needs_inputs:
-            h = _block_output(block, h, positions)  # next block sees this block's quantized output
+            h = _block_pass(block, h, positions)[2]  # next block sees this block's quantized output
     if s.quantize_head:
         if model.lm_head is None:
             raise ValueError("quantize_head needs an untied output head (model.tie_embeddings is true)")
@@ -191,13 +188,7 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
-# jitted: run op by op, an MoE block's routing and dispatch compile hundreds of small programs the
-# first time (on the H100, 3.7 minutes before the first GPTQ row of an MoE model)
-@nnx.jit
-def _block_output(block, h, positions):
-    return block(h, positions)[0]
-
-
+# jitted: run op by op, an MoE router compiles its small programs on first use (seconds on a GPU)
 @nnx.jit
 def _expert_choice(moe, x2d):
     return moe.route(x2d).expert_idx
