@@ -135,6 +135,21 @@ def test_bad_requests_fail_before_any_row(trained_run, tmp_path):
     assert main(["ptq", str(empty), "--bits", "4"]) == 1
 
 
+def test_capture_ignores_other_threads():
+    """The observer is per thread (a context variable): a Linear run elsewhere is not recorded."""
+    import threading
+
+    cfg = from_dict(tiny_raw("x", train={"max_steps": 1}))
+    lin_here, lin_there = build_model(cfg.model).blocks[0].attn.q, build_model(cfg.model).blocks[0].attn.k
+    x = jnp.ones((2, cfg.model.d_model))
+    with capture_linear_inputs() as seen:
+        worker = threading.Thread(target=lambda: lin_there(x))
+        worker.start()
+        worker.join()
+        lin_here(x)
+    assert set(seen) == {id(lin_here)}
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_capture_sees_every_linear_of_a_block(fp8):
     """Also with simulated FP8, where q/k/v and gate/up share one quantized input (an FP8 model's
@@ -176,16 +191,21 @@ def test_moe_experts_are_calibrated_per_expert_with_rtn_fallback():
     starved = quantize_model(build_model(cfg.model), tokens,
                              QuantSettings(method="gptq", bits=3, group_size=-1, min_expert_tokens=10**6))
     assert starved.expert_fallbacks == 4
+    with pytest.raises(ValueError, match="min_expert_tokens must be at least 1"):
+        QuantSettings(method="gptq", bits=3, min_expert_tokens=0)
     # the router and the norms keep their 16-bit values
     fresh = build_model(cfg.model)
     np.testing.assert_array_equal(model.blocks[1].ffn.router.kernel[...], fresh.blocks[1].ffn.router.kernel[...])
 
 
-def test_moe_gptq_stacked_experts_equal_one_expert_at_a_time():
+@pytest.mark.parametrize("stack_bytes", [1 << 30, 1])  # all experts in one program; one per program
+def test_moe_gptq_stacked_experts_equal_one_expert_at_a_time(monkeypatch, stack_bytes):
     """All experts of a layer in one stacked GPTQ (masked Hessians) == GPTQ of each expert on exactly
     its routed rows, with the down projection calibrated on their SwiGLU activations."""
-    from efftrain.quant.apply import quantize_experts, QuantReport
-    from efftrain.quant import quantize_gptq
+    from efftrain.quant import apply, quantize_gptq
+    from efftrain.quant.apply import QuantReport, quantize_experts
+
+    monkeypatch.setattr(apply, "STACKED_GPTQ_BYTES", stack_bytes)
 
     cfg = from_dict(tiny_raw("x", model={"d_model": 32, "n_layers": 2, "n_heads": 2, "compute_dtype": "float32",
                                          "moe": {"enabled": True, "num_routed_experts": 4, "top_k": 2,

@@ -11,6 +11,8 @@ Conventions used across efftrain:
 
 from __future__ import annotations
 
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,8 +34,10 @@ def fp8_for(fp8: FP8Config | None, role: str = "linear") -> FP8Config | None:
 
 
 # Set by efftrain.quant.apply.capture_linear_inputs while it records PTQ calibration inputs: called as
-# observer(layer, x) with the input of every Linear, also of those that share one input below.
-_input_observer = None
+# observer(layer, x) with the input of every Linear, also of those that share one input below. A
+# context variable, so a capture in one thread never sees another thread's calls (jax traces in the
+# calling thread).
+input_observer: contextvars.ContextVar = contextvars.ContextVar("linear_input_observer", default=None)
 
 
 class Linear(nnx.Module):
@@ -47,8 +51,8 @@ class Linear(nnx.Module):
         self.fp8 = fp8_for(fp8, fp8_role)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if _input_observer is not None:
-            _input_observer(self, x)
+        if (observe := input_observer.get()) is not None:
+            observe(self, x)
         x = x.astype(self.compute_dtype)
         w = self.kernel[...]
         if self.fp8 is not None:
@@ -66,9 +70,9 @@ def apply_shared_input(layers: tuple[Linear, ...], x: jax.Array) -> tuple[jax.Ar
         return tuple(layer(x) for layer in layers)
     from efftrain.fp8 import fp8_linear_shared
 
-    if _input_observer is not None:
+    if (observe := input_observer.get()) is not None:
         for layer in layers:
-            _input_observer(layer, x)
+            observe(layer, x)
     ws = tuple(layer.kernel[...].astype(dtype) for layer in layers)
     return tuple(y.astype(dtype) for y in fp8_linear_shared(x.astype(dtype), ws, fp8))
 

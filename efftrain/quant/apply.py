@@ -57,6 +57,10 @@ class QuantSettings:
     min_expert_tokens: int = 16
     quantize_head: bool = False  # also the (untied) output head, calibrated on the final-norm states
 
+    def __post_init__(self):
+        if self.min_expert_tokens < 1:  # an expert with no tokens has no statistics to calibrate on
+            raise ValueError(f"min_expert_tokens must be at least 1, got {self.min_expert_tokens}")
+
     def group_for(self, in_dim: int) -> int:
         """Group size used for a weight with `in_dim` input rows: whole-channel when the group is at
         least as large as the layer (tiny models), otherwise it must divide in_dim."""
@@ -100,11 +104,11 @@ def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
     def record(linear, x):
         sink.setdefault(id(linear), []).append(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
 
-    previous, layers._input_observer = layers._input_observer, record
+    token = layers.input_observer.set(record)
     try:
         yield sink
     finally:
-        layers._input_observer = previous
+        layers.input_observer.reset(token)
 
 
 @nnx.jit
@@ -191,6 +195,7 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
 
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+STACKED_GPTQ_BYTES = 1 << 30  # experts per stacked GPTQ program: about this much working memory
 
 
 # jitted: run op by op, an MoE router compiles its small programs on first use (seconds on a GPU)
@@ -266,11 +271,18 @@ def _gptq_experts(w, x, routed, calibrated, s: QuantSettings) -> dict[str, tuple
     results = {}
     for name, H in (("w_gate", H_in), ("w_up", H_in), ("w_down", H_hidden)):
         H = jnp.where(keep, H, jnp.eye(H.shape[-1], dtype=H.dtype))
-        w_hat, packed = quantize_gptq_from_hessian(
-            w[name], H, bits=s.bits, group_size=s.group_for(w[name].shape[1]), damp=s.damp,
-            act_order=s.act_order, symmetric=s.symmetric, fmt=s.fmt, return_packed=True)
-        zeros = packed.zeros if packed.zeros is not None else [None] * len(w_hat)
-        results[name] = (w_hat, [Packed(c, sc, z) for c, sc, z in zip(packed.codes, packed.scales, zeros)])
+        E, n_in, n_out = w[name].shape
+        # the stacked program holds a few [in, in] float32 arrays per expert: bound it for large layers
+        chunk = max(1, STACKED_GPTQ_BYTES // (4 * 4 * n_in * (n_in + n_out)))
+        w_hat, packed = [], []
+        for e0 in range(0, E, chunk):
+            q, p = quantize_gptq_from_hessian(
+                w[name][e0:e0 + chunk], H[e0:e0 + chunk], bits=s.bits, group_size=s.group_for(n_in),
+                damp=s.damp, act_order=s.act_order, symmetric=s.symmetric, fmt=s.fmt, return_packed=True)
+            w_hat.extend(q)
+            zeros = p.zeros if p.zeros is not None else [None] * len(q)
+            packed.extend(Packed(c, sc, z) for c, sc, z in zip(p.codes, p.scales, zeros))
+        results[name] = (w_hat, packed)
     return results
 
 
