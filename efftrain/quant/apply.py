@@ -217,7 +217,7 @@ def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: Quant
         calibrated = routed.sum(axis=1) >= s.min_expert_tokens
         report.expert_fallbacks += int(E - calibrated.sum())
     if s.method == "gptq" and calibrated.any():
-        gptq = _gptq_experts(w, x, routed, calibrated, s)
+        gptq = _gptq_experts(w, x2d, routed, calibrated, s)
     out = {name: value.copy() for name, value in w.items()}
     for e in range(E):
         inputs = dict.fromkeys(EXPERT_WEIGHTS)
@@ -262,10 +262,10 @@ def _expert_hessians(x, routed, w_gate, w_up):
     return lax.map(one, (routed, w_gate, w_up))
 
 
-def _gptq_experts(w, x, routed, calibrated, s: QuantSettings) -> dict[str, tuple[np.ndarray, list[Packed]]]:
+def _gptq_experts(w, x2d, routed, calibrated, s: QuantSettings) -> dict[str, tuple[np.ndarray, list[Packed]]]:
     """GPTQ of all routed experts of a layer at once (one stacked program per weight name); the
     experts left for RTN get an identity Hessian here and their result is not used."""
-    H_in, H_hidden = _expert_hessians(jnp.asarray(x), jnp.asarray(routed, jnp.float32),
+    H_in, H_hidden = _expert_hessians(jnp.asarray(x2d, jnp.float32), jnp.asarray(routed, jnp.float32),
                                       jnp.asarray(w["w_gate"]), jnp.asarray(w["w_up"]))
     keep = jnp.asarray(calibrated)[:, None, None]
     results = {}
