@@ -541,8 +541,10 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
 
 # Fused GPU kernel: one program per [block_m, block_n] output tile loops over the K-steps, keeping the
 # limited-precision accumulator and the FP32 total in registers; nothing [steps, M, N]-sized is stored.
-# Best of a sweep on the H100 ([32768, 768] @ [768, 2304]: unroll 2 is 6 % faster than 1; 4 is slower)
-PALLAS_BLOCK = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "unroll": 2}
+# Best of a 28-config sweep on the H100 over three dense-125m GEMM shapes (benchmarks/bench_fp8.py
+# --only sweep; docs/BENCHMARKS.md): one m64n128 MMA per K-step beats two m64n64, and unrolling each
+# promotion window into the body of the loop over windows lets the pipeliner prefetch across windows.
+PALLAS_BLOCK = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "unroll": 1, "window_unroll": 8}
 
 
 def _pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, rounding, scale_per_step,
@@ -568,23 +570,32 @@ def _pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, r
     # K-steps whose products are issued together before they enter the accumulator one by one (they are
     # independent, so the MMAs need not wait for each rounding); a divisor of the steps per window
     unroll = max(d for d in range(1, min(cfg["unroll"], steps_per_window) + 1) if steps_per_window % d == 0)
+    # Windows of up to `window_unroll` K-steps are unrolled into the body of one loop over windows, so
+    # the software pipeliner prefetches the next window's operands while this one is accumulated; a
+    # two-level loop (windows, then groups of `unroll` steps) would only pipeline the short inner loop.
+    flat = steps_per_window <= cfg["window_unroll"]
 
     def kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref):
-        def window(w, total):
-            def steps(g, acc):
-                first = w * steps_per_window + g * unroll
-                products = []
-                for u in range(unroll):
-                    k0 = pl.multiple_of((first + u) * k_step, k_step)
-                    products.append(jnp.dot(a_ref[:, pl.ds(k0, k_step)], b_ref[pl.ds(k0, k_step), :],
-                                            preferred_element_type=jnp.float32))  # exact products of one K-step
-                for u, p in enumerate(products):
-                    if scale_per_step:
-                        p = p * sa_ref[first + u][:, None] * sb_ref[first + u][None, :]
-                    acc = round_mantissa(acc + p, accum_bits, rounding, keep_specials=False)
-                return acc
+        def steps(w, g, acc):  # `unroll` K-steps starting at step g of window w
+            first = w * steps_per_window + g * unroll
+            products = []
+            for u in range(unroll):
+                k0 = pl.multiple_of((first + u) * k_step, k_step)
+                products.append(jnp.dot(a_ref[:, pl.ds(k0, k_step)], b_ref[pl.ds(k0, k_step), :],
+                                        preferred_element_type=jnp.float32))  # exact products of one K-step
+            for u, p in enumerate(products):
+                if scale_per_step:
+                    p = p * sa_ref[first + u][:, None] * sb_ref[first + u][None, :]
+                acc = round_mantissa(acc + p, accum_bits, rounding, keep_specials=False)
+            return acc
 
-            acc = lax.fori_loop(0, steps_per_window // unroll, steps, jnp.zeros((bm, bn), jnp.float32))
+        def window(w, total):
+            acc = jnp.zeros((bm, bn), jnp.float32)
+            if flat:
+                for g in range(steps_per_window // unroll):
+                    acc = steps(w, g, acc)
+            else:
+                acc = lax.fori_loop(0, steps_per_window // unroll, functools.partial(steps, w), acc)
             if not scale_per_step:  # promotion with the window's scales
                 acc = acc * sa_ref[w][:, None] * sb_ref[w][None, :]
             return total + acc

@@ -376,14 +376,17 @@ def test_linear_dtypes_follow_inputs():
     assert np.all(np.isfinite(np.asarray(dw)))
 
 
-@pytest.mark.parametrize("promote_every,a_block,unroll", [(128, (1, 128), 1), (None, (1, 128), 1),
-                                                          (128, (1, 128), 4), (None, (1, 32), 3)])
-def test_pallas_kernel_matches_xla_scan(promote_every, a_block, unroll, monkeypatch):
+@pytest.mark.parametrize("promote_every,a_block,unroll,window_unroll", [
+    (128, (1, 128), 1, 0), (None, (1, 128), 1, 0), (128, (1, 128), 4, 0), (None, (1, 32), 3, 0),
+    (128, (1, 128), 2, 8), (128, (1, 32), 1, 8), (None, (1, 32), 3, 8)])
+def test_pallas_kernel_matches_xla_scan(promote_every, a_block, unroll, window_unroll, monkeypatch):
     # the fused GPU kernel, run by Pallas' interpreter here: same maths as the lax.scan path, bit for bit
-    # (also with several K-steps' products issued before they are accumulated in turn)
+    # (also with several K-steps' products issued before they are accumulated in turn, and with each
+    # promotion window unrolled into the body of the loop over windows)
     from efftrain import fp8
 
     monkeypatch.setitem(fp8.PALLAS_BLOCK, "unroll", unroll)
+    monkeypatch.setitem(fp8.PALLAS_BLOCK, "window_unroll", window_unroll)
     rng = np.random.default_rng(10)
     a = rng.uniform(0, 1, (40, 300)).astype(np.float32)
     b = rng.standard_normal((300, 24)).astype(np.float32)
