@@ -70,9 +70,10 @@ The accumulation model has two implementations of the same maths (bit-identical 
 interpreter on CPU; on an H100 ~1e-4 of outputs differ by one accumulator ulp, ≤ 5e-6 of Σ|a||b|,
 because the MMA and cuBLAS sum the 32 products of a K-step in different orders):
   * 'pallas' (default on GPU): one Triton program per output tile walks K in k_step slices (bf16 MMA
-    with an fp32 result = the exact FP8 products; `unroll` slices issued together), rounds the
-    accumulator in registers and promotes every window; memory traffic is a plain matmul's, the extra
-    cost is the per-step rounding, which serializes the MMAs (4.0x a bf16 GEMM on an H100).
+    with an fp32 result = the exact FP8 products; each promotion window unrolled in the loop over
+    windows), rounds the accumulator in registers and promotes every window; memory traffic is a plain
+    matmul's, the extra cost is the per-step rounding, which serializes the MMAs (3.9-4.6x a bf16 GEMM
+    on an H100).
   * 'xla' (CPU; reference): lax.scan over promotion windows; each window's per-step partial products
     ([k_steps_per_window, M, N] float32, one batched einsum) go through the unrolled recurrence, so
     memory is bounded by one window, not by K. Memory-bound: several times a bf16 matmul on a GPU.
