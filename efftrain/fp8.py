@@ -542,10 +542,10 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
 
 # Fused GPU kernel: one program per [block_m, block_n] output tile loops over the K-steps, keeping the
 # limited-precision accumulator and the FP32 total in registers; nothing [steps, M, N]-sized is stored.
-# Best of a 28-config sweep on the H100 over three dense-125m GEMM shapes (benchmarks/bench_fp8.py
+# Best of two sweeps (28 + 14 configs) on the H100 over three dense-125m GEMM shapes (benchmarks/bench_fp8.py
 # --only sweep; docs/BENCHMARKS.md): one m64n128 MMA per K-step beats two m64n64, and unrolling each
 # promotion window into the body of the loop over windows lets the pipeliner prefetch across windows.
-PALLAS_BLOCK = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "unroll": 1, "window_unroll": 8}
+PALLAS_BLOCK = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "unroll": 1, "window_unroll": 8}
 
 
 def _pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, rounding, scale_per_step,
