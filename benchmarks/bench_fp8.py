@@ -225,18 +225,16 @@ def sweep_pallas(shapes, args, top: int = 4):
                      error=str(err)[:300])
         return ratios
 
-    first = run(shapes[0], SWEEP_CONFIGS)
-    fp8.PALLAS_BLOCK.update(default)
-    if not first:
-        return default
-    best = sorted(first, key=first.get)[:top]
-    totals = dict.fromkeys(best, 0.0)
-    for cfg in best:
-        totals[cfg] += first[cfg]
-    for shape in shapes[1:]:
-        for cfg, r in run(shape, best).items():
-            totals[cfg] += r
-    fp8.PALLAS_BLOCK.update(default)
+    try:
+        first = run(shapes[0], SWEEP_CONFIGS)
+        if not first:
+            return default
+        totals = {cfg: first[cfg] for cfg in sorted(first, key=first.get)[:top]}
+        for shape in shapes[1:]:
+            for cfg, r in run(shape, list(totals)).items():
+                totals[cfg] += r
+    finally:
+        fp8.PALLAS_BLOCK.update(default)
     winner = min(totals, key=totals.get)
     emit(bench="pallas_sweep_best", config=dict(zip(SWEEP_KEYS, winner)),
          mean_ratio=round(totals[winner] / len(shapes), 3))
