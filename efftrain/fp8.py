@@ -91,6 +91,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from efftrain import fp8_mosaic
+
 if TYPE_CHECKING:  # the config module needs pydantic; this module must not (GPU image has none)
     from efftrain.config import FP8Config
 
@@ -339,22 +341,45 @@ def fake_quantize_many(x: jax.Array, chains: tuple[Chain, ...], pow2_scales: boo
     (fmt, (128, 1)))). impl 'auto' uses a Pallas kernel on GPU (reads x once, writes each result once)
     when both dims are multiples of 128 and every block is 1×128, 128×1 or 128×128; else XLA.
     """
+    if _pallas_quantizer_fits(x, chains, impl):
+        return _pallas_quantize(x, chains, pow2_scales, dtype, with_scales=False)
+    return tuple(dequantize(q, scale, chain[-1][1]).astype(dtype)
+                 for chain, (q, scale) in zip(chains, _xla_quantize_many(x, chains, pow2_scales)))
+
+
+def quantize_many(x: jax.Array, chains: tuple[Chain, ...], pow2_scales: bool = False,
+                  dtype: Any = jnp.bfloat16, impl: str = "auto") -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """`fake_quantize_many`, except that each chain's last stage gives (q, scale) as `quantize` does:
+    the FP8 values q in `dtype` (bf16 holds every value of a format with <= 7 mantissa bits) and the
+    float32 scale of each block, instead of q · scale. What the accumulator kernels read."""
+    if _pallas_quantizer_fits(x, chains, impl):
+        out = _pallas_quantize(x, chains, pow2_scales, dtype, with_scales=True)
+        return tuple(zip(out[::2], out[1::2]))
+    return tuple((q.astype(dtype), scale) for q, scale in _xla_quantize_many(x, chains, pow2_scales))
+
+
+def _pallas_quantizer_fits(x, chains, impl) -> bool:
+    if impl not in ("auto", "xla", "pallas"):
+        raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
     rows, cols = x.shape
     fits = rows % _KERNEL_TILE == 0 and cols % _KERNEL_TILE == 0 and all(
         tuple(block) in _KERNEL_BLOCKS for chain in chains for _, block in chain)
-    if impl == "pallas" or (impl == "auto" and PALLAS_QUANTIZE and fits and jax.default_backend() == "gpu"):
-        return _pallas_fake_quantize(x, chains, pow2_scales, dtype)
+    return impl == "pallas" or (impl == "auto" and PALLAS_QUANTIZE and fits and jax.default_backend() == "gpu")
+
+
+def _xla_quantize_many(x, chains, pow2_scales):
     results = []
     for chain in chains:
         y = x
-        for fmt, block in chain:
+        for fmt, block in chain[:-1]:
             y = fake_quantize(y, fmt, block, pow2_scales)
-        results.append(y.astype(dtype))
-    return tuple(results)
+        results.append(quantize(y, chain[-1][0], chain[-1][1], pow2_scales))
+    return results
 
 
-def _fake_quantize_tile(v, fmt, block, pow2_scales):
-    """fake_quantize of one [128, 128] tile held in registers (same arithmetic as quantize/dequantize)."""
+def _quantize_tile(v, fmt, block, pow2_scales):
+    """quantize of one [128, 128] tile held in registers (same arithmetic as `quantize`): (q, scale),
+    the scale shaped [128, 1] (1×128 blocks), [1, 128] (128×1) or [1, 1] (128×128)."""
     magnitude = jnp.abs(v)
     if block == (1, _KERNEL_TILE):
         amax = jnp.max(magnitude, axis=1)[:, None]
@@ -366,35 +391,58 @@ def _fake_quantize_tile(v, fmt, block, pow2_scales):
     scale = _scale_from_amax(amax, f.max, pow2_scales)
     # Triton's e4m3 convert was checked bit for bit on an H100; e5m2 (not checked there) keeps the bit maths
     cast = _native_cast if KERNEL_NATIVE_CASTS and f.name == "e4m3fn" else cast_to_format
-    return cast(v * (1.0 / scale), f) * scale
+    return cast(v * (1.0 / scale), f), scale
 
 
-def _pallas_fake_quantize(x, chains, pow2_scales, dtype):
+def _pallas_quantize(x, chains, pow2_scales, dtype, with_scales):
+    """One Triton program per [128, 128] tile of x: every chain's stages in registers, then per chain
+    q · scale (with_scales=False) or q and the scales (with_scales=True)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
     rows, cols = x.shape
-    tile = (_KERNEL_TILE, _KERNEL_TILE)
+    t = _KERNEL_TILE
+    tile = pl.BlockSpec((t, t), lambda i, j: (i, j))
+    scale_specs = {(1, t): ((rows, cols // t), (t, 1)), (t, 1): ((rows // t, cols), (1, t)),
+                   (t, t): ((rows // t, cols // t), (1, 1))}
+    out_shape, out_specs = [], []
+    for chain in chains:
+        out_shape.append(jax.ShapeDtypeStruct((rows, cols), dtype))
+        out_specs.append(tile)
+        if with_scales:
+            shape, block = scale_specs[tuple(chain[-1][1])]
+            out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
+            out_specs.append(pl.BlockSpec(block, lambda i, j: (i, j)))
 
     def kernel(x_ref, *out_refs):
         v = x_ref[...].astype(jnp.float32)
-        for chain, out_ref in zip(chains, out_refs):
+        refs = iter(out_refs)
+        for chain in chains:
             y = v
-            for fmt, block in chain:
+            for fmt, block in chain[:-1]:
                 y = _fake_quantize_tile(y, fmt, tuple(block), pow2_scales)
-            out_ref[...] = y.astype(out_ref.dtype)
+            q, scale = _quantize_tile(y, chain[-1][0], tuple(chain[-1][1]), pow2_scales)
+            if with_scales:
+                next(refs)[...] = q.astype(dtype)
+                next(refs)[...] = scale
+            else:
+                next(refs)[...] = (q * scale).astype(dtype)
 
     interpret = jax.default_backend() != "gpu"
-    spec = pl.BlockSpec(tile, lambda i, j: (i, j))
     return tuple(pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((rows, cols), dtype)] * len(chains),
-        grid=(rows // tile[0], cols // tile[1]),
-        in_specs=[spec],
-        out_specs=[spec] * len(chains),
+        out_shape=out_shape,
+        grid=(rows // t, cols // t),
+        in_specs=[tile],
+        out_specs=out_specs,
         compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=8, num_stages=1),
         interpret=interpret,
     )(x))
+
+
+def _fake_quantize_tile(v, fmt, block, pow2_scales):
+    q, scale = _quantize_tile(v, fmt, block, pow2_scales)
+    return q * scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,6 +490,18 @@ def fp8_matmul(a: jax.Array, b: jax.Array, *, fmt: str = "e4m3", b_fmt: str | No
     return out.reshape(*lead, m, n)
 
 
+MOSAIC_ACCUMULATION = True  # on Hopper, the ping-pong Mosaic GPU kernel (efftrain.fp8_mosaic)
+
+
+def _auto_accumulation_impl(bf16_operands: bool, mosaic_fits: bool) -> str:
+    """On a Hopper GPU the ping-pong Mosaic kernel where it applies, on other GPUs the Triton kernel
+    (both need the operands exact in bf16), else the XLA scan."""
+    if jax.default_backend() != "gpu" or not bf16_operands:
+        return "xla"
+    hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+    return "mosaic" if MOSAIC_ACCUMULATION and mosaic_fits and hopper else "pallas"
+
+
 def _steps_per_chunk(n_steps: int, cap: int = 8) -> int:
     return max(d for d in range(1, min(cap, n_steps) + 1) if n_steps % d == 0)
 
@@ -451,8 +511,8 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
     """[M, K] @ [K, N] with per-K-step partial sums fed through the limited-precision accumulator."""
     if rounding not in ("truncate", "nearest"):
         raise ValueError(f"rounding must be 'truncate' or 'nearest', got {rounding!r}")
-    if impl not in ("auto", "xla", "pallas"):
-        raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
+    if impl not in ("auto", "xla", "pallas", "mosaic"):
+        raise ValueError(f"impl must be 'auto', 'xla', 'pallas' or 'mosaic', got {impl!r}")
     if not 0 <= accum_bits <= 23:
         raise ValueError(f"accum_bits must be in [0, 23] or None, got {accum_bits}")
     if k_step < 1 or (promote_every is not None and (promote_every < 1 or promote_every % k_step)):
@@ -485,59 +545,105 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
     scale_at_promotion = granule % window == 0
     steps_per_window = window // k_step
     op_dtype = _operand_dtype(fa, fb)
+    qa, qb = qa.astype(op_dtype), qb.astype(op_dtype)
+    if promote_every is not None and scale_at_promotion:  # the V3 recipe: scales applied at promotion
+        return _accumulate_windows(qa, qb, sa_step[:, ::steps_per_window].T, sb_step[::steps_per_window, :],
+                                   k_step=k_step, steps_per_window=steps_per_window, accum_bits=accum_bits,
+                                   rounding=rounding, impl=impl, out_dtype=out_dtype)
+    if impl == "mosaic":
+        raise ValueError("impl='mosaic' needs promotion windows with one scale per window (scaling "
+                         "blocks along K a multiple of promote_every, as in the V3 recipe)")
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" and op_dtype == jnp.bfloat16 else "xla"
     if impl == "pallas":
-        if op_dtype != jnp.bfloat16:
-            raise ValueError("impl='pallas' needs formats with <= 7 mantissa bits (exact in bf16)")
+        _check_bf16_operands(qa, qb, impl)
         stride = steps_per_window if scale_at_promotion else 1
-        return _pallas_accumulation(qa.astype(op_dtype), qb.astype(op_dtype), sa_step[:, ::stride].T,
-                                    sb_step[::stride, :], steps_per_window, k_step, accum_bits, rounding,
-                                    scale_per_step=not scale_at_promotion, out_dtype=out_dtype)
+        return _pallas_accumulation(qa, qb, sa_step[:, ::stride].T, sb_step[::stride, :], steps_per_window,
+                                    k_step, accum_bits, rounding, scale_per_step=not scale_at_promotion,
+                                    out_dtype=out_dtype)
+    # XLA, the two remaining cases: scales finer than the promotion window (each K-step's partial sum
+    # is scaled before it enters the accumulator), or no promotion (one accumulator over all of K)
     chunk = steps_per_window if promote_every is not None else _steps_per_chunk(n_steps)
     n_chunks = n_steps // chunk
-    prec = _precision(op_dtype)
-    a_c = qa.astype(op_dtype).reshape(m, n_chunks, chunk, k_step).transpose(1, 0, 2, 3)  # [nc, M, C, ks]
-    b_c = qb.astype(op_dtype).reshape(n_chunks, chunk, k_step, n)  # [nc, C, ks, N]
-    if scale_at_promotion:  # one scale per window (the window's first step's)
-        s_a = sa_step[:, ::steps_per_window].T  # [n_windows, M]
-        s_b = sb_step[::steps_per_window, :]  # [n_windows, N]
-        step_scales = (jnp.zeros((n_chunks, 0)),) * 2
-    else:
-        step_scales = (sa_step.T.reshape(n_chunks, chunk, m), sb_step.reshape(n_chunks, chunk, n))
+    a_c = qa.reshape(m, n_chunks, chunk, k_step).transpose(1, 0, 2, 3)  # [nc, M, C, ks]
+    b_c = qb.reshape(n_chunks, chunk, k_step, n)  # [nc, C, ks, N]
+    step_scales = (sa_step.T.reshape(n_chunks, chunk, m), sb_step.reshape(n_chunks, chunk, n))
 
-    def partial_sums(a_chunk, b_chunk, sa_chunk, sb_chunk):
-        p = jnp.einsum("mck,ckn->cmn", a_chunk, b_chunk, precision=prec,
-                       preferred_element_type=jnp.float32)  # [C, M, N], exact per K-step
-        if not scale_at_promotion:
-            p = p * sa_chunk[:, :, None] * sb_chunk[:, None, :]
-        return p
-
-    def accumulate(acc, p):
-        for step in range(p.shape[0]):  # unrolled: C <= 8 steps
-            acc = round_mantissa(acc + p[step], accum_bits, rounding)
-        return acc
+    def scaled_partial_sums(a_chunk, b_chunk, sa_chunk, sb_chunk):
+        p = _partial_sums(a_chunk, b_chunk)
+        return p if scale_at_promotion else p * sa_chunk[:, :, None] * sb_chunk[:, None, :]
 
     zeros = jnp.zeros((m, n), jnp.float32)
     if promote_every is not None:
-        xs = (a_c, b_c, *step_scales) + ((s_a, s_b) if scale_at_promotion else ())
-
         def window_body(total, xs_w):
-            acc = accumulate(zeros, partial_sums(*xs_w[:4]))
-            if scale_at_promotion:
-                acc = acc * xs_w[4][:, None] * xs_w[5][None, :]
-            return total + acc, None  # promotion: FP32 add on the CUDA cores
+            return total + _round_steps(zeros, scaled_partial_sums(*xs_w), accum_bits, rounding), None
 
-        total, _ = lax.scan(window_body, zeros, xs)
+        total, _ = lax.scan(window_body, zeros, (a_c, b_c, *step_scales))
         return total.astype(out_dtype)
 
-    def chunk_body(acc, xs_c):  # never promoted: one accumulator over all of K
-        return accumulate(acc, partial_sums(*xs_c)), None
+    def chunk_body(acc, xs_c):
+        return _round_steps(acc, scaled_partial_sums(*xs_c), accum_bits, rounding), None
 
     acc, _ = lax.scan(chunk_body, zeros, (a_c, b_c, *step_scales))
     if scale_at_promotion:  # whole-K scales (per tensor / per row / per column)
-        acc = acc * s_a[0][:, None] * s_b[0][None, :]
+        acc = acc * sa_step[:, 0][:, None] * sb_step[0][None, :]
     return acc.astype(out_dtype)
+
+
+def _partial_sums(a_chunk, b_chunk):
+    """[M, C, ks] x [C, ks, N] → [C, M, N]: each of C K-steps' products summed exactly (float32)."""
+    return jnp.einsum("mck,ckn->cmn", a_chunk, b_chunk, precision=_precision(a_chunk.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _round_steps(acc, p, accum_bits, rounding):
+    """The limited-precision accumulator over the K-steps p [C, M, N] (unrolled: C <= 8)."""
+    for step in range(p.shape[0]):
+        acc = round_mantissa(acc + p[step], accum_bits, rounding)
+    return acc
+
+
+def _check_bf16_operands(qa, qb, impl):
+    if qa.dtype != jnp.bfloat16 or qb.dtype != jnp.bfloat16:
+        raise ValueError(f"impl={impl!r} needs formats with <= 7 mantissa bits (exact in bf16)")
+
+
+def _accumulate_windows(qa, qb, sa, sb, *, k_step, steps_per_window, accum_bits, rounding, impl="auto",
+                        out_dtype=jnp.float32, a_transposed=False):
+    """qa [M, Kp] (a_transposed: qa [Kp, M]) @ qb [Kp, N], exact FP8 values, through the accumulator
+    model with the scales of each promotion window, sa [G, M] and sb [G, N] (G = Kp / window), applied
+    at promotion. Kp is a multiple of the window. impl 'auto': on a Hopper GPU the ping-pong Mosaic
+    kernel where it applies, on other GPUs the Triton kernel, else the XLA scan."""
+    bf16 = qa.dtype == jnp.bfloat16 and qb.dtype == jnp.bfloat16
+    mosaic_fits = fp8_mosaic.supported(k_step, steps_per_window, a_transposed)
+    if impl == "auto":
+        impl = _auto_accumulation_impl(bf16, mosaic_fits)
+    if impl in ("pallas", "mosaic"):
+        _check_bf16_operands(qa, qb, impl)
+    if impl == "mosaic":
+        if not mosaic_fits:
+            raise ValueError(f"impl='mosaic' needs k_step 16, 32 or 64, got {k_step}")
+        return fp8_mosaic.accumulate(qa, qb, sa, sb, k_step=k_step, steps_per_window=steps_per_window,
+                                     accum_bits=accum_bits, rounding=rounding, out_dtype=out_dtype,
+                                     a_transposed=a_transposed)
+    if a_transposed:
+        qa = qa.T
+    if impl == "pallas":
+        return _pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, rounding,
+                                    scale_per_step=False, out_dtype=out_dtype)
+    m, kp = qa.shape
+    n, n_windows = qb.shape[1], sa.shape[0]
+    a_w = qa.reshape(m, n_windows, steps_per_window, k_step).transpose(1, 0, 2, 3)  # [G, M, C, ks]
+    b_w = qb.reshape(n_windows, steps_per_window, k_step, n)  # [G, C, ks, N]
+    zeros = jnp.zeros((m, n), jnp.float32)
+
+    def window_body(total, xs):
+        a_c, b_c, s_a, s_b = xs
+        acc = _round_steps(zeros, _partial_sums(a_c, b_c), accum_bits, rounding)
+        return total + acc * s_a[:, None] * s_b[None, :], None  # promotion: FP32 on the CUDA cores
+
+    total, _ = lax.scan(window_body, zeros, (a_w, b_w, sa, sb))
+    return total.astype(out_dtype)
 
 
 # Fused GPU kernel: one program per [block_m, block_n] output tile loops over the K-steps, keeping the
@@ -644,6 +750,11 @@ class _LinearSpec:
     def of(cls, cfg: Any) -> _LinearSpec:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
+    def windows(self) -> dict:
+        """The accumulator model's arguments of `_accumulate_windows` (the fast path's windows = 128)."""
+        return dict(k_step=self.k_step, steps_per_window=_KERNEL_TILE // self.k_step,
+                    accum_bits=self.accum_bits, rounding=self.accum_rounding)
+
     def gemm(self, a, b, a_fmt, b_fmt, a_block, b_block, compute_dtype):
         return fp8_matmul(a, b, fmt=a_fmt, b_fmt=b_fmt, a_block=tuple(a_block), b_block=tuple(b_block),
                           accum_bits=self.accum_bits, promote_every=self.promote_every,
@@ -689,15 +800,60 @@ def _wgrad_x_chain(spec: _LinearSpec) -> Chain:
     return ((spec.fmt, ab),) * spec.forward + ((spec.fmt, ab[::-1]),)
 
 
+V3_FAST_PATH = True  # the accumulator model's V3 recipe through `_forward_v3` / `_backward_v3`
+
+
+def _v3_fast_path(spec: _LinearSpec, rows: int, k: int, ns) -> bool:
+    """The default recipe with the accumulator model (all three GEMMs simulated, 1×128 / 128×128
+    blocks, promotion every 128) on 128-aligned shapes: every operand is quantized once, straight
+    into the accumulator kernels' layouts, and Wgrad reads the FP8 x kept from the forward."""
+    t = _KERNEL_TILE
+    return (V3_FAST_PATH and spec.accum_bits is not None and spec.forward and spec.input_grad
+            and spec.weight_grad and tuple(spec.act_block) == (1, t) and tuple(spec.weight_block) == (t, t)
+            and spec.promote_every == t and t % spec.k_step == 0
+            and _operand_dtype(float_format(spec.fmt), float_format(spec.grad_fmt)) == jnp.bfloat16
+            and rows % t == 0 and k % t == 0 and all(n % t == 0 for n in ns))
+
+
+def _forward_v3(x2, ws, spec, keep_residuals, cd):
+    """Fprop y = x @ w: x quantized 1×128 (and, for Wgrad, that FP8 x re-tiled 128 tokens × 1 in the
+    same pass), w 128×128; the residuals are those (q, scale) pairs instead of x and w."""
+    chains = (((spec.fmt, tuple(spec.act_block)),),) + (_wgrad_x_chain(spec),) * keep_residuals
+    (qx, sx), *x_wgrad = quantize_many(x2, chains, spec.pow2_scales)
+    w_q = tuple(quantize_many(w, (((spec.fmt, tuple(spec.weight_block)),),), spec.pow2_scales)[0] for w in ws)
+    # scales per promotion window: sa [K/128, tokens], sb [K/128, N] (one weight block per 128 columns)
+    ys = tuple(_accumulate_windows(qx, qw, sx.T, jnp.repeat(sw, _KERNEL_TILE, axis=1), out_dtype=cd,
+                                   **spec.windows()) for qw, sw in w_q)
+    return ys, (tuple(x_wgrad[0]) if keep_residuals else x2, w_q)
+
+
+def _backward_v3(spec, x_wgrad, w_q, dys, x_shape, cd):
+    """Dgrad dx = dy @ wᵀ and Wgrad dw = xᵀ @ dy from one quantization pass over each dy (1×128 and
+    128 tokens × 1 tiles); the Wgrad kernel reads x in its stored [tokens, K] layout."""
+    qxt, sxt = x_wgrad
+    tokens = tuple(spec.act_block)[::-1]
+    dx, dws = 0, []
+    for dy, (qw, sw) in zip(dys, w_q):
+        dy2 = dy.reshape(-1, qw.shape[1])
+        chains = (((spec.grad_fmt, tuple(spec.act_block)),), ((spec.grad_fmt, tokens),))
+        (qd, sd), (qdt, sdt) = quantize_many(dy2, chains, spec.pow2_scales)
+        dx = dx + _accumulate_windows(qd, qw.T, sd.T, jnp.repeat(sw.T, _KERNEL_TILE, axis=1), out_dtype=cd,
+                                      **spec.windows()).reshape(x_shape)
+        dws.append(_accumulate_windows(qxt, qdt, sxt, sdt, a_transposed=True, out_dtype=cd, **spec.windows()))
+    return dx, dws
+
+
 def _forward(x, ws, spec, keep_residuals):
     """The forward GEMMs and (keep_residuals) what the backward needs: for Wgrad the token-tiled FP8 x
-    (scaling only) or x, for Dgrad the quantized weights (scaling only) or the weights."""
+    (scaling only, or the V3 fast path) or x, for Dgrad the quantized weights (likewise) or the weights."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     cd = jnp.promote_types(x.dtype, ws[0].dtype)
     ab, wb = tuple(spec.act_block), tuple(spec.weight_block)
     x_res, w_res = x2, ws
-    if spec.accum_bits is None:
+    if _v3_fast_path(spec, *x2.shape, [w.shape[1] for w in ws]):
+        ys, (x_res, w_res) = _forward_v3(x2, ws, spec, keep_residuals, cd)
+    elif spec.accum_bits is None:
         chains = (((spec.fmt, ab),),) * spec.forward + (_wgrad_x_chain(spec),) * (keep_residuals and spec.weight_grad)
         xq = list(fake_quantize_many(x2, chains, spec.pow2_scales, cd)) if chains else []
         x_fwd = xq.pop(0) if spec.forward else None
@@ -729,8 +885,12 @@ def _fp8_linear_fwd(x, ws, spec):
 
 def _fp8_linear_bwd(spec, residuals, dys):
     (x_res, w_res), (x_tag, w_tags) = residuals
-    x_shape = (*dys[0].shape[:-1], x_res.shape[1])
     cd = jnp.promote_types(x_tag.dtype, w_tags[0].dtype)
+    if isinstance(x_res, tuple):  # the forward took the V3 fast path: x_res = (q, scale) of x for Wgrad
+        x_shape = (*dys[0].shape[:-1], x_res[0].shape[1])
+        dx, dws = _backward_v3(spec, x_res, w_res, dys, x_shape, cd)
+        return dx.astype(x_tag.dtype), tuple(dw.astype(w_tag.dtype) for dw, w_tag in zip(dws, w_tags))
+    x_shape = (*dys[0].shape[:-1], x_res.shape[1])
     ab, wb = tuple(spec.act_block), tuple(spec.weight_block)
     tokens = ab[::-1]  # Wgrad tiles: 128 tokens × 1 channel
     dx, dws = 0, []

@@ -408,6 +408,55 @@ def test_pallas_fake_quantize_matches_xla(pow2_scales):
         assert _same_bits(got, want)
 
 
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_quantize_many_gives_quantize_values_and_scales(impl):
+    # the accumulator kernels' quantizer: the last stage of each chain as (q, scale) of `quantize`,
+    # bit for bit (the GPU kernel run by Pallas' interpreter here), q exact in bf16
+    from efftrain.fp8 import quantize, quantize_many
+
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((256, 384)) * np.exp2(rng.integers(-6, 6, (1, 384)))).astype(np.float32)
+    chains = ((("e4m3", (1, 128)),), (("e5m2", (128, 1)),), (("e4m3", (1, 128)), ("e4m3", (128, 1))),
+              (("e4m3", (128, 128)),))
+    got = jax.jit(functools.partial(quantize_many, chains=chains, impl=impl))(x)
+    for chain, (q, scale) in zip(chains, got):
+        y = x if len(chain) == 1 else _fake_quantize(x, *chain[0])
+        q_want, scale_want = quantize(y, *chain[-1])
+        assert q.dtype == jnp.bfloat16 and _same_bits(np.asarray(q, np.float32), q_want)
+        assert _same_bits(scale, scale_want)
+
+
+@pytest.mark.parametrize("pow2_scales", [False, True])
+def test_linear_v3_fast_path_equals_generic_path(pow2_scales, monkeypatch):
+    # 128-aligned shapes with the default recipe take the fast path (one quantization pass per operand
+    # in the kernels' layouts, x's Wgrad tiling kept from the forward, Wgrad on x's stored layout): the
+    # same numbers, bit for bit, as the generic path (fp8_matmul per GEMM, x re-quantized in backward)
+    from efftrain import fp8
+
+    cfg = _cfg(pow2_scales=pow2_scales)
+    rng = np.random.default_rng(15)
+    x = jnp.asarray(rng.standard_normal((2, 128, 256)), jnp.bfloat16)
+    ws = tuple(jnp.asarray(rng.standard_normal((256, n)) / 16, jnp.bfloat16) for n in (128, 384))
+    rs = tuple(jnp.asarray(rng.standard_normal((2, 128, n)), jnp.float32) for n in (128, 384))
+
+    def values_and_grads(x, ws):
+        def loss(x, ws):
+            ys = fp8.fp8_linear_shared(x, ws, cfg)
+            return sum(jnp.sum(y.astype(jnp.float32) * r) for y, r in zip(ys, rs)), ys
+        return jax.value_and_grad(loss, (0, 1), has_aux=True)(x, ws)
+
+    calls = []
+    backward = fp8._backward_v3
+    monkeypatch.setattr(fp8, "_backward_v3", lambda *a: calls.append(1) or backward(*a))
+    fast = jax.tree.leaves(jax.jit(values_and_grads)(x, ws))
+    assert calls, "the fast path was not taken"
+    monkeypatch.setattr(fp8, "V3_FAST_PATH", False)
+    generic = jax.tree.leaves(jax.jit(values_and_grads)(x, ws))
+    assert len(fast) == len(generic) == 6
+    for got, want in zip(fast, generic):
+        assert got.dtype == want.dtype and _same_bits(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_native_float8_converts_match_cast_to_format(fmt):
     # the GPU quantizer kernel uses hardware float8 converts (here: XLA's CPU ones, via the interpreter)
