@@ -2,6 +2,8 @@
 
     python benchmarks/bench_fp8.py            # GPU-sized shapes (GPT-2-small-like linears, 8192 tokens)
     python benchmarks/bench_fp8.py --small    # tiny shapes, runs on a CPU in seconds
+    python benchmarks/bench_fp8.py --only check   # GPU: the fused accumulator kernels vs the XLA reference
+    python benchmarks/bench_fp8.py --only kernels # GPU: those kernels alone vs a bf16 matmul
 
 Prints one JSON line per measurement: (a) `fp8_matmul` vs a plain bf16 matmul (f32 accumulation);
 (b) a linear layer forward + backward (y, dx, dw through jax.vjp) with `fp8_linear` vs bf16. Ratios are
@@ -68,6 +70,8 @@ def bench_matmul(shapes, args):
         "fp8_scaling_f32": functools.partial(fp8_matmul, accum_bits=None),
         "fp8_accum14_promote128": functools.partial(fp8_matmul, accum_bits=14, promote_every=128),
         "fp8_accum14_promote128_xla": functools.partial(fp8_matmul, accum_bits=14, promote_every=128, impl="xla"),
+        "fp8_accum14_promote128_triton": functools.partial(fp8_matmul, accum_bits=14, promote_every=128,
+                                                           impl="pallas"),
         "fp8_accum14_no_promotion": functools.partial(fp8_matmul, accum_bits=14, promote_every=None),
     }
     for m, k, n in shapes:
@@ -110,19 +114,50 @@ def bench_linear(shapes, args):
                  tflops=round(6 * m * k * n / ms / 1e9, 2))
 
 
+def _gpu_accumulation_impls():
+    """The fused accumulator kernels this device runs: the Triton kernel, and on Hopper the Mosaic one."""
+    from efftrain import fp8
+
+    return ("pallas", "mosaic") if fp8._auto_accumulation_impl(True, True) == "mosaic" else ("pallas",)
+
+
 def check_pallas(shapes, args):
-    """On GPU: the fused kernel against the lax.scan reference (same maths, summation order may differ)."""
+    """On GPU: the fused kernels against the lax.scan reference (same maths; the summation order and
+    the FMA contraction of the promotion may differ). max_diff_over_abs_sum: the largest difference
+    relative to Σ|a||b| of that output; frac_differing: outputs that differ in any bit."""
     for m, k, n in shapes:
         rng = np.random.default_rng(2)
         a = jnp.asarray(rng.uniform(0, 1, (m, k)), jnp.float32)
         b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        magnitude = np.abs(np.asarray(a)) @ np.abs(np.asarray(b))  # error scale of each output
         for rounding in ("truncate", "nearest"):
             run = {impl: np.asarray(jax.jit(functools.partial(fp8_matmul, impl=impl, rounding=rounding))(a, b))
-                   for impl in ("xla", "pallas")}
-            magnitude = np.abs(np.asarray(a)) @ np.abs(np.asarray(b))  # error scale of each output
-            diff = np.abs(run["xla"] - run["pallas"]) / magnitude
-            emit(bench="pallas_vs_xla", shape=[m, k, n], rounding=rounding,
-                 max_diff_over_abs_sum=float(diff.max()), frac_differing=float(np.mean(diff > 0)))
+                   for impl in ("xla", *_gpu_accumulation_impls())}
+            for impl in _gpu_accumulation_impls():
+                diff = np.abs(run["xla"] - run[impl]) / magnitude
+                emit(bench="kernel_vs_xla", impl=impl, shape=[m, k, n], rounding=rounding,
+                     max_diff_over_abs_sum=float(diff.max()), frac_differing=float(np.mean(diff > 0)))
+
+
+def bench_kernels(shapes, args):
+    """The accumulator kernels alone (operands already quantized, V3 scales per window, bf16 output)
+    against a bf16 matmul of the same operands; a_transposed: A read as [K, M], the Wgrad layout."""
+    from efftrain import fp8
+
+    rng = np.random.default_rng(4)
+    model = dict(k_step=32, steps_per_window=4, accum_bits=14, rounding="truncate", out_dtype=jnp.bfloat16)
+    for m, k, n in shapes:
+        for a_transposed in (False, True):
+            qa = jnp.asarray(rng.standard_normal((k, m) if a_transposed else (m, k)), jnp.bfloat16)
+            qb = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+            sa, sb = jnp.ones((k // 128, m), jnp.float32), jnp.ones((k // 128, n), jnp.float32)
+            base = time_fn(jax.jit(lambda a, b, t=a_transposed: jnp.dot(a.T if t else a, b)), qa, qb,
+                           warmup=args.warmup, iters=args.iters)
+            for impl in _gpu_accumulation_impls():
+                fn = jax.jit(functools.partial(fp8._accumulate_windows, impl=impl, a_transposed=a_transposed, **model))
+                ms = time_fn(fn, qa, qb, sa, sb, warmup=args.warmup, iters=args.iters)
+                emit(bench="kernel", impl=impl, shape=[m, k, n], a_transposed=a_transposed,
+                     median_ms=round(ms, 4), bf16_ms=round(base, 4), ratio_vs_bf16=round(ms / base, 3))
 
 
 def bench_quantize(shapes, args):
@@ -247,7 +282,8 @@ def main(argv=None):
     parser.add_argument("--shapes", type=str, default=None, help="'M,K,N;M,K,N' overrides the shape list")
     parser.add_argument("--iters", type=int, default=None, help="timed runs (default 20, --small 5)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--only", choices=["matmul", "linear", "check", "sweep", "quantize", "dequant"], default=None)
+    parser.add_argument("--only", choices=["matmul", "linear", "check", "kernels", "sweep", "quantize", "dequant"],
+                        default=None)
     args = parser.parse_args(argv)
     args.iters = args.iters or (5 if args.small else 20)
     global INNER
@@ -259,6 +295,8 @@ def main(argv=None):
     emit(bench="env", jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind)
     if args.only == "check" or (args.only is None and jax.default_backend() == "gpu"):
         check_pallas(shapes[:2], args)
+    if args.only == "kernels" or (args.only is None and jax.default_backend() == "gpu"):
+        bench_kernels(shapes, args)
     if args.only == "sweep":
         sweep_pallas(shapes, args)
     if args.only in (None, "quantize"):

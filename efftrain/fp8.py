@@ -66,14 +66,21 @@ same x (q/k/v, gate/up: fp8_linear_shared) quantize it once, and the forward pas
 Wgrad tiling and keeps it, with the quantized weights, for the backward. On GPU the quantize pass is a Pallas kernel
 (`fake_quantize_many`) that reads a [128, 128] tile once and writes every tiling asked for (dy: 1×128
 and 128×1), using Triton's e4m3 convert (bit-identical to cast_to_format on an H100).
-The accumulation model has two implementations of the same maths (bit-identical through Pallas'
-interpreter on CPU; on an H100 ~1e-4 of outputs differ by one accumulator ulp, ≤ 5e-6 of Σ|a||b|,
-because the MMA and cuBLAS sum the 32 products of a K-step in different orders):
-  * 'pallas' (default on GPU): one Triton program per output tile walks K in k_step slices (bf16 MMA
-    with an fp32 result = the exact FP8 products; each promotion window unrolled in the loop over
-    windows), rounds the accumulator in registers and promotes every window; memory traffic is a plain
-    matmul's, the extra cost is the per-step rounding, which serializes the MMAs (3.9-4.6x a bf16 GEMM
-    on an H100).
+With the accumulator model, the linear layer's default recipe (1×128 / 128×128 blocks, promotion
+every 128, 128-aligned shapes) takes a fast path: each operand is quantized once, straight into the
+kernels' layouts (`quantize_many`: FP8 values in bf16 plus the block scales; x's Wgrad tiling made in
+the forward and kept), and Wgrad reads x in its stored [tokens, K] layout; bit-identical to fp8_matmul
+per GEMM. The accumulation model has three implementations of the same maths:
+  * 'mosaic' (default on Hopper GPUs, efftrain/fp8_mosaic.py): two accumulators per warpgroup in
+    ping-pong, so one accumulator's MMA overlaps the other's rounding (2.2-2.6x a bf16 GEMM on an
+    H100). The MMA adds the products straight into the accumulator and the promotion is one FMA, so
+    outputs differ from 'xla' in the last bits (≤ 1e-6 of Σ|a||b| measured).
+  * 'pallas' (default on other GPUs): one Triton program per output tile walks K in k_step slices (bf16
+    MMA with an fp32 result = the exact FP8 products; each promotion window unrolled in the loop over
+    windows), rounds the accumulator in registers and promotes every window; the per-step rounding
+    serializes the MMAs (2.9-3.3x a bf16 GEMM on an H100). Bit-identical to 'xla' through Pallas'
+    interpreter on CPU; on an H100 ~1e-4 of outputs differ by one accumulator ulp (≤ 5e-6 of
+    Σ|a||b|), because the MMA and cuBLAS sum the 32 products of a K-step in different orders.
   * 'xla' (CPU; reference): lax.scan over promotion windows; each window's per-step partial products
     ([k_steps_per_window, M, N] float32, one batched einsum) go through the unrolled recurrence, so
     memory is bounded by one window, not by K. Memory-bound: several times a bf16 matmul on a GPU.
@@ -468,8 +475,10 @@ def fp8_matmul(a: jax.Array, b: jax.Array, *, fmt: str = "e4m3", b_fmt: str | No
     [K, N]. accum_bits=None: exact FP32 accumulation (fast path: one matmul of the dequantized operands
     in `compute_dtype`, default float32 at HIGHEST precision; bf16 is exact for them when pow2_scales).
     Otherwise the Hopper accumulator model of the module docstring, computed by `impl`: 'xla' (lax.scan
-    over promotion windows, any backend), 'pallas' (fused Triton kernel; interpreted off GPU), or 'auto'
-    (pallas on GPU for formats exact in bf16, else xla). Not meant to be
+    over promotion windows, any backend), 'pallas' (fused Triton kernel; interpreted off GPU), 'mosaic'
+    (Hopper ping-pong kernel: V3-style scales, one per promotion window, k_step 16/32/64; GPU only) or
+    'auto' (on GPU, for formats exact in bf16: mosaic on Hopper where it applies, else pallas; off GPU
+    xla). Not meant to be
     differentiated (use fp8_linear). out_dtype: the float32 result rounded once on output (the linear
     layers ask for bf16, which saves writing and re-reading a float32 [M, N]).
     """
@@ -615,7 +624,7 @@ def _accumulate_windows(qa, qb, sa, sb, *, k_step, steps_per_window, accum_bits,
     at promotion. Kp is a multiple of the window. impl 'auto': on a Hopper GPU the ping-pong Mosaic
     kernel where it applies, on other GPUs the Triton kernel, else the XLA scan."""
     bf16 = qa.dtype == jnp.bfloat16 and qb.dtype == jnp.bfloat16
-    mosaic_fits = fp8_mosaic.supported(k_step, steps_per_window, a_transposed)
+    mosaic_fits = fp8_mosaic.supported(k_step, steps_per_window)
     if impl == "auto":
         impl = _auto_accumulation_impl(bf16, mosaic_fits)
     if impl in ("pallas", "mosaic"):

@@ -457,6 +457,26 @@ def test_linear_v3_fast_path_equals_generic_path(pow2_scales, monkeypatch):
         assert got.dtype == want.dtype and _same_bits(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def test_mosaic_kernel_lowers_for_cuda_one_kernel_per_shape():
+    # the Hopper ping-pong kernel runs only on a GPU (Pallas cannot interpret its TMA pipeline; on the
+    # H100 `benchmarks/bench_fp8.py --only check` compares it with the XLA reference). Here: it lowers
+    # for CUDA in both A layouts, and call sites of one kernel shape share one lowered kernel (a
+    # dense-125m step has 252 call sites and 9 kernels; compiling each site cost ~1 s on the H100)
+    from efftrain import fp8_mosaic
+
+    kw = dict(k_step=32, steps_per_window=4, accum_bits=14, rounding="truncate", out_dtype=jnp.bfloat16)
+
+    def layers(qa, qa_t, qb, sa, sb):
+        return [fp8_mosaic.accumulate(qa, qb, sa, sb, **kw), fp8_mosaic.accumulate(qa * 2, qb, sa, sb, **kw),
+                fp8_mosaic.accumulate(qa_t, qb, sa, sb, a_transposed=True, **kw)]
+
+    m, k, n = 128, 256, 192
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, m), (k, n))]
+    args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((k // 128, m), (k // 128, n))]
+    text = jax.jit(layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@mosaic_gpu_v2(") == 2
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_native_float8_converts_match_cast_to_format(fmt):
     # the GPU quantizer kernel uses hardware float8 converts (here: XLA's CPU ones, via the interpreter)
