@@ -137,6 +137,15 @@ def check_pallas(shapes, args):
                 diff = np.abs(run["xla"] - run[impl]) / magnitude
                 emit(bench="kernel_vs_xla", impl=impl, shape=[m, k, n], rounding=rounding,
                      max_diff_over_abs_sum=float(diff.max()), frac_differing=float(np.mean(diff > 0)))
+        # batched (MoE experts call the linear layer under vmap): kernel per expert vs the XLA reference
+        a2, b2 = jnp.stack([a, a[::-1]]), jnp.stack([b, -b])
+        run = {impl: np.asarray(jax.jit(jax.vmap(functools.partial(fp8_matmul, impl=impl)))(a2, b2))
+               for impl in ("xla", *_gpu_accumulation_impls())}
+        magnitude = np.abs(np.asarray(a2)) @ np.abs(np.asarray(b2))
+        for impl in _gpu_accumulation_impls():
+            diff = np.abs(run["xla"] - run[impl]) / magnitude
+            emit(bench="kernel_vs_xla_vmap", impl=impl, shape=[2, m, k, n], max_diff_over_abs_sum=float(diff.max()),
+                 frac_differing=float(np.mean(diff > 0)))
 
 
 def bench_kernels(shapes, args):
