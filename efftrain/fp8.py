@@ -72,13 +72,14 @@ kernels' layouts (`quantize_many`: FP8 values in bf16 plus the block scales; x's
 the forward and kept), and Wgrad reads x in its stored [tokens, K] layout; bit-identical to fp8_matmul
 per GEMM. The accumulation model has three implementations of the same maths:
   * 'mosaic' (default on Hopper GPUs, efftrain/fp8_mosaic.py): two accumulators per warpgroup in
-    ping-pong, so one accumulator's MMA overlaps the other's rounding (2.2-2.6x a bf16 GEMM on an
+    ping-pong, so one accumulator's MMA overlaps the other's rounding (2.3-2.7x a bf16 GEMM on an
     H100). The MMA adds the products straight into the accumulator and the promotion is one FMA, so
-    outputs differ from 'xla' in the last bits (≤ 1e-6 of Σ|a||b| measured).
+    about half of the outputs differ from 'xla' in the last bits (≤ 4.4e-6 of Σ|a||b| on an H100,
+    the Triton kernel's bound too).
   * 'pallas' (default on other GPUs): one Triton program per output tile walks K in k_step slices (bf16
     MMA with an fp32 result = the exact FP8 products; each promotion window unrolled in the loop over
     windows), rounds the accumulator in registers and promotes every window; the per-step rounding
-    serializes the MMAs (2.9-3.3x a bf16 GEMM on an H100). Bit-identical to 'xla' through Pallas'
+    serializes the MMAs (2.8-3.3x a bf16 GEMM on an H100). Bit-identical to 'xla' through Pallas'
     interpreter on CPU; on an H100 ~1e-4 of outputs differ by one accumulator ulp (≤ 5e-6 of
     Σ|a||b|), because the MMA and cuBLAS sum the 32 products of a K-step in different orders.
   * 'xla' (CPU; reference): lax.scan over promotion windows; each window's per-step partial products
