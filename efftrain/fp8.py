@@ -73,9 +73,9 @@ the forward and kept), and Wgrad reads x in its stored [tokens, K] layout; bit-i
 per GEMM. The accumulation model has three implementations of the same maths:
   * 'mosaic' (default on Hopper GPUs, efftrain/fp8_mosaic.py): two accumulators per warpgroup in
     ping-pong, so one accumulator's MMA overlaps the other's rounding (2.3-2.7x a bf16 GEMM on an
-    H100). The MMA adds the products straight into the accumulator and the promotion is one FMA, so
-    about half of the outputs differ from 'xla' in the last bits (≤ 4.4e-6 of Σ|a||b| on an H100,
-    the Triton kernel's bound too).
+    H100). The MMA adds the products straight into the accumulator (and the compiler may fuse the
+    promotion's multiply-add into an FMA), so about half of the outputs differ from 'xla' in the last
+    bits (≤ 4.4e-6 of Σ|a||b| on an H100, the Triton kernel's bound too).
   * 'pallas' (default on other GPUs): one Triton program per output tile walks K in k_step slices (bf16
     MMA with an fp32 result = the exact FP8 products; each promotion window unrolled in the loop over
     windows), rounds the accumulator in registers and promotes every window; the per-step rounding
