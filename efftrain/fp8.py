@@ -633,6 +633,9 @@ def _accumulate_windows(qa, qb, sa, sb, *, k_step, steps_per_window, accum_bits,
     if impl == "mosaic":
         if not mosaic_fits:
             raise ValueError(f"impl='mosaic' needs k_step 16, 32 or 64, got {k_step}")
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"impl='mosaic' runs only on a Hopper GPU (backend here: {jax.default_backend()}); "
+                             "use impl='auto'")
         return fp8_mosaic.accumulate(qa, qb, sa, sb, k_step=k_step, steps_per_window=steps_per_window,
                                      accum_bits=accum_bits, rounding=rounding, out_dtype=out_dtype,
                                      a_transposed=a_transposed)

@@ -475,6 +475,9 @@ def test_mosaic_kernel_lowers_for_cuda_one_kernel_per_shape():
     args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((k // 128, m), (k // 128, n))]
     text = jax.jit(layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("@mosaic_gpu_v2(") == 2
+    if jax.default_backend() != "gpu":  # asked for explicitly off a GPU: a clear error, not a compile failure
+        with pytest.raises(ValueError, match="only on a Hopper GPU"):
+            _matmul(np.ones((128, 256), np.float32), np.ones((256, 128), np.float32), impl="mosaic")
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
