@@ -564,7 +564,7 @@ def _simulated_accumulation(a, b, fa, fb, a_block, b_block, accum_bits, promote_
         raise ValueError("impl='mosaic' needs promotion windows with one scale per window (scaling "
                          "blocks along K a multiple of promote_every, as in the V3 recipe)")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" and op_dtype == jnp.bfloat16 else "xla"
+        impl = _auto_accumulation_impl(op_dtype == jnp.bfloat16, mosaic_fits=False)
     if impl == "pallas":
         _check_bf16_operands(qa, qb, impl)
         stride = steps_per_window if scale_at_promotion else 1
