@@ -9,12 +9,12 @@ import sqlite3
 import numpy as np
 import pytest
 
+from efftrain.tables import load_rows
 from efftrain.analysis.fits import (
     FitResult,
     fit_law,
     fit_table,
     format_table,
-    load_rows,
     table_to_dict,
     tokens_to_reach,
     tokens_to_reach_ci,

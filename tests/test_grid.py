@@ -381,7 +381,7 @@ def test_average_cell_holds_the_mean_of_the_parent_checkpoints(schedule_grid):
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_export_round_trip(schedule_grid, tmp_path, fmt, capsys):
-    from efftrain.analysis.fits import load_rows
+    from efftrain.tables import load_rows
 
     spec_path, spec, _ = schedule_grid
     out = tmp_path / f"rows.{fmt}"

@@ -70,7 +70,6 @@ __all__ = [
     "fit_table",
     "tokens_to_reach",
     "tokens_to_reach_ci",
-    "load_rows",
     "format_table",
     "table_to_dict",
 ]
@@ -608,94 +607,6 @@ def fit_table(
 def table_to_dict(results: Mapping[Any, FitResult]) -> dict[str, Any]:
     """JSON-able {label: FitResult.to_dict()} for a :func:`fit_table` result."""
     return {(r.label if k != "all" else "all"): r.to_dict() for k, r in results.items()}
-
-
-# --------------------------------------------------------------------------- loading
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _coerce(v: Any) -> Any:
-    if isinstance(v, str):
-        s = v.strip()
-        if s == "":
-            return None
-        try:
-            f = float(s)
-        except ValueError:
-            return s
-        if re.fullmatch(r"[+-]?\d+", s):
-            return int(s)
-        return f
-    return v
-
-
-# Columns of efftrain's tables that hold names and keys: never numbers, even when a hex key such as
-# "867e70887370" happens to parse as one (as a float it is inf).
-TEXT_COLUMNS = frozenset({"run_id", "run_key", "key", "name", "parent", "method", "format", "variant", "axes",
-                          "schedule", "cell_kind", "kind", "extra", "host", "status", "error"})
-
-
-def _coerce_csv(rows: list[dict[str, str]], cols: list[str]) -> list[dict[str, Any]]:
-    """Numbers for the columns whose every non-empty value is one (ints stay ints), text otherwise and
-    for TEXT_COLUMNS; empty cells become None."""
-    numeric = {c for c in cols if c not in TEXT_COLUMNS
-               and not any(isinstance(_coerce(r.get(c)), str) for r in rows)}
-    return [{k: (_coerce(v) if k in numeric else (v if v not in ("", None) else None)) for k, v in r.items()}
-            for r in rows]
-
-
-def load_rows(
-    path: str | Path,
-    *,
-    table: str = "ptq",
-    query: str | None = None,
-    required: Sequence[str] = REQUIRED_COLUMNS,
-) -> list[dict[str, Any]]:
-    """Read rows from a CSV file, a SQLite database or a Parquet file.
-
-    CSV: header row with at least ``required`` columns; a column whose values all look numeric is
-    converted (ints stay ints) unless it is one of TEXT_COLUMNS (keys, names), empty cells become
-    None, extra columns are kept.
-    SQLite (.sqlite/.sqlite3/.db, or any file with the SQLite header): ``SELECT *``
-    from ``table`` (default "ptq"), or the given ``query``. Parquet: via pyarrow.
-    Raises ValueError listing any missing required columns.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(path)
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    suffix = path.suffix.lower()
-    if head.startswith(b"SQLite format 3") or suffix in (".sqlite", ".sqlite3", ".db"):
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            if query is None:
-                if not _IDENT.match(table):
-                    raise ValueError(f"invalid table name {table!r}")
-                names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table','view')")]
-                if table not in names:
-                    raise ValueError(f"{path}: no table {table!r} (tables: {names})")
-                query = f'SELECT * FROM "{table}"'
-            cur = con.execute(query)
-            cols = [c[0] for c in cur.description]
-            rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-        finally:
-            con.close()
-    elif suffix == ".parquet" or head.startswith(b"PAR1"):
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(path)
-        cols = list(t.column_names)
-        rows = t.to_pylist()
-    else:
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols = list(reader.fieldnames or [])
-            rows = _coerce_csv(list(reader), cols)
-    missing = [c for c in required if c not in cols]
-    if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}; found columns {cols}")
-    return rows
 
 
 # --------------------------------------------------------------------------- formatting

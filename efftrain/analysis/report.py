@@ -145,7 +145,8 @@ class GridResults:
 
 def load_grid_results(source: str | Path) -> GridResults:
     from efftrain.grid.spec import GridError, load_spec
-    from efftrain.grid.store import DB_NAME, ResultsStore, with_n_params
+    from efftrain.grid.store import DB_NAME, ResultsStore
+    from efftrain.tables import with_n_params
 
     path = Path(source)
     name = None

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from efftrain.grid.spec import GridError
+from efftrain.tables import load_rows, with_n_params
 
 DB_NAME = "results.sqlite"
 STATUSES = ("pending", "running", "done", "failed")
@@ -277,16 +278,6 @@ def export_table(store: ResultsStore, out: str | Path, fmt: str, table: str = "p
 # ----------------------------------------------------------------------------------------------
 # Reading results for fits and reports
 # ----------------------------------------------------------------------------------------------
-def with_n_params(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with `n_params` (the N of the QiD laws) = params_nonembed where only that is present."""
-    out = []
-    for r in rows:
-        if r.get("n_params") is None and r.get("params_nonembed") is not None:
-            r = {**r, "n_params": r["params_nonembed"]}
-        out.append(r)
-    return out
-
-
 def resolve_results(source: str | Path) -> Path:
     """A grid spec (-> its runs_dir/results.sqlite), a runs dir, or a table file itself."""
     p = Path(source)
@@ -301,8 +292,6 @@ def resolve_results(source: str | Path) -> Path:
 
 def load_results(source: str | Path) -> list[dict[str, Any]]:
     """PTQ rows from a grid spec, results.sqlite, a CSV or a Parquet file, with n_params set."""
-    from efftrain.analysis.fits import load_rows
-
     path = resolve_results(source)
     if not path.exists():
         raise StoreError(f"no results at {path}" + (" (has the grid run yet?)" if path.name == DB_NAME else ""))
