@@ -192,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the config presets")
     p.set_defaults(func=cmd_presets)
 
+    from efftrain.analysis.commands import register as register_analysis
     from efftrain.grid.commands import register as register_grid
 
-    register_grid(sub)  # grid run|status|export, fit, report
+    register_grid(sub)  # grid run|status|export
+    register_analysis(sub)  # fit, report
     return parser
 
 

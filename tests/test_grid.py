@@ -13,7 +13,7 @@ import yaml
 
 from efftrain.config import ConfigError
 from efftrain.grid import runner as grid_runner
-from efftrain.grid.commands import main as cli
+from efftrain.cli import main as cli
 from efftrain.grid.spec import GridError, expand_spec, expected_checkpoints, expected_ptq_rows, load_spec
 from efftrain.grid.store import TIMING_COLUMNS, ResultsStore
 
@@ -182,6 +182,89 @@ def test_qid_scaling_series_reaches_500_tokens_per_param():
 # ----------------------------------------------------------------------------------------------
 # store
 # ----------------------------------------------------------------------------------------------
+def test_seeds_expand_every_cell_into_paired_replicates(tmp_path, cache_dir):
+    plain = write_spec(tmp_path, cache_dir, {"variants": {"dense": {}, "wide": {"model.mlp_hidden": 96}}})
+    _, without = expand_spec(plain)
+    path = write_spec(tmp_path, cache_dir, {"variants": {"dense": {}, "wide": {"model.mlp_hidden": 96}},
+                                            "seeds": [0, 1, 2]})
+    _, cells = expand_spec(path)
+    assert [(c.replicate, c.seed, c.data_seed) for c in cells] == [
+        ("dense", 0, 0), ("dense", 1, 1), ("dense", 2, 2), ("wide", 0, 0), ("wide", 1, 1), ("wide", 2, 2)]
+    assert [c.name for c in cells[:2]] == ["dense,seed=0", "dense,seed=1"]
+    assert len({c.key for c in cells}) == 6
+    # replicates differ only in the two seeds, and the same seeds train every variant
+    for a, b in [(cells[0], cells[1]), (cells[3], cells[5])]:
+        da, db = a.config.to_dict(), b.config.to_dict()
+        da["train"].pop("seed"), db["train"].pop("seed"), da["data"].pop("shuffle_seed"), db["data"].pop("shuffle_seed")
+        assert da == db
+    assert {c.config.train.seed for c in cells if c.replicate == "wide"} == {0, 1, 2}
+    # the seed-0 replicate is the cell a spec without seeds had (base seeds are 0): results carry over
+    assert cells[0].key == without[0].key and cells[3].key == without[1].key
+
+    path = write_spec(tmp_path, cache_dir, {"init_seeds": [0, 1], "data_seeds": [5]})
+    _, cells = expand_spec(path)
+    assert [(c.seed, c.data_seed, c.name) for c in cells] == [(0, 5, "g,init=0,data=5"), (1, 5, "g,init=1,data=5")]
+    assert {c.replicate for c in cells} == {"g"}
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"seeds": [0, 0]}, r"'seeds' lists a seed twice"),
+    ({"seeds": []}, r"'seeds' must be a non-empty list"),
+    ({"seeds": [0], "init_seeds": [1]}, r"use either it or 'init_seeds'"),
+    ({"data_seeds": ["a"]}, r"'data_seeds' must be a non-empty list of non-negative integers"),
+    ({"max_epochs": 0}, r"'max_epochs' must be a positive number"),
+])
+def test_bad_seed_specs_are_rejected(tmp_path, cache_dir, spec, match):
+    with pytest.raises(GridError, match=match):
+        load_spec(write_spec(tmp_path, cache_dir, spec))
+
+
+def test_preflight_warns_about_repeated_data_and_refuses_beyond_max_epochs(tmp_path, cache_dir, monkeypatch):
+    from efftrain.data import prepare_data
+
+    spec, cells = expand_spec(write_spec(tmp_path, cache_dir, {"ptq": {"methods": ["rtn"], "bits": [4]}}))
+    train_tokens = len(prepare_data(cells[0].config).train)
+    epochs = grid_runner.cell_epochs(cells[0], train_tokens)
+    assert epochs == pytest.approx(cells[0].config.train.max_steps * cells[0].config.tokens_per_step / train_tokens)
+    # a spec whose limit sits below this cell's epochs is refused before anything trains
+    limit = epochs / 2
+    path = write_spec(tmp_path, cache_dir, {"max_epochs": limit, "ptq": {"methods": ["rtn"], "bits": [4]}})
+    with pytest.raises(GridError, match=r"1 cell\(s\) would repeat their training data more than max_epochs="):
+        grid_runner.run_grid(path, **QUIET)
+    assert not (tmp_path / "runs").exists()
+    # above WARN_EPOCHS: a warning per cell, and the grid still runs
+    logs = []
+    spec.max_epochs = 100.0
+    monkeypatch.setattr(grid_runner, "cell_epochs", lambda cell, n: grid_runner.WARN_EPOCHS + 1)
+    grid_runner.check_epochs(spec, cells, log=logs.append)
+    assert len(logs) == 1 and "sees its training data 5.0 times" in logs[0]
+
+
+def test_old_store_gains_new_columns_and_keeps_its_rows(tmp_path, cache_dir):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript("""
+        CREATE TABLE runs (key TEXT PRIMARY KEY, name TEXT, status TEXT NOT NULL DEFAULT 'pending');
+        CREATE TABLE checkpoints (run_key TEXT NOT NULL, step INTEGER NOT NULL, tokens INTEGER, val_loss REAL,
+                                  target_tokens INTEGER, PRIMARY KEY (run_key, step));
+        CREATE TABLE ptq (run_key TEXT NOT NULL, step INTEGER NOT NULL, method TEXT NOT NULL, bits INTEGER NOT NULL,
+                          group_size INTEGER NOT NULL, format TEXT NOT NULL, qid REAL,
+                          UNIQUE (run_key, step, method, bits, group_size, format));
+        INSERT INTO runs (key, name, status) VALUES ('abc', 'dense', 'done');
+        INSERT INTO ptq VALUES ('abc', 10, 'rtn', 3, 128, 'int', 0.5);
+    """)
+    con.commit()
+    con.close()
+    with ResultsStore(db) as store:
+        (row,) = store.ptq_rows()
+        assert row["qid"] == 0.5 and row["qid_se"] is None and row["seed"] is None
+        assert store.runs()[0]["replicate"] is None
+        store.add_checkpoints("abc", [{"step": 10, "tokens_seen": 640}], train_tokens=320)
+        assert store.checkpoints()[0]["epochs"] == 2.0
+
+
 def test_store_is_idempotent(tmp_path, cache_dir):
     spec, cells = expand_spec(write_spec(tmp_path, cache_dir, {"ptq": {"methods": ["rtn"], "bits": [4]}}))
     cell = cells[0]

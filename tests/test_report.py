@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from efftrain.analysis.report import Selection, build_report, compare_variants, summary_sentences
-from efftrain.grid.commands import main as cli
+from efftrain.cli import main as cli
 from efftrain.grid.runner import run_grid
 from efftrain.grid.spec import GridError
 

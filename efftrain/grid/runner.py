@@ -36,8 +36,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
-from efftrain.grid.spec import (COOLDOWN, MAIN, Cell, GridError, GridSpec, expected_checkpoints, expected_ptq_keys,
-                                expected_ptq_rows, load_spec)
+from efftrain.grid.spec import (AVERAGE, COOLDOWN, MAIN, WARN_EPOCHS, Cell, GridError, GridSpec,
+                                expected_checkpoints, expected_ptq_keys, expected_ptq_rows, load_spec)
 from efftrain.grid.store import ResultsStore
 
 Log = Callable[[str], None]
@@ -170,10 +170,12 @@ def record_run(store: ResultsStore, cell: Cell) -> int:
     ck = CheckpointStore(cell.run_dir, read_only=True)
     series = ck.series()
     ck.close()
-    store.add_checkpoints(cell.key, series)
     info_path = cell.run_dir / "run.json"
-    if info_path.exists():
-        store.set_params(cell.key, json.loads(info_path.read_text()).get("params", {}))
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    train_tokens = info.get("train_tokens_available")
+    store.add_checkpoints(cell.key, series, train_tokens=train_tokens)
+    if info:
+        store.set_params(cell.key, info.get("params", {}), train_tokens=train_tokens)
     return len(series)
 
 
@@ -299,9 +301,44 @@ def _select(spec: GridSpec, only) -> tuple[dict[str, list[Cell]], set[str] | Non
     return chosen, keys
 
 
-def preflight(spec: GridSpec, cells: list[Cell]) -> None:
-    """Refuse a grid, before any training starts, whose data paths find no files or whose PTQ settings
-    cannot apply to some cell's weights (e.g. a group size that does not divide a layer's input dim)."""
+def cell_epochs(cell: Cell, train_tokens: int) -> float:
+    """Passes over its train split that the cell's run makes by its last step (a branch: by its end)."""
+    cfg = cell.config
+    steps = cell.branch_step if cell.kind == AVERAGE else \
+        (cfg.train.max_steps or -(-cfg.train.max_tokens // cfg.tokens_per_step))
+    return steps * cfg.tokens_per_step / max(train_tokens, 1)
+
+
+def check_epochs(spec: GridSpec, cells: list[Cell], log: Log = print) -> dict[str, float]:
+    """Epochs of every cell (key -> passes over the train split): a warning per cell above WARN_EPOCHS,
+    a GridError naming the cells above the spec's max_epochs. Builds (or reuses) each distinct token
+    cache, which training needs anyway."""
+    from efftrain.data import prepare_data
+
+    train_tokens: dict[str, int] = {}
+    epochs = {}
+    for cell in cells:
+        data_key = cell.config.data.model_dump_json() + f"|{cell.config.model.vocab_size}"
+        if data_key not in train_tokens:
+            train_tokens[data_key] = len(prepare_data(cell.config).train)
+        epochs[cell.key] = cell_epochs(cell, train_tokens[data_key])
+    over = {c.name: epochs[c.key] for c in cells if epochs[c.key] > spec.max_epochs}
+    if over:
+        worst = ", ".join(f"{n} ({e:.1f})" for n, e in sorted(over.items(), key=lambda x: -x[1])[:5])
+        raise GridError(f"grid spec {spec.path}: {len(over)} cell(s) would repeat their training data more than "
+                        f"max_epochs={spec.max_epochs:g} times: {worst}; the D axis would then measure data "
+                        f"repetition. Use a larger corpus, fewer tokens, or raise max_epochs in the spec")
+    for c in cells:
+        if epochs[c.key] > WARN_EPOCHS:
+            log(f"warning: cell {c.key} ({c.name}) sees its training data {epochs[c.key]:.1f} times "
+                f"(> {WARN_EPOCHS:g}): its late checkpoints measure repetition as well as tokens")
+    return epochs
+
+
+def preflight(spec: GridSpec, cells: list[Cell], log: Log = print) -> None:
+    """Refuse a grid, before any training starts, whose data paths find no files, whose PTQ settings
+    cannot apply to some cell's weights (e.g. a group size that does not divide a layer's input dim),
+    or whose cells would repeat their training data more than `max_epochs` times."""
     from flax import nnx
 
     from efftrain.data.corpus import DataError, check_paths
@@ -328,6 +365,7 @@ def preflight(spec: GridSpec, cells: list[Cell]) -> None:
         except PTQError as e:
             raise GridError(f"grid spec {spec.path}, cell {cell.key} ({cell.name}): {e}; "
                             f"change ptq.group_sizes") from None
+    check_epochs(spec, cells, log)
 
 
 def register_all(spec: GridSpec) -> None:
@@ -352,7 +390,7 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
     families, keys = _select(spec, only)
     if workers < 1:
         raise GridError(f"--workers must be >= 1, got {workers}")
-    preflight(spec, [c for cells in families.values() for c in cells])
+    preflight(spec, [c for cells in families.values() for c in cells], log)
     register_all(spec)
     n_cells = sum(len(c) for c in families.values())
     log(f"grid {spec.name}: {n_cells} cells in {len(families)} families, results in {spec.db_path}")
@@ -514,7 +552,8 @@ def grid_status(spec: GridSpec) -> list[dict[str, Any]]:
         rec = runs.get(cell.key, {})
         expected = expected_ptq_keys(spec, cell)
         rows.append({
-            "key": cell.key, "name": cell.name, "kind": cell.kind, "status": rec.get("status", "pending"),
+            "key": cell.key, "name": cell.name, "replicate": cell.replicate, "seed": cell.seed,
+            "data_seed": cell.data_seed, "kind": cell.kind, "status": rec.get("status", "pending"),
             "checkpoints": max(counts.get(cell.key, (0, 0))[0], len(series_steps_on_disk(cell.run_dir))),
             "checkpoints_expected": len(expected_checkpoints(cell)),
             "ptq_rows": len(expected & keys.get(cell.key, set())), "ptq_expected": len(expected),

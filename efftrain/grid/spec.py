@@ -16,8 +16,20 @@
     cooldown: [1.0e7, 4.0e7]          # WSD cooldown branches at these token counts, or `series` (below)
     cooldown_fraction: 0.2            # each branch decays linearly over this fraction of T more tokens
     average: {tokens: [...], count: 4, window: 0.1}   # checkpoint averaging (LAWA) at these tokens
+    seeds: [0, 1, 2]                  # replicate runs: train.seed = data.shuffle_seed = s, or decoupled:
+    init_seeds: [0, 1]                #   train.seed (weight init) ...
+    data_seeds: [0, 1]                #   ... x data.shuffle_seed (data order), as PolyPythias does
+    max_epochs: 10                    # refuse cells that repeat their train split more often (warn above 4)
 
-Overrides apply in this order: base, `set`, `checkpoint`, the variant, the axes, the zip groups.
+Overrides apply in this order: base, `set`, `checkpoint`, the variant, the axes, the zip groups,
+the replicate seeds.
+
+Replicates. With `seeds` (or `init_seeds` / `data_seeds`), every cell of the product expands into one
+run per seed that differs from its siblings only in `train.seed` and/or `data.shuffle_seed`. The same
+seeds are used for every variant, so two variants' runs with one seed form a *pair*: comparisons are
+paired by seed. The cell's `replicate` is its name without the seed (the label the report groups by);
+its `seed` / `data_seed` are the two seeds. Without these keys a cell has one run with the seeds of
+its config, and its key is what it was before seeds existed.
 Setting train.max_steps drops train.max_tokens inherited from the base, and vice versa.
 
 Every cell is keyed by the first 12 hex digits of `Config.hash()` of its resolved config (whose
@@ -66,7 +78,11 @@ class GridError(ConfigError):
 
 
 TOP_LEVEL_KEYS = ("name", "description", "base", "set", "variants", "axes", "zip", "checkpoint", "ptq",
-                  "runs_dir", "cooldown", "cooldown_fraction", "average")
+                  "runs_dir", "cooldown", "cooldown_fraction", "average", "seeds", "init_seeds", "data_seeds",
+                  "max_epochs")
+SEED_KEYS = ("seeds", "init_seeds", "data_seeds")
+WARN_EPOCHS = 4.0  # preflight warns when a cell repeats its training data more often than this
+DEFAULT_MAX_EPOCHS = 10.0  # ... and refuses above the spec's max_epochs (this by default)
 AVERAGE_KEYS = ("tokens", "count", "window")
 
 MAIN, COOLDOWN, AVERAGE = "main", "cooldown", "average"
@@ -91,6 +107,9 @@ class Cell:
     branch_step: int | None = None  # the parent's series step at T
     average_steps: tuple[int, ...] = ()  # the parent's steps whose parameters are averaged
     ptq_steps: tuple[int, ...] | None = None  # main cells: the series steps to quantize (None = all)
+    replicate: str = ""  # the name without the seed: replicates of one cell share it
+    seed: int = 0  # train.seed (weight init, dropout-free models: init only)
+    data_seed: int = 0  # data.shuffle_seed (the order of training windows)
 
     @property
     def family(self) -> str:
@@ -123,6 +142,8 @@ class GridSpec:
     cooldown_fraction: float = 0.2
     average: AverageSpec | None = None
     description: str = ""
+    replicates: tuple[tuple[int, int], ...] = ()  # (init seed, data seed) per replicate; () = the config's
+    max_epochs: float = DEFAULT_MAX_EPOCHS
     _cells: list[Cell] | None = field(default=None, repr=False)
 
     @property
@@ -320,6 +341,11 @@ def load_spec(path: str | Path, *, set_overrides: dict[str, Any] | None = None,
             raise _fail(path, f"'average.window' must be a number in (0, 1), got {window!r}")
         average = AverageSpec(tokens=tokens, count=count, window=float(window))
 
+    replicates = _replicates(path, raw)
+    max_epochs = raw.get("max_epochs", DEFAULT_MAX_EPOCHS)
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, float)) or not max_epochs > 0:
+        raise _fail(path, f"'max_epochs' must be a positive number, got {max_epochs!r}")
+
     rd = runs_dir if runs_dir is not None else raw.get("runs_dir", f"runs/{name}")
     if not isinstance(rd, (str, Path)) or not str(rd):
         raise _fail(path, f"'runs_dir' must be a path, got {rd!r}")
@@ -327,7 +353,31 @@ def load_spec(path: str | Path, *, set_overrides: dict[str, Any] | None = None,
     return GridSpec(name=name, path=path, base=base, set=overrides, variants=variants, axes=axes, zip=zips,
                     checkpoint=dict(checkpoint), ptq=_ptq_spec(path, raw.get("ptq")), runs_dir=Path(rd),
                     cooldown=cooldown, cooldown_fraction=float(fraction), average=average,
-                    description=str(raw.get("description") or ""))
+                    description=str(raw.get("description") or ""), replicates=replicates,
+                    max_epochs=float(max_epochs))
+
+
+def _seed_list(path: Path, where: str, value: Any) -> list[int]:
+    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                                       for v in value):
+        raise _fail(path, f"'{where}' must be a non-empty list of non-negative integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise _fail(path, f"'{where}' lists a seed twice: {value}")
+    return list(value)
+
+
+def _replicates(path: Path, raw: dict) -> tuple[tuple[int, int], ...]:
+    """(init seed, data seed) of each replicate: `seeds` couples them, `init_seeds` x `data_seeds`
+    decouples them (a missing one of the two keeps the config's seed, marked -1 here)."""
+    if raw.get("seeds") is not None:
+        if raw.get("init_seeds") is not None or raw.get("data_seeds") is not None:
+            raise _fail(path, "'seeds' sets both seeds; use either it or 'init_seeds' / 'data_seeds'")
+        return tuple((s, s) for s in _seed_list(path, "seeds", raw["seeds"]))
+    inits = _seed_list(path, "init_seeds", raw["init_seeds"]) if raw.get("init_seeds") is not None else [-1]
+    datas = _seed_list(path, "data_seeds", raw["data_seeds"]) if raw.get("data_seeds") is not None else [-1]
+    if inits == [-1] and datas == [-1]:
+        return ()
+    return tuple(itertools.product(inits, datas))
 
 
 def expand_spec(path: str | Path, **kwargs) -> tuple[GridSpec, list[Cell]]:
@@ -461,45 +511,68 @@ def expand(spec: GridSpec) -> list[Cell]:
         variant = values.get("variant")
         parts = ([variant] if variant else []) + [f"{shorts[k]}={format_value(v)}" for k, v in values.items()
                                                   if k in shorts]
-        cell_name = ",".join(parts) or spec.name
-        overrides = {**spec.variants.get(variant, {}), **{k: v for k, v in values.items() if k != "variant"}}
-        raw = copy.deepcopy(raw0)
-        for k, v in overrides.items():
-            try:
-                raw = set_dotted(raw, k, v)
-            except ConfigError as e:
-                raise ConfigError(f"grid {spec.path}, cell '{cell_name}': {e}") from None
-        raw["name"] = spec.name
-        cfg = _resolve(spec, raw, cell_name, overrides)
+        replicate = ",".join(parts) or spec.name
+        for init_seed, data_seed in spec.replicates or [(-1, -1)]:
+            seeds = ({} if init_seed < 0 else {"train.seed": init_seed}) | \
+                    ({} if data_seed < 0 else {"data.shuffle_seed": data_seed})
+            for cell in _main_cells(spec, raw0, values, replicate, seeds):
+                add(cell)
+    return cells
 
-        schedule = cfg.optim.schedule
-        branch_at = cooldown_tokens(spec, cfg)
-        branching = bool(branch_at) and schedule in ("wsd", "constant")
-        average_at = average_tokens(spec, cfg)
-        averaging = bool(average_at)
-        ptq_steps = None
-        if branch_at or averaging:  # add the branch / averaging points to the series
-            extra = set(branch_at) if branching else set()
-            extra.update(t for t in cooldown_end_tokens(spec, cfg) if t <= _total_steps(cfg) * cfg.tokens_per_step)
-            extra.update(average_at)
-            raw["checkpoint"] = {**raw.get("checkpoint", {}),
-                                 "tokens": sorted(set(raw.get("checkpoint", {}).get("tokens", [])) | extra)}
-            if averaging:  # the averaging windows' other checkpoints are saved, not quantized
-                ptq_steps = tuple(_series_steps(_resolve(spec, raw, cell_name, overrides)))
-                raw["checkpoint"]["tokens"] = sorted(set(raw["checkpoint"]["tokens"]) | {
-                    p for t in average_at for p in average_points(cfg, t, spec.average)})
-            if branching and schedule == "wsd":
-                raw = set_dotted(raw, "optim.schedule", "constant")
-            cfg = _resolve(spec, raw, cell_name, overrides)
-        label = {"wsd": "wsd-stable"}.get(schedule, schedule) if branching else schedule
-        main = Cell(key=config_key(cfg), name=cell_name, config=cfg, run_dir=spec.runs_dir / config_key(cfg),
-                    kind=MAIN, values=values, schedule=label, ptq_steps=ptq_steps)
-        add(main)
-        if branching:
-            for t in branch_at:
-                add(_cooldown_cell(spec, main, raw, t))
-        for t in average_at:
-            add(_average_cell(spec, main, t))
+
+def _seed_suffix(spec: GridSpec, cfg: Config) -> str:
+    """',seed=S' (coupled seeds) or ',init=I,data=J' (decoupled); '' for a grid without replicates."""
+    if not spec.replicates:
+        return ""
+    if all(i == d for i, d in spec.replicates):
+        return f",seed={cfg.train.seed}"
+    return f",init={cfg.train.seed},data={cfg.data.shuffle_seed}"
+
+
+def _main_cells(spec: GridSpec, raw0: dict, values: dict[str, Any], replicate: str,
+                seeds: dict[str, int]) -> list[Cell]:
+    """One replicate of one product cell: its main cell followed by its derived cells."""
+    variant = values.get("variant")
+    overrides = {**spec.variants.get(variant, {}), **{k: v for k, v in values.items() if k != "variant"}, **seeds}
+    raw = copy.deepcopy(raw0)
+    for k, v in overrides.items():
+        try:
+            raw = set_dotted(raw, k, v)
+        except ConfigError as e:
+            raise ConfigError(f"grid {spec.path}, cell '{replicate}': {e}") from None
+    raw["name"] = spec.name
+    cfg = _resolve(spec, raw, replicate, overrides)
+    cell_name = replicate + _seed_suffix(spec, cfg)
+    cells: list[Cell] = []
+    schedule = cfg.optim.schedule
+    branch_at = cooldown_tokens(spec, cfg)
+    branching = bool(branch_at) and schedule in ("wsd", "constant")
+    average_at = average_tokens(spec, cfg)
+    averaging = bool(average_at)
+    ptq_steps = None
+    if branch_at or averaging:  # add the branch / averaging points to the series
+        extra = set(branch_at) if branching else set()
+        extra.update(t for t in cooldown_end_tokens(spec, cfg) if t <= _total_steps(cfg) * cfg.tokens_per_step)
+        extra.update(average_at)
+        raw["checkpoint"] = {**raw.get("checkpoint", {}),
+                             "tokens": sorted(set(raw.get("checkpoint", {}).get("tokens", [])) | extra)}
+        if averaging:  # the averaging windows' other checkpoints are saved, not quantized
+            ptq_steps = tuple(_series_steps(_resolve(spec, raw, cell_name, overrides)))
+            raw["checkpoint"]["tokens"] = sorted(set(raw["checkpoint"]["tokens"]) | {
+                p for t in average_at for p in average_points(cfg, t, spec.average)})
+        if branching and schedule == "wsd":
+            raw = set_dotted(raw, "optim.schedule", "constant")
+        cfg = _resolve(spec, raw, cell_name, overrides)
+    label = {"wsd": "wsd-stable"}.get(schedule, schedule) if branching else schedule
+    main = Cell(key=config_key(cfg), name=cell_name, config=cfg, run_dir=spec.runs_dir / config_key(cfg),
+                kind=MAIN, values=values, schedule=label, ptq_steps=ptq_steps, replicate=replicate,
+                seed=cfg.train.seed, data_seed=cfg.data.shuffle_seed)
+    cells.append(main)
+    if branching:
+        for t in branch_at:
+            cells.append(_cooldown_cell(spec, main, raw, t))
+    for t in average_at:
+        cells.append(_average_cell(spec, main, t))
     return cells
 
 
@@ -560,7 +633,9 @@ def _cooldown_cell(spec: GridSpec, main: Cell, main_raw: dict, tokens: int) -> C
     bcfg = _resolve(spec, raw, name, {"cooldown": tokens})
     return Cell(key=config_key(bcfg), name=name, config=bcfg, run_dir=spec.runs_dir / config_key(bcfg),
                 kind=COOLDOWN, values={**main.values, "cooldown_tokens": tokens}, schedule="wsd-cooldown",
-                parent=main.key, branch_tokens=tokens, branch_step=step)
+                parent=main.key, branch_tokens=tokens, branch_step=step,
+                replicate=f"{main.replicate},cooldown@{format_value(tokens)}", seed=main.seed,
+                data_seed=main.data_seed)
 
 
 def _average_cell(spec: GridSpec, main: Cell, tokens: int) -> Cell:
@@ -577,7 +652,8 @@ def _average_cell(spec: GridSpec, main: Cell, tokens: int) -> Cell:
     return Cell(key=digest, name=f"{main.name},avg@{format_value(tokens)}", config=cfg,
                 run_dir=spec.runs_dir / digest, kind=AVERAGE,
                 values={**main.values, "average_tokens": tokens}, schedule=f"{main.schedule}+avg",
-                parent=main.key, branch_tokens=tokens, branch_step=steps[-1], average_steps=steps)
+                parent=main.key, branch_tokens=tokens, branch_step=steps[-1], average_steps=steps,
+                replicate=f"{main.replicate},avg@{format_value(tokens)}", seed=main.seed, data_seed=main.data_seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,11 +4,18 @@ Tables
   runs         one row per cell: key (PK), name, kind (main|cooldown|average), parent, schedule, axes
                (JSON of the values that define the cell), config_json, status (pending|running|done|
                failed), error, started, finished, host, pid, params_total/active/nonembed/embedding,
-               ckpt_expected, ptq_expected
-  checkpoints  (run_key, step) PK: tokens, val_loss, target_tokens
+               ckpt_expected, ptq_expected, replicate (the cell's name without its seed: the runs of
+               one replicate group share it), seed (train.seed), data_seed (data.shuffle_seed),
+               train_tokens (tokens of the run's train split)
+  checkpoints  (run_key, step) PK: tokens, val_loss, target_tokens, epochs (tokens / train_tokens:
+               how many times the run had seen its training data)
   ptq          one row per (run_key, step, method, bits, group_size, format) (UNIQUE): every column
                of the PTQ sweep's rows (efftrain.quant.sweep.CSV_COLUMNS) + variant (the cell name),
-               run_key, axes (JSON), schedule, cell_kind, extra (JSON of any other row keys), recorded
+               replicate, run_key, axes (JSON), schedule, cell_kind, extra (JSON of any other row keys),
+               recorded
+
+A store written by an older efftrain gains the columns added since when it is opened for writing
+(ALTER TABLE ... ADD COLUMN; old rows read NULL there); opened read-only it is read as it is.
 
 The database runs in WAL mode with a long busy timeout, so several worker processes write to it at
 once (on a network filesystem shared by several nodes, set EFFTRAIN_SQLITE_JOURNAL=delete: WAL
@@ -42,12 +49,16 @@ PTQ_COLUMNS: list[tuple[str, str]] = [
     ("loss_16", "REAL"), ("loss_q", "REAL"), ("qid", "REAL"), ("eff_bits", "REAL"), ("model_bytes", "INTEGER"),
     ("n_quantized", "INTEGER"), ("expert_fallbacks", "INTEGER"), ("calib_samples", "INTEGER"),
     ("calib_seq_len", "INTEGER"), ("seconds", "REAL"),
+    ("qid_se", "REAL"), ("kl", "REAL"), ("kl_se", "REAL"), ("top1_agree", "REAL"), ("eval_windows", "INTEGER"),
+    ("eval_tokens", "INTEGER"), ("eval_seed", "INTEGER"), ("calib_seed", "INTEGER"),
+    ("params_quantized", "INTEGER"), ("epochs", "REAL"), ("warmup_steps", "INTEGER"), ("seed", "INTEGER"),
+    ("data_seed", "INTEGER"),
     # added by the grid
-    ("variant", "TEXT"), ("run_key", "TEXT NOT NULL"), ("axes", "TEXT"), ("schedule", "TEXT"),
+    ("variant", "TEXT"), ("replicate", "TEXT"), ("run_key", "TEXT NOT NULL"), ("axes", "TEXT"), ("schedule", "TEXT"),
     ("cell_kind", "TEXT"), ("extra", "TEXT"), ("recorded", "REAL"),
 ]
 PTQ_UNIQUE = ("run_key", "step", "method", "bits", "group_size", "format")
-GRID_COLUMNS = ("variant", "run_key", "axes", "schedule", "cell_kind", "extra", "recorded")
+GRID_COLUMNS = ("variant", "replicate", "run_key", "axes", "schedule", "cell_kind", "extra", "recorded")
 TIMING_COLUMNS = ("seconds", "recorded")
 
 RUN_COLUMNS: list[tuple[str, str]] = [
@@ -56,12 +67,16 @@ RUN_COLUMNS: list[tuple[str, str]] = [
     ("started", "REAL"), ("finished", "REAL"), ("host", "TEXT"), ("pid", "INTEGER"),
     ("params_total", "INTEGER"), ("params_active", "INTEGER"), ("params_nonembed", "INTEGER"),
     ("params_embedding", "INTEGER"), ("ckpt_expected", "INTEGER"), ("ptq_expected", "INTEGER"),
+    ("replicate", "TEXT"), ("seed", "INTEGER"), ("data_seed", "INTEGER"), ("train_tokens", "INTEGER"),
+]
+CHECKPOINT_COLUMNS: list[tuple[str, str]] = [
+    ("run_key", "TEXT NOT NULL"), ("step", "INTEGER NOT NULL"), ("tokens", "INTEGER"), ("val_loss", "REAL"),
+    ("target_tokens", "INTEGER"), ("epochs", "REAL"),
 ]
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{c} {t}" for c, t in RUN_COLUMNS)});
-CREATE TABLE IF NOT EXISTS checkpoints (
-    run_key TEXT NOT NULL, step INTEGER NOT NULL, tokens INTEGER, val_loss REAL, target_tokens INTEGER,
+CREATE TABLE IF NOT EXISTS checkpoints ({", ".join(f"{c} {t}" for c, t in CHECKPOINT_COLUMNS)},
     PRIMARY KEY (run_key, step));
 CREATE TABLE IF NOT EXISTS ptq ({", ".join(f"{c} {t}" for c, t in PTQ_COLUMNS)},
     UNIQUE ({", ".join(PTQ_UNIQUE)}));
@@ -119,6 +134,15 @@ class ResultsStore:
                 for stmt in SCHEMA.strip().split(";"):
                     if stmt.strip():
                         self.con.execute(stmt)
+                self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store written by an older efftrain up to the current columns (old rows: NULL)."""
+        for table, columns in (("runs", RUN_COLUMNS), ("checkpoints", CHECKPOINT_COLUMNS), ("ptq", PTQ_COLUMNS)):
+            have = {r[1] for r in self.con.execute(f"PRAGMA table_info({table})")}
+            for name, sql_type in columns:
+                if name not in have:  # ADD COLUMN cannot carry NOT NULL without a default; none of these do
+                    self.con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type.split()[0]}")
 
     # ---- plumbing ----------------------------------------------------------------------------
     @contextmanager
@@ -147,7 +171,8 @@ class ResultsStore:
         fields = {"name": cell.name, "kind": cell.kind, "parent": cell.parent, "schedule": cell.schedule,
                   "axes": json.dumps(cell.values, sort_keys=True, default=str),
                   "config_json": json.dumps(cell.config.to_dict(), sort_keys=True),
-                  "ckpt_expected": ckpt_expected, "ptq_expected": ptq_expected}
+                  "ckpt_expected": ckpt_expected, "ptq_expected": ptq_expected,
+                  "replicate": cell.replicate or cell.name, "seed": cell.seed, "data_seed": cell.data_seed}
         cols = ", ".join(fields)
         with self.transaction() as con:
             con.execute(f"INSERT INTO runs (key, {cols}) VALUES (?, {', '.join('?' * len(fields))}) "
@@ -165,12 +190,13 @@ class ResultsStore:
                 con.execute("UPDATE runs SET status = ?, error = ?, finished = ? WHERE key = ?",
                             (status, error, now if status in ("done", "failed") else None, key))
 
-    def set_params(self, key: str, counts: dict[str, int]) -> None:
+    def set_params(self, key: str, counts: dict[str, int], train_tokens: int | None = None) -> None:
+        """Parameter counts (run.json's `params`) and the size of the run's train split in tokens."""
         with self.transaction() as con:
             con.execute("UPDATE runs SET params_total = ?, params_active = ?, params_nonembed = ?, "
-                        "params_embedding = ? WHERE key = ?",
+                        "params_embedding = ?, train_tokens = COALESCE(?, train_tokens) WHERE key = ?",
                         (counts.get("total"), counts.get("active"), counts.get("non_embedding"),
-                         counts.get("embedding"), key))
+                         counts.get("embedding"), train_tokens, key))
 
     def run(self, key: str) -> dict[str, Any] | None:
         row = self.con.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
@@ -180,15 +206,18 @@ class ResultsStore:
         return [dict(r) for r in self.con.execute("SELECT * FROM runs ORDER BY rowid")]
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def add_checkpoints(self, key: str, series: Iterable[dict[str, Any]]) -> None:
-        """Series checkpoint metadata (step, tokens_seen, val_loss, target_tokens); idempotent."""
+    def add_checkpoints(self, key: str, series: Iterable[dict[str, Any]], train_tokens: int | None = None) -> None:
+        """Series checkpoint metadata (step, tokens_seen, val_loss, target_tokens); idempotent. With
+        `train_tokens` (the run's train split), each checkpoint's epochs = tokens / train_tokens."""
         with self.transaction() as con:
             for m in series:
-                con.execute("INSERT INTO checkpoints (run_key, step, tokens, val_loss, target_tokens) "
-                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(run_key, step) DO UPDATE SET "
-                            "val_loss = COALESCE(excluded.val_loss, val_loss)",
-                            (key, int(m["step"]), int(m.get("tokens_seen", m.get("tokens", 0))),
-                             m.get("val_loss"), m.get("target_tokens")))
+                tokens = int(m.get("tokens_seen", m.get("tokens", 0)))
+                epochs = tokens / train_tokens if train_tokens else None
+                con.execute("INSERT INTO checkpoints (run_key, step, tokens, val_loss, target_tokens, epochs) "
+                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(run_key, step) DO UPDATE SET "
+                            "val_loss = COALESCE(excluded.val_loss, val_loss), "
+                            "epochs = COALESCE(excluded.epochs, epochs)",
+                            (key, int(m["step"]), tokens, m.get("val_loss"), m.get("target_tokens"), epochs))
 
     def checkpoints(self, key: str | None = None) -> list[dict[str, Any]]:
         if key is None:
@@ -203,7 +232,7 @@ class ResultsStore:
         known = {c for c, _ in PTQ_COLUMNS} - set(GRID_COLUMNS)
         values = {c: _coerce(c, row.get(c)) for c in known}
         extra = {k: _jsonable(v) for k, v in row.items() if k not in known}
-        values.update(variant=cell.name, run_key=cell.key, schedule=cell.schedule, cell_kind=cell.kind,
+        values.update(variant=cell.name, replicate=cell.replicate or cell.name, run_key=cell.key, schedule=cell.schedule, cell_kind=cell.kind,
                       axes=json.dumps(cell.values, sort_keys=True, default=str),
                       extra=json.dumps(extra, sort_keys=True, default=str) if extra else None,
                       recorded=time.time())
@@ -263,8 +292,7 @@ def export_table(store: ResultsStore, out: str | Path, fmt: str, table: str = "p
         import pyarrow.parquet as pq
 
         types = dict(RUN_COLUMNS if table == "runs" else PTQ_COLUMNS if table == "ptq" else [])
-        types.update({"run_key": "TEXT", "step": "INTEGER", "tokens": "INTEGER", "val_loss": "REAL",
-                      "target_tokens": "INTEGER"} if table == "checkpoints" else {})
+        types.update(dict(CHECKPOINT_COLUMNS) if table == "checkpoints" else {})
         arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
         fields = [pa.field(c, arrow[types.get(c, "TEXT").split()[0]]) for c in columns]
         data = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
