@@ -57,21 +57,23 @@ def cmd_eval(args) -> int:
         row = {"checkpoint": args.quantized, "step": meta["step"], "tokens": meta["tokens"],
                **evaluate_model(model, cfg, val_set(cfg, args.batches))}
         print(json.dumps(row, indent=2) if args.json else
-              f"{args.quantized}: val_loss {row['val_loss']:.4f}  ppl {row['perplexity']:.2f}")
+              f"{args.quantized}: val_loss {row['val_loss']:.4f} ± {row['val_loss_se']:.4f}  "
+              f"ppl {row['perplexity']:.2f}  ({row['windows']} windows)")
         return 0
 
     def show(row):
         if not args.json:
             extra = f"  mtp_acceptance {row['mtp_acceptance']:.3f}" if "mtp_acceptance" in row else ""
-            print(f"  step {row['step']:>7d}  tokens {row['tokens']:>12,d}  val_loss {row['val_loss']:.4f}  "
-                  f"ppl {row['perplexity']:.2f}{extra}", file=sys.stderr)
+            print(f"  step {row['step']:>7d}  tokens {row['tokens']:>12,d}  val_loss {row['val_loss']:.4f} "
+                  f"± {row['val_loss_se']:.4f}  ppl {row['perplexity']:.2f}  windows {row['windows']}{extra}",
+                  file=sys.stderr)
 
     rows = eval_run(args.run_dir, steps=args.step, tokens=args.tokens, n_batches=args.batches, progress=show)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         cols = [("step", "step", "d"), ("tokens", "tokens", ",d"), ("val_loss", "val_loss", ".4f"),
-                ("perplexity", "ppl", ".2f")]
+                ("val_loss_se", "±se", ".4f"), ("perplexity", "ppl", ".2f"), ("windows", "windows", "d")]
         if rows and "mtp_acceptance" in rows[0]:
             cols.append(("mtp_acceptance", "mtp_accept", ".3f"))
         print(_table(rows, cols))
@@ -79,18 +81,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ptq(args) -> int:
-    from efftrain.quant.sweep import make_spec, parse_int_list, run_ptq_sweep
+    from efftrain.quant.apply import METHODS
+    from efftrain.quant.formats import FORMATS
+    from efftrain.quant.sweep import make_spec, parse_choice_list, parse_int_list, run_ptq_sweep
 
-    fields = {"methods": [m.strip() for m in args.methods.split(",") if m.strip()],
+    fields = {"methods": parse_choice_list(args.methods, "--methods", METHODS),
               "bits": parse_int_list(args.bits, "--bits"),
               "group_sizes": parse_int_list(args.group_size, "--group-size"),
-              "formats": [f.strip() for f in args.formats.split(",") if f.strip()],
-              "calib_samples": args.calib_samples, "symmetric": args.symmetric, "save": args.save,
+              "formats": parse_choice_list(args.formats, "--formats", FORMATS),
+              "symmetric": args.symmetric, "save": args.save,
               "act_order": args.act_order, "quantize_head": args.quantize_head}
-    if args.calib_seq_len:
-        fields["calib_seq_len"] = args.calib_seq_len
-    if args.eval_batches:
-        fields["eval_batches"] = args.eval_batches
+    optional = {"calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
+                "calib_seed": args.calib_seed, "eval_tokens": args.eval_tokens, "eval_seed": args.eval_seed,
+                "eval_batches": args.eval_batches}
+    fields.update({k: v for k, v in optional.items() if v is not None})  # else the PTQSpec default
     if args.checkpoints != "all":
         fields["checkpoints"] = parse_int_list(args.checkpoints, "--checkpoints")
     run_ptq_sweep(args.run_dir, make_spec(**fields))
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, action="append", help="only this step (repeatable)")
     p.add_argument("--tokens", type=int, action="append", help="checkpoint nearest to T tokens (repeatable)")
-    p.add_argument("--batches", type=int, help="val batches (default: the run's train.eval_batches)")
+    p.add_argument("--batches", type=int, help="val batches of the run's batch_size windows, seeded sample "
+                                                 "(default: the run's train.eval_batches, as in training)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quantized", metavar="NAME", help="evaluate RUN_DIR/quantized/NAME (from `ptq --save`)")
     p.set_defaults(func=cmd_eval)
@@ -174,9 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", default="128", help="comma-separated group sizes (-1 = whole channel)")
     p.add_argument("--formats", default="int", help="comma-separated: int, nf4 (4-bit), fp4 (4-bit), fp8 (8-bit)")
     p.add_argument("--checkpoints", default="all", help="'all' or comma-separated series steps")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences from the train split")
+    p.add_argument("--calib-samples", type=int, help="calibration sequences from the train split (default 128)")
     p.add_argument("--calib-seq-len", type=int, help="calibration sequence length (default: the run's seq_len)")
-    p.add_argument("--eval-batches", type=int, help="val batches (default: the run's train.eval_batches)")
+    p.add_argument("--calib-seed", type=int, help="seed of the calibration draw (default 1234)")
+    p.add_argument("--eval-tokens", type=int,
+                   help="scored val tokens, whole windows spread over the val split (default 1,000,000, "
+                        "at most the val split)")
+    p.add_argument("--eval-seed", type=int, help="seed of the val-window sample (default 0)")
+    p.add_argument("--eval-batches", type=int,
+                   help="instead of --eval-tokens: this many x the run's batch_size val windows")
     p.add_argument("--symmetric", action="store_true", help="symmetric int grid (default asymmetric min-max)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing Hessian diagonal")
     p.add_argument("--quantize-head", action="store_true",

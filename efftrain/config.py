@@ -482,19 +482,19 @@ RESUME_MUTABLE = (
 )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_dotted(v, key + "."))
         else:
             out[key] = v
     return out
 
 
 def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    a, b = flatten_dotted(old.to_dict()), flatten_dotted(new.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -1,18 +1,33 @@
-"""Evaluation of a run's finalized checkpoints on held-out tokens.
+"""Evaluation of a run's finalized checkpoints on held-out tokens, one loss per val window.
 
-Val loss is the main model's mean token cross-entropy (nats) over a fixed set of val windows: the
-first `train.eval_batches` batches of non-overlapping windows from the start of the val split
-(documents routed to val by path hash), identical for every checkpoint of the run. MTP modules are
-excluded from the loss; with MTP, the acceptance rate of module 1's greedy draft is reported too.
+The eval set is a seeded random sample of disjoint val windows (seq_len+1 tokens each) spread over
+the whole val split (`efftrain.data.pipeline.val_window_indices`): it depends only on the val tokens,
+seq_len, the number of windows and the eval seed, so every checkpoint and every replicate of a run
+(whatever its train.seed / data.shuffle_seed) is evaluated on identical windows. Training-time val
+loss and `efftrain eval` use ``train.eval_batches × train.batch_size`` windows with eval seed 0
+(`val_set`); the PTQ sweep draws its own, larger set (`eval_set`, PTQSpec.eval_tokens).
+
+Every window is scored separately: its mean token cross-entropy (nats) of the main model (MTP modules
+excluded). Windows run in batches of one fixed shape (`eval_batch_size`: the run's micro-batch, or
+more for tiny models; a ragged last batch is padded with copies of a real window whose results are
+dropped), so each jitted function compiles once, and the device results are fetched once, after the
+last batch. Reported:
+  val_loss     mean of the per-window losses (every window has seq_len scored tokens: = token mean)
+  val_loss_se  its standard error over windows, std(ddof=1)/sqrt(windows) (NaN for one window)
+  windows      number of val windows scored
+  perplexity   exp(val_loss); with MTP, also the acceptance rate of module 1's greedy draft
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -21,7 +36,11 @@ from efftrain.model.transformer import Transformer, build_model
 from efftrain.train.checkpoint import CheckpointError, CheckpointStore
 from efftrain.train.loop import load_run_config, total_steps_of
 from efftrain.train.optimizer import make_optimizer
-from efftrain.train.step import init_state, make_eval_step
+from efftrain.train.step import init_state, make_paired_eval_fn, make_window_loss_fn
+
+# one jitted function per model structure (GraphDefs of equal models compare equal)
+window_loss_fn = functools.lru_cache(maxsize=8)(make_window_loss_fn)
+paired_eval_fn = functools.lru_cache(maxsize=8)(make_paired_eval_fn)
 
 
 def abstract_train_state(cfg: Config):
@@ -66,27 +85,116 @@ def load_model(run_dir: Path, step: int, kind: str = "series") -> tuple[Config, 
     return cfg, nnx.merge(graphdef, state["params"], state["rest"]), meta
 
 
-def val_set(cfg: Config, n_batches: int | None = None) -> list[np.ndarray]:
-    from efftrain.data import prepare_data, val_batches
+@dataclass
+class EvalSet:
+    """Sampled val windows and the fixed batch shape they are scored in."""
 
-    cache = prepare_data(cfg)
-    return val_batches(cache.val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                       n_batches=n_batches or cfg.train.eval_batches)
+    windows: np.ndarray  # int32 [n, seq_len + 1], the real windows in index order
+    batch_size: int
+    seed: int = 0
+    requested: int | None = None  # windows asked for (None: as many as there are)
+    _device: list[jax.Array] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.windows)
+
+    @property
+    def tokens(self) -> int:
+        """Scored (target) tokens: seq_len per window."""
+        return self.n * (self.windows.shape[1] - 1)
+
+    def batches(self) -> list[jax.Array]:
+        """The windows as device batches of one shape [batch_size, seq_len + 1] (the last one padded
+        with copies of the first window; `scores` drops their results). Transferred once."""
+        if self._device is None:
+            b = min(self.batch_size, self.n)
+            pad = -self.n % b
+            padded = np.concatenate([self.windows, np.repeat(self.windows[:1], pad, axis=0)])
+            self._device = list(jnp.asarray(padded).reshape(-1, b, padded.shape[1]))
+        return self._device
 
 
-def evaluate_model(model: Transformer, cfg: Config, batches: list[np.ndarray]) -> dict[str, float]:
+EVAL_BATCH_TOKENS = 8192  # an eval batch grows past the micro-batch up to this many tokens ...
+EVAL_LOGITS_BYTES = 256 << 20  # ... while its fp32 logits (x3: two log-softmaxes and their product) fit in this
+
+
+def eval_batch_size(cfg: Config) -> int:
+    """Windows per eval batch: the run's micro-batch (its training step already fits that in memory), or
+    more for short windows and a small vocab, up to EVAL_BATCH_TOKENS tokens and EVAL_LOGITS_BYTES of
+    logits: far fewer dispatches for tiny models, the same per-window values."""
+    micro = max(1, cfg.train.batch_size // cfg.train.grad_accum)
+    seq_len, vocab = cfg.data.seq_len, cfg.model.vocab_size
+    return max(micro, min(EVAL_BATCH_TOKENS // seq_len, EVAL_LOGITS_BYTES // (3 * 4 * seq_len * vocab)))
+
+
+def eval_set(cfg: Config, n_windows: int, *, seed: int = 0, val_tokens: np.ndarray | None = None) -> EvalSet:
+    """min(n_windows, available) seeded val windows of the run (`val_window_indices`)."""
+    from efftrain.data.pipeline import val_windows
+
+    if val_tokens is None:
+        from efftrain.data import prepare_data
+
+        val_tokens = prepare_data(cfg).val
+    windows = val_windows(val_tokens, seq_len=cfg.data.seq_len, n_windows=n_windows, seed=seed)
+    return EvalSet(windows, eval_batch_size(cfg), seed=seed, requested=n_windows)
+
+
+def val_set(cfg: Config, n_batches: int | None = None, *, seed: int = 0) -> EvalSet:
+    """The windows of the run's training-time val loss: (n_batches or train.eval_batches) × batch_size
+    windows (whole batches; `efftrain.data.pipeline.val_set_windows`), eval seed 0 by default."""
+    from efftrain.data import prepare_data
+    from efftrain.data.pipeline import val_set_windows
+
+    tokens = prepare_data(cfg).val
+    n, _ = val_set_windows(len(tokens), seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+                           n_batches=n_batches or cfg.train.eval_batches)
+    return eval_set(cfg, n, seed=seed, val_tokens=tokens)
+
+
+def scores(fn: Callable, windows: EvalSet, *args) -> Any:
+    """fn(*args, batch) over every batch, with one device_get at the end; each output leaf (one value
+    per window) concatenated over batches as a numpy array of `windows.n` values (padding dropped)."""
+    outs = [fn(*args, b) for b in windows.batches()]
+    host = jax.device_get(outs)
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[:windows.n], *host)
+
+
+def mean_and_se(x: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error of the mean = std(ddof=1)/sqrt(n)) in float64; the error is NaN for n < 2."""
+    x = np.asarray(x, np.float64)
+    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+    return float(np.mean(x)), se
+
+
+def evaluate_model(model: Transformer, cfg: Config, windows: EvalSet | list[np.ndarray]) -> dict[str, float]:
+    """val_loss, val_loss_se, windows, perplexity (and mtp_acceptance) of `model` on the windows (an
+    EvalSet, or a list of window batches)."""
+    if not isinstance(windows, EvalSet):
+        windows = EvalSet(np.concatenate([np.asarray(b, np.int32) for b in windows]), eval_batch_size(cfg))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = make_eval_step(graphdef, cfg)
-    losses = jax.device_get([step(params, rest, b) for b in batches])
-    weights = [b.shape[0] for b in batches]
-    loss = float(np.average(losses, weights=weights))
-    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 700))}
+    loss, se = mean_and_se(scores(window_loss_fn(graphdef), windows, params, rest))
+    out = {"val_loss": loss, "val_loss_se": se, "windows": windows.n, "perplexity": math.exp(min(loss, 700))}
     if cfg.model.mtp.depth:
         from efftrain.model.mtp import acceptance_rate
 
-        acc = jax.device_get([acceptance_rate(model, b[:, :-1]) for b in batches])
-        out["mtp_acceptance"] = float(np.average(acc, weights=weights))
+        chunks = [windows.windows[i:i + windows.batch_size] for i in range(0, windows.n, windows.batch_size)]
+        acc = jax.device_get([acceptance_rate(model, jnp.asarray(c[:, :-1])) for c in chunks])
+        out["mtp_acceptance"] = float(np.average(acc, weights=[len(c) for c in chunks]))
     return out
+
+
+def compare_params(graphdef, params_16, params_q, rest, windows: EvalSet) -> dict[str, float]:
+    """The 16-bit and the quantized parameters on the same windows (`make_paired_eval_fn`):
+    loss_16, loss_q (means over windows), qid (mean of the per-window differences loss_q − loss_16)
+    and qid_se (its standard error), kl and kl_se (mean token KL(p_16 ‖ p_q), nats), top1_agree."""
+    per_window = scores(paired_eval_fn(graphdef), windows, params_16, params_q, rest)
+    diff = per_window["loss_q"].astype(np.float64) - per_window["loss_16"]
+    qid, qid_se = mean_and_se(diff)
+    kl, kl_se = mean_and_se(per_window["kl"])
+    return {"loss_16": mean_and_se(per_window["loss_16"])[0], "loss_q": mean_and_se(per_window["loss_q"])[0],
+            "qid": qid, "qid_se": qid_se, "kl": kl, "kl_se": kl_se,
+            "top1_agree": float(np.mean(per_window["top1_agree"], dtype=np.float64))}
 
 
 def eval_run(run_dir: str | Path, *, steps: list[int] | None = None, tokens: list[int] | None = None,
@@ -96,11 +204,11 @@ def eval_run(run_dir: str | Path, *, steps: list[int] | None = None, tokens: lis
     store = CheckpointStore(run_dir, read_only=True)
     chosen = select_checkpoints(store, steps, tokens)
     store.close()
-    batches = val_set(cfg, n_batches)
+    windows = val_set(cfg, n_batches)
     rows = []
     for meta in chosen:
         _, model, _ = load_model(run_dir, meta["step"])
-        row = {"step": meta["step"], "tokens": meta["tokens_seen"], **evaluate_model(model, cfg, batches)}
+        row = {"step": meta["step"], "tokens": meta["tokens_seen"], **evaluate_model(model, cfg, windows)}
         rows.append(row)
         if progress:
             progress(row)

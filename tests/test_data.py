@@ -448,21 +448,68 @@ def test_num_windows_errors():
         make_train_iterator(np.arange(20, dtype=np.uint16), seq_len=8, batch_size=4, seed=0)
 
 
+def _val_starts(windows: np.ndarray, seq_len: int) -> list[int]:
+    """With tokens = arange, a val window's first value is its start; val window j starts at j*(seq_len+1)."""
+    for row in windows:
+        np.testing.assert_array_equal(row, np.arange(row[0], row[0] + seq_len + 1))
+    assert all(int(r[0]) % (seq_len + 1) == 0 for r in windows)
+    return [int(r[0]) // (seq_len + 1) for r in windows]
+
+
 def test_val_batches():
     seq_len = 4
-    tokens = np.arange(7 * seq_len + 1, dtype=np.uint32)  # 7 windows
+    tokens = np.arange(7 * (seq_len + 1) + 3, dtype=np.uint32)  # 7 disjoint windows (+ a short tail)
     vb = val_batches(tokens, seq_len=seq_len, batch_size=2, n_batches=10)
     assert len(vb) == 3 and all(b.shape == (2, 5) and b.dtype == np.int32 for b in vb)
-    assert [i for b in vb for i in _starts(b, seq_len)] == list(range(6))  # sequential, from the start
+    starts = [i for b in vb for i in _val_starts(b, seq_len)]
+    assert len(set(starts)) == 6 and starts == sorted(starts) and max(starts) < 7
     again = val_batches(tokens, seq_len=seq_len, batch_size=2, n_batches=10)
     assert all(np.array_equal(x, y) for x, y in zip(vb, again))
     assert len(val_batches(tokens, seq_len=seq_len, batch_size=2, n_batches=2)) == 2
     small = val_batches(tokens, seq_len=seq_len, batch_size=16, n_batches=3)  # fewer windows than batch
     assert len(small) == 1 and small[0].shape == (7, 5)
+    assert _val_starts(small[0], seq_len) == list(range(7))
     with pytest.raises(DataError):
         val_batches(tokens, seq_len=seq_len, batch_size=16, n_batches=3, allow_partial=False)
     with pytest.raises(DataError, match="0 windows"):
         val_batches(tokens[:4], seq_len=seq_len, batch_size=1, n_batches=1)
+
+
+def test_val_sample_is_seeded_spread_disjoint_and_nested():
+    from efftrain.data.pipeline import val_window_count, val_window_indices, val_windows
+
+    seq_len, avail = 16, 1000
+    tokens = np.arange(avail * (seq_len + 1) + 5, dtype=np.uint32)
+    assert val_window_count(len(tokens), seq_len) == avail
+    w = val_windows(tokens, seq_len=seq_len, n_windows=100, seed=0)
+    assert w.shape == (100, seq_len + 1) and w.dtype == np.int32
+    starts = _val_starts(w, seq_len)  # each window is seq_len+1 consecutive tokens on the disjoint grid
+    assert starts == sorted(starts) and len(set(starts)) == 100  # sorted, without replacement
+    spans = [(int(r[0]), int(r[-1])) for r in w]
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # no token in two windows
+    # spread over the whole split: every tenth of it holds some windows, not just the start
+    assert len({s * 10 // avail for s in starts}) == 10 and max(starts) > 0.9 * avail
+    # deterministic in (tokens, seq_len, count, seed) only; another seed draws other windows
+    np.testing.assert_array_equal(w, val_windows(tokens, seq_len=seq_len, n_windows=100, seed=0))
+    assert not np.array_equal(w, val_windows(tokens, seq_len=seq_len, n_windows=100, seed=1))
+    # a smaller sample of the same seed is a subset of a larger one; the count is capped at the split
+    assert set(val_window_indices(len(tokens), seq_len, 30, 0)) <= set(starts)
+    assert list(val_window_indices(len(tokens), seq_len, 10**6, 0)) == list(range(avail))
+    with pytest.raises(DataError, match="must be >= 1"):
+        val_window_indices(len(tokens), seq_len, 0)
+
+
+def test_val_set_does_not_depend_on_train_or_shuffle_seed(cache_dir):
+    """Replicates of a run (other train.seed / data.shuffle_seed) are evaluated on identical windows."""
+    from conftest import tiny_raw
+    from efftrain.eval import val_set
+
+    raw = tiny_raw(cache_dir)  # batch_size 8, eval_batches 2
+    base = val_set(from_dict(raw))
+    other = val_set(from_dict({**raw, "train": {**raw["train"], "seed": 7},
+                               "data": {**raw["data"], "shuffle_seed": 99}}))
+    assert base.n == 16 and np.array_equal(base.windows, other.windows)
+    assert not np.array_equal(base.windows, val_set(from_dict(raw), seed=1).windows)
 
 
 def test_tokenizer_sample_spreads_over_every_train_document():

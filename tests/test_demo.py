@@ -11,7 +11,9 @@ from efftrain.train.series import series_points
 def test_demo_spec_trains_dense_and_deepseek_with_at_least_8_checkpoints():
     spec = load_spec(demo.SPEC)
     cells = spec.cells()
-    assert len(cells) == 2
+    assert len(cells) == 4  # two variants x two paired seeds
+    assert sorted((c.replicate, c.seed) for c in cells) == [("deepseek", 0), ("deepseek", 1), ("dense", 0),
+                                                            ("dense", 1)]
     techniques = set()
     for cell in cells:
         cfg = cell.config
@@ -27,7 +29,7 @@ def test_demo_runs_grid_eval_fit_report_in_order(monkeypatch):
     monkeypatch.setattr(efftrain.cli, "main", lambda argv: calls.append(argv) or 0)
     assert demo.main() == 0
     commands = [argv[0] for argv in calls]
-    assert commands == ["grid", "eval", "eval", "fit", "report"]
+    assert commands == ["grid"] + ["eval"] * 4 + ["fit", "report"]
     assert calls[0][:2] == ["grid", "run"] and calls[-1][-2] == "--out"
 
 

@@ -1,18 +1,24 @@
-"""PTQ over a run's checkpoint series: QiD ordering, packed round trip, resume, MoE experts, bad input."""
+"""PTQ over a run's checkpoint series: QiD ordering, per-row uncertainty and provenance columns, packed
+round trip, resume (also from an older ptq.csv), MoE experts, bad input."""
 
 import csv
+import json
+import math
+import re
 import shutil
+from contextlib import contextmanager
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from efftrain.cli import main
 from efftrain.config import from_dict
 from efftrain.model.transformer import build_model
 from efftrain.quant.apply import QuantSettings, capture_linear_inputs, linears_of, quantize_model
-from efftrain.quant.sweep import PTQError, load_quantized, make_spec, read_rows, run_ptq_sweep
+from efftrain.quant.sweep import CSV_COLUMNS, PTQError, load_quantized, make_spec, read_rows, run_ptq_sweep
 from efftrain.train.loop import train
 
 from conftest import tiny_raw
@@ -44,11 +50,24 @@ def qid_of(rows, method, bits, step):
     return float(row["qid"])
 
 
+@contextmanager
+def fresh_table(run, tmp_path):
+    """Inside: the run's ptq.csv set aside (the sweep starts a new table); afterwards it is put back."""
+    table = run / "ptq.csv"
+    kept = table.exists() and table.rename(tmp_path / "keep.csv")
+    try:
+        yield table
+    finally:
+        table.unlink(missing_ok=True)
+        if kept:
+            (tmp_path / "keep.csv").rename(table)
+
+
 def test_qid_orders_by_bits_and_gptq_beats_rtn(trained_run):
     # whole-channel groups: at this model size, smaller groups leave 3/4-bit QiD inside the first-order
     # noise of a not fully converged model
     spec = make_spec(methods=["rtn", "gptq", "awq"], bits=[2, 3, 4, 8], group_sizes=[-1], checkpoints=[500],
-                     calib_samples=32)
+                     calib_samples=32, eval_tokens=32768)  # 512 windows (the default, all 9k, is slow on CPU)
     rows = run_ptq_sweep(trained_run, spec, **QUIET)
     assert len(rows) == 12
     for method in ("rtn", "gptq", "awq"):
@@ -90,7 +109,7 @@ def test_awq_and_gptq_lower_every_layers_output_error_on_the_trained_model(train
 
 
 def test_rows_persist_skip_and_are_deterministic(trained_run, tmp_path):
-    spec = make_spec(methods=["rtn", "gptq"], bits=[3], group_sizes=[-1], checkpoints=[10])
+    spec = make_spec(methods=["rtn", "gptq"], bits=[3], group_sizes=[-1], checkpoints=[10], eval_batches=8)
     first = run_ptq_sweep(trained_run, spec, **QUIET)
     assert len(first) == 2
     assert run_ptq_sweep(trained_run, spec, **QUIET) == []  # already in ptq.csv: skipped
@@ -104,7 +123,9 @@ def test_rows_persist_skip_and_are_deterministic(trained_run, tmp_path):
 
 
 def test_saved_quantized_checkpoint_reproduces_loss(trained_run, capsys):
-    spec = make_spec(methods=["gptq", "awq"], bits=[3], group_sizes=[64], checkpoints=[500], save=True)
+    # eval_batches=8: the windows `efftrain eval` uses by default (train.eval_batches x batch_size, seed 0)
+    spec = make_spec(methods=["gptq", "awq"], bits=[3], group_sizes=[64], checkpoints=[500], save=True,
+                     eval_batches=8)
     rows = run_ptq_sweep(trained_run, spec, **QUIET)
     for row in rows:
         name = f"step500-{row['method']}-w3-g64-int"
@@ -232,7 +253,18 @@ def test_ptq_cli_writes_csv(trained_run, capsys):
     with (trained_run / "ptq.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["group_size"] == "16"]
     assert sorted(int(r["bits"]) for r in rows) == [4, 8]
-    assert "ptq: 2 new rows" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ptq: 2 new rows" in out
+    # the defaults: 1M tokens requested, which is more than the val split has, so every val window
+    from efftrain.data import prepare_data
+    from efftrain.data.pipeline import val_window_count
+    from efftrain.train.loop import load_run_config
+
+    cfg = load_run_config(trained_run)
+    every = val_window_count(len(prepare_data(cfg).val), cfg.data.seq_len)
+    assert 1000 < every < 1_000_000 // 64 and f"{every:,} val windows x 64 = {every * 64:,} tokens" in out
+    assert all(r["eval_windows"] == str(every) and r["eval_tokens"] == str(every * 64) for r in rows)
+    assert all((r["calib_samples"], r["calib_seed"], r["eval_seed"]) == ("128", "1234", "0") for r in rows)
 
 
 def test_each_combination_starts_from_the_unquantized_checkpoint(trained_run, monkeypatch, tmp_path):
@@ -248,21 +280,16 @@ def test_each_combination_starts_from_the_unquantized_checkpoint(trained_run, mo
         return jax.tree.map(np.asarray, state), data, meta
 
     monkeypatch.setattr(CheckpointStore, "restore", restore_as_numpy)
-    table = trained_run / "ptq.csv"
-    kept = table.exists() and table.rename(tmp_path / "keep.csv")
-    try:
+    with fresh_table(trained_run, tmp_path):
         rows = run_ptq_sweep(trained_run, make_spec(methods=["rtn"], bits=[2, 8], group_sizes=[-1],
-                                                    checkpoints=[500]), **QUIET)
-    finally:
-        table.unlink(missing_ok=True)
-        if kept:
-            (tmp_path / "keep.csv").rename(table)
+                                                    checkpoints=[500], eval_batches=8), **QUIET)
     assert abs(qid_of(rows, "rtn", 8, 500)) < 0.01 < qid_of(rows, "rtn", 2, 500)
 
 
 def test_output_head_is_kept_16bit_unless_asked(trained_run, capsys):
-    spec = make_spec(methods=["gptq"], bits=[3], group_sizes=[16], checkpoints=[10], save=True)
-    head = make_spec(methods=["gptq"], bits=[3], group_sizes=[16], checkpoints=[10], save=True, quantize_head=True)
+    spec = make_spec(methods=["gptq"], bits=[3], group_sizes=[16], checkpoints=[10], save=True, eval_batches=8)
+    head = make_spec(methods=["gptq"], bits=[3], group_sizes=[16], checkpoints=[10], save=True, quantize_head=True,
+                     eval_batches=8)
     (plain,) = run_ptq_sweep(trained_run, spec, **QUIET)
     (with_head,) = run_ptq_sweep(trained_run, head, **QUIET)
     assert plain["format"] == "int" and with_head["format"] == "int+head"
@@ -281,3 +308,85 @@ def test_run_whose_config_no_longer_parses_is_refused(trained_run, tmp_path, cap
     (broken / "config.yaml").write_text((broken / "config.yaml").read_text() + "\nnot_a_section: 1\n")
     assert main(["ptq", str(broken), "--bits", "4"]) == 2
     assert "stored config no longer parses" in capsys.readouterr().err
+
+
+def test_rows_carry_uncertainty_and_provenance(trained_run, tmp_path):
+    """qid_se equals std(ddof=1)/sqrt(n) of per-window loss differences computed independently (the old
+    batch-mean eval step, one window per batch, on the 16-bit and the reloaded quantized model); the
+    provenance columns hold the run's and the request's values; the log line shows QiD ± se, KL, top1."""
+    from efftrain.data import prepare_data
+    from efftrain.data.pipeline import val_windows
+    from efftrain.eval import load_model
+    from efftrain.train.step import make_eval_step
+
+    lines = []
+    with fresh_table(trained_run, tmp_path) as table:
+        spec = make_spec(methods=["rtn"], bits=[3], group_sizes=[-1], checkpoints=[500], save=True,
+                         eval_batches=3, eval_seed=5, calib_samples=16, calib_seed=7)
+        (row,) = run_ptq_sweep(trained_run, spec, log=lines.append)
+        (stored,) = read_rows(table)
+    cfg, model16, meta = load_model(trained_run, 500)
+    _, model_q, _ = load_quantized(trained_run, "step500-rtn-w3-g-1-int")
+    windows = val_windows(prepare_data(cfg).val, seq_len=64, n_windows=48, seed=5)  # 3 x batch_size 16
+
+    def per_window(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        step = make_eval_step(graphdef, cfg)
+        return np.array([float(step(params, rest, jnp.asarray(w[None]))) for w in windows])
+
+    diff = per_window(model_q) - per_window(model16)
+    assert row["eval_windows"] == 48 and row["eval_tokens"] == 48 * 64 and row["eval_seed"] == 5
+    assert row["qid"] == pytest.approx(diff.mean(), rel=1e-4, abs=1e-6)
+    assert row["qid_se"] == pytest.approx(np.std(diff, ddof=1) / math.sqrt(48), rel=1e-3)
+    assert 0 < row["qid_se"] < row["qid"] and 0 < row["kl_se"] < row["kl"] and 0.2 < row["top1_agree"] < 1
+    kernels = sum(lin.kernel[...].size for block in model16.blocks for _, lin in linears_of(block))
+    info = json.loads((trained_run / "run.json").read_text())
+    assert row["params_quantized"] == kernels < info["params"]["non_embedding"]
+    assert row["epochs"] == pytest.approx(meta["tokens_seen"] / info["train_tokens_available"])
+    assert (row["warmup_steps"], row["seed"], row["data_seed"]) == (20, 0, 0)
+    assert (row["calib_samples"], row["calib_seed"]) == (16, 7)
+    assert set(stored) == set(CSV_COLUMNS) and float(stored["qid_se"]) == row["qid_se"]  # repr round trip
+    assert any("48 val windows x 64 = 3,072 tokens, seed 5" in ln for ln in lines)
+    (line,) = [ln for ln in lines if "QiD" in ln]
+    assert re.fullmatch(r"  rtn  w3 g-1 int   QiD \+\d\.\d{4} ± \d\.\d{4}  KL \d\.\d{4}  top1 \d+\.\d%  "
+                        r"\d\.\d\d bits/weight  \d+\.\ds", line), line
+
+
+OLD_COLUMNS = ["run_id", "step", "tokens", "params_total", "params_active", "params_nonembed", "method", "bits",
+               "group_size", "format", "loss_16", "loss_q", "qid", "eff_bits", "model_bytes", "n_quantized",
+               "expert_fallbacks", "calib_samples", "calib_seq_len", "seconds"]  # ptq.csv before qid_se & co.
+
+
+def test_old_header_table_is_upgraded_and_its_rows_skipped(trained_run, tmp_path):
+    with fresh_table(trained_run, tmp_path) as table:
+        spec = make_spec(methods=["rtn"], bits=[4], group_sizes=[-1], checkpoints=[10], eval_batches=1)
+        (row,) = run_ptq_sweep(trained_run, spec, **QUIET)
+        with table.open("w", newline="") as f:  # the same row as an older efftrain wrote it
+            writer = csv.DictWriter(f, fieldnames=OLD_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerow(row)
+        assert run_ptq_sweep(trained_run, spec, **QUIET) == []  # the old row still counts as done
+        with table.open(newline="") as f:
+            reader = csv.DictReader(f)
+            assert reader.fieldnames == CSV_COLUMNS
+            (upgraded,) = list(reader)
+        assert upgraded["qid_se"] == "" and upgraded["eval_windows"] == ""
+        assert all(upgraded[c] == str(row[c]) for c in OLD_COLUMNS)
+        (new,) = run_ptq_sweep(trained_run, make_spec(methods=["rtn"], bits=[8], group_sizes=[-1],
+                                                      checkpoints=[10], eval_batches=1), **QUIET)
+        rows = read_rows(table)
+        assert [r["bits"] for r in rows] == ["4", "8"] and rows[1]["qid_se"] == str(new["qid_se"])
+        # a header with columns this efftrain does not know stays an error, and the file is left alone
+        table.write_text(",".join(OLD_COLUMNS + ["novel"]) + "\n")
+        with pytest.raises(PTQError, match=r"unexpected columns .*unknown: \['novel'\]"):
+            run_ptq_sweep(trained_run, spec, **QUIET)
+        assert table.read_text() == ",".join(OLD_COLUMNS + ["novel"]) + "\n"
+
+
+@pytest.mark.parametrize("flag, value, valid", [("--methods", "rtn,foo", "rtn, gptq, awq"),
+                                                ("--formats", "int,nf5", "int, nf4, fp4, fp8")])
+def test_unknown_cli_values_name_the_valid_ones(tmp_path, capsys, flag, value, valid):
+    assert main(["ptq", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {flag}: unknown value(s) '{value.split(',')[1]}'; valid: {valid}\n"
+

@@ -1,23 +1,26 @@
 """The report of a grid: DIR/report.html (self-contained, PNGs inlined as data URIs) and DIR/report.md
 (PNGs beside it), built from the grid's results store and its runs' metrics.jsonl.
 
-Sections: summary (plain-language findings generated from the numbers, with the caveats the data
-force), the grid (cells and the config fields that differ between them), training curves (val
-loss vs tokens), QiD vs tokens per method with the fitted law, QiD vs N, the k-bit plot, a
-per-variant QiD comparison at one (method, bits) with bootstrap CIs over checkpoints, MoE balance
-and FP8-vs-BF16 gap plots when runs have those metrics, and the fitted laws with CIs and R².
+Each section is one function below, in the order the report shows them: summary (plain-language
+verdicts generated from the numbers, each with its interval), the grid (cells, seeds, tokens, epochs,
+tokens per parameter, the config fields that differ), training curves, the measurement's noise floor,
+QiD vs tokens per method with the fitted law, QiD vs N, the k-bit plot, the technique comparison,
+MoE balance and FP8-vs-BF16 gap plots when runs have those metrics, and the fitted laws.
 
-Statistics
-  * QiD of a variant at (method, bits, group size, format) = mean QiD over its checkpoints; the 95 %
-    CI is a percentile bootstrap over checkpoints.
-  * Difference to the baseline: checkpoints are paired by training tokens (within 5 %); the mean
-    paired difference gets a bootstrap CI over pairs. With fewer than 2 pairs the means of the two
-    series are compared (independent bootstrap). A CI that contains 0 is reported as "no detectable
-    difference", never as a direction.
-  * Laws (efftrain.analysis.fits): per method pooled over the cells, and per variant at the
-    compared method. A variable with a single value in a group (one model size, one bit width)
-    makes its exponent unidentifiable: it is held fixed (pooled fit, else the published value) and
-    marked "(fixed)"; it is then absorbed into the prefactor and nothing is claimed about it.
+Statistics (efftrain.analysis.stats, efftrain.analysis.fits)
+  * A *variant* is a replicate group: the runs of one grid cell that differ only in their seeds.
+  * Technique vs baseline is a paired difference per seed (the same seeds train every variant), with a
+    t-interval over seeds (PolyPythias, arXiv 2503.09543: effects smaller than the seed spread are not
+    findings). Three versions: QiD at each run's final checkpoint; relative QiD (QiD / loss_16) there;
+    and QiD at matched 16-bit loss (each pair's two series interpolated at the worse of their two final
+    16-bit losses, so a technique that simply trains to a lower loss is not credited with that). A
+    variant with one seed gets no interval and no claim. An interval that contains 0 is reported as
+    "no detectable difference", never as a direction.
+  * Every QiD row carries qid_se, the paired standard error over eval windows; the report states the
+    noise floor (median qid_se per bit width).
+  * Laws: weighted fits in linear space with run-level (cluster) bootstrap intervals; a cooldown branch
+    or an average counts as part of the run it branched from. Rows inside LR warmup and bit widths at
+    the noise floor are left out and listed; a parameter the data cannot identify is said to be so.
 """
 
 from __future__ import annotations
@@ -37,17 +40,16 @@ from typing import Any, Callable
 import numpy as np
 
 from efftrain.analysis import plots
-from efftrain.analysis.fits import LAWS, FitResult, fit_law, format_param
+from efftrain.analysis.compare import (Comparison, Selection, choose_selection, compare_techniques,
+                                       default_baseline, method_label, series_labels)
+from efftrain.analysis.fits import LAWS, PUBLISHED, PUBLISHED_NOTES, FitResult, fit_law, format_param
+from efftrain.analysis.stats import Interval
+from efftrain.config import flatten_dotted
+from efftrain.grid.spec import GridError, load_spec
+from efftrain.grid.store import DB_NAME, ResultsStore
+from efftrain.tables import with_n_params
 
 Log = Callable[[str], None]
-
-# Ouyang et al. 2024 (GPTQ on Pythia); used only to hold an unidentifiable exponent fixed
-PUBLISHED = {"ouyang": {"alpha": 0.2261, "gamma": 5.4967, "beta": 0.5251},
-             "kumar": {"gamma_N": 0.2261, "gamma_post": 1.0}}
-# which exponent each data variable identifies
-EXPONENT_OF = {"ouyang": {"n_params": "alpha", "bits": "gamma", "tokens": "beta"},
-               "kumar": {"n_params": "gamma_N", "bits": "gamma_post", "tokens": "gamma_D"}}
-TECHNIQUE_FIELDS = {"model.attention": "mha", "model.moe.enabled": False, "model.mtp.depth": 0, "fp8.enabled": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class GridResults:
     name: str
     db_path: Path
     runs_dir: Path
-    runs: list[dict]  # runs table, config parsed into "config"
+    runs: list[dict]  # runs table, config parsed into "config", "replicate" / "seed" filled in for old stores
     checkpoints: list[dict]
     rows: list[dict]  # ptq rows with n_params
 
@@ -144,10 +146,6 @@ class GridResults:
 
 
 def load_grid_results(source: str | Path) -> GridResults:
-    from efftrain.grid.spec import GridError, load_spec
-    from efftrain.grid.store import DB_NAME, ResultsStore
-    from efftrain.tables import with_n_params
-
     path = Path(source)
     name = None
     if path.suffix in (".yaml", ".yml"):
@@ -165,25 +163,19 @@ def load_grid_results(source: str | Path) -> GridResults:
         raise GridError(f"{db}: no cells recorded (run `efftrain grid run SPEC` first)")
     for r in runs:
         r["config"] = json.loads(r["config_json"]) if r.get("config_json") else {}
+        flat = flatten_dotted(r["config"])
+        r["replicate"] = r.get("replicate") or r["name"]  # stores from before replicates: one run per cell
+        r["seed"] = r.get("seed") if r.get("seed") is not None else flat.get("train.seed", 0)
+        r["data_seed"] = r.get("data_seed") if r.get("data_seed") is not None else flat.get("data.shuffle_seed", 0)
     name = name or (runs[0]["config"].get("name") or db.parent.name)
     return GridResults(name=name, db_path=db, runs_dir=db.parent, runs=runs, checkpoints=checkpoints, rows=rows)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def differing_fields(configs: list[dict]) -> list[str]:
-    """Dotted config fields whose values differ between the configs (`name` excluded)."""
-    flats = [_flatten(c) for c in configs]
+def differing_fields(configs: list[dict], ignore: tuple[str, ...] = ("name",)) -> list[str]:
+    """Dotted config fields whose values differ between the configs (`ignore`d fields left out)."""
+    flats = [flatten_dotted(c) for c in configs]
     keys = sorted(set().union(*flats)) if flats else []
-    return [k for k in keys if k != "name" and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    return [k for k in keys if k not in ignore and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -201,46 +193,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics
+# Formatting
 # ----------------------------------------------------------------------------------------------
-def bootstrap_mean(values, n_boot: int, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lo, hi): percentile bootstrap of the mean (nan CI for fewer than 2 values)."""
-    v = np.asarray(values, float)
-    if len(v) == 0:
-        return math.nan, math.nan, math.nan
-    if len(v) < 2 or n_boot <= 0:
-        return float(v.mean()), math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    a = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [a, 100 - a])
-    return float(v.mean()), float(lo), float(hi)
-
-
-def bootstrap_diff(a, b, n_boot: int, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean(a) - mean(b), lo, hi), the two samples resampled independently."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    d = float(a.mean() - b.mean())
-    if min(len(a), len(b)) < 2 or n_boot <= 0:
-        return d, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    ma = a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1)
-    mb = b[rng.integers(0, len(b), size=(n_boot, len(b)))].mean(axis=1)
-    lo, hi = np.percentile(ma - mb, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
-    return d, float(lo), float(hi)
-
-
-def pair_by_tokens(a: dict[float, float], b: dict[float, float], rel_tol: float = 0.05) -> list[tuple[float, float]]:
-    """(a value, b value) for checkpoints whose token counts agree within rel_tol (each used once)."""
-    pairs, used = [], set()
-    for t in sorted(a):
-        best = min((u for u in b if u not in used), key=lambda u: abs(math.log(u / t)), default=None)
-        if best is not None and abs(best - t) <= rel_tol * t:
-            used.add(best)
-            pairs.append((a[t], b[best]))
-    return pairs
-
-
 def _fmt(x: float, digits: int = 3) -> str:
     if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
         return "n/a"
@@ -262,347 +216,393 @@ def _count(n) -> str:
     return f"{n:g}"
 
 
-def fit_group(rows: list[dict], law: str, *, n_boot: int, reference: dict[str, float] | None = None,
-              group: dict | None = None, seed: int = 0) -> tuple[FitResult | None, list[str]]:
-    """Fit with every unidentifiable exponent held fixed (reference values, else the published ones)."""
-    good = [r for r in rows if isinstance(r.get("qid"), (int, float)) and math.isfinite(r["qid"]) and r["qid"] > 0]
-    if len({r["tokens"] for r in good}) < 2:
-        return None, [f"fewer than 2 token counts with QiD > 0 ({len(good)} of {len(rows)} rows positive)"]
-    fixed, notes = {}, []
-    for col in ("n_params", "bits"):
-        if len({r[col] for r in good}) == 1:
-            pname = EXPONENT_OF[law][col]
-            value = (reference or {}).get(pname, PUBLISHED[law][pname])
-            fixed[pname] = value
-            notes.append(f"{col} takes one value, so {pname} is held at {value:.4g} (absorbed into the prefactor)")
+def _interval(iv: Interval | None, signed: bool = False) -> str:
+    """'est [lo, hi]' (signed: with a + on positive numbers); 'est (1 seed: no interval)'."""
+    if iv is None:
+        return "-"
+    f = _sfmt if signed else _fmt
+    if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return f"{f(iv.estimate)} ({iv.n} seed{'s' if iv.n != 1 else ''}: no interval)"
+    return f"{f(iv.estimate)} [{f(iv.lo)}, {f(iv.hi)}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fits
+# ----------------------------------------------------------------------------------------------
+def _cluster_rows(rows: list[dict], runs: list[dict]) -> list[dict]:
+    """Rows with `cluster`: the run they belong to for resampling (a branch or an average belongs to
+    the run it branched from: their checkpoints share that run's history and seed)."""
+    family = {r["key"]: r.get("parent") or r["key"] for r in runs}
+    return [{**r, "cluster": family.get(r["run_key"], r["run_key"])} for r in rows]
+
+
+def fit_group(rows: list[dict], law: str, *, n_boot: int, group: dict | None = None,
+              seed: int = 0) -> tuple[FitResult | None, list[str]]:
+    """A law fitted to one group of rows; (None, reasons) when it cannot be fitted."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = fit_law(rows, law, n_boot=n_boot, seed=seed, fixed=fixed, group=group)
-        except (ValueError, ArithmeticError) as e:  # OverflowError: a replicate's exp(log k) overflowed
-            return None, notes + [f"{type(e).__name__}: {e}" if isinstance(e, ArithmeticError) else str(e)]
+            result = fit_law(rows, law, n_boot=n_boot, seed=seed, group=group, cluster_key="cluster")
+        except (ValueError, ArithmeticError) as e:
+            return None, [str(e)]
+    notes = [f"{name} not identified: {why}" for name, why in result.not_identified.items()]
     return result, notes + [str(w.message) for w in caught]
 
 
+def _exclusion_note(fr: FitResult) -> str:
+    if not fr.excluded:
+        return ""
+    return "left out: " + ", ".join(f"{n} {reason}" for reason, n in fr.excluded.items())
+
+
+def _law_sentence(m: str, fr: FitResult) -> str:
+    """The pooled Ouyang fit of one method in words, beside the published values."""
+    parts = []
+    for k in ("beta", "alpha", "gamma"):
+        if k in fr.not_identified:
+            parts.append(f"{k} not identified")
+        elif k in fr.fixed:
+            parts.append(f"{k} = {fr.params[k]:.3g} (held fixed)")
+        else:
+            parts.append(f"{k} = {format_param(fr, k)}")
+    excl = _exclusion_note(fr)
+    ref = PUBLISHED["ouyang"]
+    return (f"{method_label(m)} pooled over the cells: QiD = k·D^β/(N^α·P^γ) with {', '.join(parts)} "
+            f"({fr.n_points} rows from {fr.n_clusters} runs, N = {fr.n_params_source}"
+            + (f"; {excl}" if excl else "") + f"); Ouyang et al. report β ≈ {ref['beta']:.2f}, "
+            f"α ≈ {ref['alpha']:.2f}, γ ≈ {ref['gamma']:.1f} for GPTQ on Pythia (about one epoch of the Pile, "
+            f"N from 70M to 12B).")
+
+
 # ----------------------------------------------------------------------------------------------
-# The analysis
+# Summary sentences
+# ----------------------------------------------------------------------------------------------
+def _trend(fit: FitResult | None) -> str:
+    if fit is None or "beta" in fit.fixed or "beta" in fit.not_identified:
+        return ""
+    b, (lo, hi) = fit.params["beta"], fit.ci.get("beta", (math.nan, math.nan))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    iv = f"β = {b:.2f} [{lo:.2f}, {hi:.2f}]"
+    if lo > 0:
+        return f" Its QiD grows with training tokens ({iv})."
+    if hi < 0:
+        return f" Its QiD falls with training tokens ({iv})."
+    return f" No detectable trend of its QiD with tokens ({iv})."
+
+
+def _difference_sentence(v: str, baseline: str, at: str, what: str, iv: Interval, unit: str = "nats") -> str:
+    if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return f"{what}: {_sfmt(iv.estimate)} {unit} from {iv.n} seed pair(s), too few for an interval, so no claim"
+    if iv.includes_zero:
+        return f"{what}: no detectable difference to {baseline}, {_interval(iv, signed=True)} {unit} ({iv.n} seed pairs)"
+    word = "more" if iv.estimate > 0 else "less"
+    return (f"{what}: **{v}** loses {_fmt(abs(iv.estimate))} {unit} {word} than **{baseline}** "
+            f"{_interval(iv, signed=True)} ({iv.n} seed pairs)")
+
+
+def summary_sentences(comparison: list[Comparison], sel: Selection, baseline: str, base_active,
+                      variant_fits: dict[str, tuple[FitResult | None, list[str]]],
+                      noise_floor: dict[int, float]) -> list[str]:
+    at = f"at {sel.label}"
+    out = []
+    floor = noise_floor.get(sel.bits)
+    for c in comparison:
+        fit, _ = variant_fits.get(c.variant, (None, []))
+        trend = _trend(fit)
+        tok = f"{_count(c.tokens)} tokens, {_fmt(c.epochs, 2)} epochs" if math.isfinite(c.epochs) else \
+            f"{_count(c.tokens)} tokens"
+        if c.is_baseline:
+            out.append(f"**{c.variant}** (baseline): final QiD {at} {_interval(c.qid)} nats over {c.seeds} seed(s) "
+                       f"({tok}).{trend}")
+            continue
+        if c.diff is None:
+            out.append(f"**{c.variant}**: final QiD {at} {_interval(c.qid)} nats; no seed shared with {baseline}, so "
+                       f"no paired comparison.{trend}")
+            continue
+        size = ""
+        if c.params_active and base_active:
+            rel = abs(c.params_active - base_active) / base_active
+            size = (f" At equal active params ({_count(c.params_active)})." if rel <= 0.05 else
+                    f" Active params differ ({_count(c.params_active)} vs {_count(base_active)}), so part of any "
+                    f"gap may be model size.")
+        parts = [_difference_sentence(c.variant, baseline, at, "final checkpoint", c.diff)]
+        if c.matched_diff is not None:
+            parts.append(_difference_sentence(c.variant, baseline, at,
+                                              f"at matched 16-bit loss {_fmt(c.matched_loss)}", c.matched_diff))
+        if c.rel_diff is not None and math.isfinite(c.rel_diff.lo):
+            parts.append(f"relative QiD (QiD / loss_16) differs by {_interval(c.rel_diff, signed=True)}")
+        out.append(f"**{c.variant}** vs **{baseline}** {at} ({tok}) — " + "; ".join(parts) + "." + size + trend)
+    if floor is not None and comparison:
+        out.append(f"Noise floor {at}: the median per-row standard error of QiD is {_fmt(floor)} nats "
+                   f"(paired over eval windows); differences below about twice that are not resolved by one row.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections: one function each, in the order the report shows them
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Selection:
-    method: str
-    bits: int
-    group_size: int
-    fmt: str
+class Context:
+    """What the sections share: the results, the output directory, the comparison's selection."""
+
+    res: GridResults
+    out: Path
+    baseline: str
+    n_boot: int
+    labels: dict[str, str]  # cell key -> variant
+    rows: list[dict]  # PTQ rows with a QiD, `cluster` set
+    sel: Selection | None = None
+    slice_rows: list[dict] = field(default_factory=list)  # rows at the selection's group size and format
+    notes: list[str] = field(default_factory=list)
+    pooled: dict[str, dict[str, tuple[FitResult | None, list[str]]]] = field(default_factory=dict)  # law->method->
+    variant_fits: dict[str, dict[str, tuple[FitResult | None, list[str]]]] = field(default_factory=dict)
+    comparison: list[Comparison] = field(default_factory=list)
+    noise_floor: dict[int, float] = field(default_factory=dict)  # bits -> median qid_se at the method
+
+    def plot(self, what: str, fn, *args, **kwargs) -> Path | None:
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            self.notes.append(f"{what} not plotted: {e}")
+            return None
+
+    @property
+    def main_keys(self) -> set[str]:
+        return {r["key"] for r in self.res.runs if (r.get("kind") or "main") == "main"}
 
 
-def choose_selection(rows: list[dict], method: str | None, bits: int | None) -> Selection:
-    from efftrain.grid.spec import GridError
-
-    methods = sorted({r["method"] for r in rows})
-    if method is None:
-        method = "gptq" if "gptq" in methods else methods[0]
-    elif method not in methods:
-        raise GridError(f"--method {method}: not in the results (methods: {', '.join(methods)})")
-    sub = [r for r in rows if r["method"] == method]
-    fmts = Counter(r["format"] for r in sub)
-    fmt = "int" if "int" in fmts else fmts.most_common(1)[0][0]
-    sub = [r for r in sub if r["format"] == fmt]
-    group = Counter(r["group_size"] for r in sub).most_common(1)[0][0]
-    all_bits = sorted({r["bits"] for r in sub})
-    if bits is None:
-        bits = 3 if 3 in all_bits else next((b for b in all_bits if b >= 3), all_bits[0])
-    elif bits not in all_bits:
-        raise GridError(f"--bits {bits}: no {method} rows at that bit width (have {all_bits})")
-    return Selection(method, int(bits), int(group), fmt)
-
-
-def default_baseline(runs: list[dict]) -> str:
-    for r in runs:
-        flat = _flatten(r["config"])
-        if r.get("kind", "main") == "main" and all(flat.get(k) == v for k, v in TECHNIQUE_FIELDS.items()):
-            return r["name"]
-    return runs[0]["name"]
+def analyse(ctx: Context, method: str | None, bits: int | None) -> None:
+    """The numbers every section reads: the selection, pooled and per-variant fits, the comparison."""
+    if not ctx.rows:
+        ctx.notes.append("no PTQ rows yet: nothing to fit or compare")
+        return
+    sel = ctx.sel = choose_selection(ctx.rows, method, bits)
+    ctx.slice_rows = [r for r in ctx.rows if r["group_size"] == sel.group_size and r["format"] == sel.fmt]
+    methods = sorted({r["method"] for r in ctx.slice_rows})
+    for law in LAWS:
+        ctx.pooled[law] = {m: fit_group([r for r in ctx.slice_rows if r["method"] == m], law, n_boot=ctx.n_boot,
+                                        group={"method": m}) for m in methods}
+        ctx.variant_fits[law] = {}
+        sel_rows = [r for r in ctx.slice_rows if r["method"] == sel.method]
+        for label in dict.fromkeys(ctx.labels[r["key"]] for r in ctx.res.runs):
+            vrows = [r for r in sel_rows if ctx.labels.get(r["run_key"]) == label]
+            if vrows:
+                ctx.variant_fits[law][label] = fit_group(vrows, law, n_boot=ctx.n_boot,
+                                                         group={"method": sel.method, "variant": label})
+    ctx.comparison = compare_techniques(ctx.rows, ctx.res.runs, sel, ctx.baseline)
+    for b in sorted({r["bits"] for r in ctx.slice_rows}):
+        ses = [r["qid_se"] for r in ctx.slice_rows if r["bits"] == b and r["method"] == sel.method
+               and r.get("qid_se") is not None]
+        if ses:
+            ctx.noise_floor[b] = float(np.median(ses))
 
 
-def series_labels(runs: list[dict]) -> dict[str, str]:
-    """Cell key -> the series its checkpoints belong to: a main cell's name; all cooldown branches of
-    a run form one series "<run> [cooldown]", all its averages "<run> [avg]"."""
-    name = {r["key"]: r["name"] for r in runs}
-    out = {}
-    for r in runs:
-        kind = r.get("kind") or "main"
-        tag = {"cooldown": "cooldown", "average": "avg"}.get(kind)
-        out[r["key"]] = f"{name.get(r['parent'], r['parent'])} [{tag}]" if tag else r["name"]
-    return out
+def section_summary(ctx: Context, doc: Doc) -> None:
+    doc.h(2, "Summary")
+    sel = ctx.sel
+    summary = []
+    if sel is not None:
+        doc.p(f"Comparison at {sel.label} (group {sel.group_size}, {sel.fmt}) against the baseline **{ctx.baseline}**: "
+              f"differences are paired by seed, with 95% t-intervals over seeds.")
+        base_active = next((r.get("params_active") for r in ctx.res.runs if r["replicate"] == ctx.baseline), None)
+        summary = summary_sentences(ctx.comparison, sel, ctx.baseline, base_active,
+                                    ctx.variant_fits.get("ouyang", {}), ctx.noise_floor)
+        for m, (fr, fnotes) in ctx.pooled.get("ouyang", {}).items():
+            summary.append(_law_sentence(m, fr) if fr is not None else
+                           f"{method_label(m)}: the Ouyang law could not be fitted ({'; '.join(fnotes)}).")
+        single = [c.variant for c in ctx.comparison if c.seeds < 2]
+        if single:
+            summary.append(f"{len(single)} variant(s) have a single seed ({', '.join(single)}): their numbers come "
+                           f"without an interval over seeds and support no comparison on their own.")
+    doc.ul(summary or ["No PTQ results yet, so no claims about quantization can be made."])
+    incomplete = [r["name"] for r in ctx.res.runs if r["status"] != "done"]
+    if incomplete:
+        doc.p(f"Not finished: {', '.join(incomplete)} — numbers above cover the rows recorded so far.")
 
 
-def compare_variants(rows: list[dict], runs: list[dict], sel: Selection, baseline: str, n_boot: int) -> list[dict]:
-    """Per series: mean QiD over checkpoints with CI, and the difference to the baseline."""
-    labels = series_labels(runs)
-    sub = [r for r in rows if r["method"] == sel.method and r["bits"] == sel.bits
-           and r["group_size"] == sel.group_size and r["format"] == sel.fmt and r.get("qid") is not None]
-    series: dict[str, dict[float, float]] = {}
-    for r in sub:
-        series.setdefault(labels.get(r["run_key"], r["variant"]), {})[float(r["tokens"])] = float(r["qid"])
-    active = {labels[r["key"]]: r.get("params_active") for r in runs}
-    out = []
-    base = series.get(baseline)
-    for v in dict.fromkeys(labels[r["key"]] for r in runs):
-        if v not in series:
-            continue
-        qid = series[v]
-        mean, lo, hi = bootstrap_mean(list(qid.values()), n_boot)
-        item = {"variant": v, "n": len(qid), "qid": mean, "ci_lo": lo,
-                "ci_hi": hi, "params_active": active.get(v), "baseline": v == baseline}
-        if base is not None and v != baseline:
-            pairs = pair_by_tokens(qid, base)
-            if pairs:
-                d, dlo, dhi = bootstrap_mean([a - b for a, b in pairs], n_boot)
-                item.update(diff=d, diff_lo=dlo, diff_hi=dhi, n_pairs=len(pairs), paired=True)
-            else:
-                d, dlo, dhi = bootstrap_diff(list(qid.values()), list(base.values()), n_boot)
-                item.update(diff=d, diff_lo=dlo, diff_hi=dhi, n_pairs=len(pairs), paired=False)
-        out.append(item)
-    return out
+def section_grid(ctx: Context, doc: Doc) -> None:
+    runs, res = ctx.res.runs, ctx.res
+    doc.h(2, "Grid")
+    last = {}
+    for c in res.checkpoints:
+        if c["run_key"] not in last or c["tokens"] > last[c["run_key"]]["tokens"]:
+            last[c["run_key"]] = c
+    n_q = {r["run_key"]: r.get("n_params") for r in ctx.rows}
+
+    def epochs(r):
+        c = last.get(r["key"])
+        if c is None:
+            return "n/a"
+        e = c.get("epochs")
+        if e is None and r.get("train_tokens"):
+            e = c["tokens"] / r["train_tokens"]
+        return _fmt(e, 2) if e is not None else "n/a"
+
+    def tokens_per_param(r):
+        c, n = last.get(r["key"]), n_q.get(r["key"]) or r.get("params_nonembed")
+        return _fmt(c["tokens"] / n, 3) if c and n else "n/a"
+
+    doc.table(["key", "cell", "variant", "seed", "kind", "status", "N (quantized)", "active", "checkpoints",
+               "final tokens", "epochs", "tokens/N", "PTQ rows"],
+              [[r["key"], r["name"], r["replicate"], f"{r['seed']}/{r['data_seed']}", r.get("kind"), r["status"],
+                _count(n_q.get(r["key"])), _count(r.get("params_active")),
+                sum(c["run_key"] == r["key"] for c in res.checkpoints),
+                _count(last[r["key"]]["tokens"]) if r["key"] in last else "n/a", epochs(r), tokens_per_param(r),
+                sum(x["run_key"] == r["key"] for x in res.rows)] for r in runs])
+    doc.p("seed = train.seed / data.shuffle_seed; epochs = passes over the run's train split by its last "
+          "checkpoint; N = the parameters PTQ quantizes (the N of the fits).")
+    diff = differing_fields([r["config"] for r in runs], ignore=("name", "train.seed", "data.shuffle_seed"))
+    if diff:
+        doc.p("Config fields that differ between the cells (besides the seeds):")
+        flats = [flatten_dotted(r["config"]) for r in runs]
+        doc.table(["cell"] + diff, [[r["name"]] + [json.dumps(f.get(k)) if isinstance(f.get(k), (list, dict))
+                                                   else f.get(k) for k in diff] for r, f in zip(runs, flats)])
 
 
-def _method_label(m: str) -> str:
-    return {"gptq": "GPTQ", "rtn": "RTN", "awq": "AWQ"}.get(m, m)
+def section_training(ctx: Context, doc: Doc) -> None:
+    labels = {r["key"]: r["name"] for r in ctx.res.runs}
+    evals = [{"run": labels[c["run_key"]], "tokens": c["tokens"], "val_loss": c["val_loss"]}
+             for c in ctx.res.checkpoints if c["val_loss"] is not None and c["run_key"] in labels]
+    doc.h(2, "Training")
+    img = ctx.plot("val loss vs tokens", plots.plot_loss_vs_tokens, evals, ctx.out / "loss_vs_tokens.png") \
+        if evals else None
+    if img:
+        doc.image(img, "Validation loss of every series checkpoint against training tokens, one line per run.")
 
 
-def summary_sentences(comparison: list[dict], sel: Selection, baseline: str, base_active,
-                      variant_fits: dict[str, tuple[FitResult | None, list[str]]],
-                      quality: dict[int, tuple[int, int]]) -> list[str]:
-    at = f"at {sel.bits}-bit {_method_label(sel.method)}"
-    out = []
-    n_nonpos, n_all = quality.get(sel.bits, (0, 0))
-    if n_all and n_nonpos / n_all > 0.3:
-        out.append(f"{at}, {n_nonpos} of {n_all} rows have QiD ≤ 0: the quantization error is at the noise level "
-                   f"of the val loss here, so differences at this bit width are weak evidence.")
-    for c in comparison:
-        v = c["variant"]
-        fit, _ = variant_fits.get(v, (None, []))
-        trend = ""
-        if fit is not None and "beta" not in fit.fixed:
-            lo, hi = fit.ci.get("beta", (math.nan, math.nan))
-            b = fit.params["beta"]
-            if math.isfinite(lo) and lo > 0:
-                trend = f" Its QiD grows with training tokens (Ouyang β = {b:.2f} [{lo:.2f}, {hi:.2f}])."
-            elif math.isfinite(hi) and hi < 0:
-                trend = f" Its QiD falls with training tokens (β = {b:.2f} [{lo:.2f}, {hi:.2f}])."
-            elif math.isfinite(lo):
-                trend = f" The data show no clear trend of its QiD with tokens (β = {b:.2f} [{lo:.2f}, {hi:.2f}])."
-        if c["baseline"]:
-            out.append(f"**{v}** (baseline): mean QiD {at} is {_fmt(c['qid'])} [{_fmt(c['ci_lo'])}, "
-                       f"{_fmt(c['ci_hi'])}] nats over {c['n']} checkpoints.{trend}")
-            continue
-        if "diff" not in c:
-            out.append(f"**{v}**: mean QiD {_fmt(c['qid'])} over {c['n']} checkpoints; no baseline rows to compare "
-                       f"with.{trend}")
-            continue
-        d, lo, hi = c["diff"], c["diff_lo"], c["diff_hi"]
-        how = (f"{c['n_pairs']} checkpoint(s) matched by training tokens" if c["paired"]
-               else "no checkpoints at matching token counts: series means, which mix training lengths")
-        act = c.get("params_active")
-        if act and base_active:
-            rel = abs(act - base_active) / base_active
-            size = (f"at equal active params ({_count(act)})" if rel <= 0.05 else
-                    f"but active params differ ({_count(act)} vs {_count(base_active)}), so part of the gap "
-                    f"may be model size")
-        else:
-            size = ""
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            out.append(f"**{v}**: {at} the difference to {baseline} is {_sfmt(d)} nats ({how}); too few checkpoints "
-                       f"for a confidence interval, so no claim.{trend}")
-        elif lo > 0 or hi < 0:
-            word = "more" if d > 0 else "less"
-            out.append(f"{at}, **{v}** checkpoints lose {_fmt(abs(d))} [{_fmt(abs(lo if d > 0 else hi))}, "
-                       f"{_fmt(abs(hi if d > 0 else lo))}] nats {word} than **{baseline}** {size} ({how}).{trend}")
-        else:
-            out.append(f"**{v}**: {at} no detectable difference to {baseline}: {_sfmt(d)} [{_sfmt(lo)}, {_sfmt(hi)}] "
-                       f"nats (the 95% CI includes 0; {how}){', ' + size if size else ''}.{trend}")
-    return out
+def section_noise(ctx: Context, doc: Doc) -> None:
+    if ctx.sel is None:
+        return
+    doc.h(2, "Measurement noise")
+    rows = [r for r in ctx.slice_rows if r["method"] == ctx.sel.method]
+    table = []
+    for b in sorted({r["bits"] for r in rows}):
+        sub = [r for r in rows if r["bits"] == b]
+        ses = [r["qid_se"] for r in sub if r.get("qid_se") is not None]
+        kls = [r["kl"] for r in sub if r.get("kl") is not None]
+        top1 = [r["top1_agree"] for r in sub if r.get("top1_agree") is not None]
+        table.append([b, len(sub), _fmt(float(np.median([r["qid"] for r in sub]))),
+                      _fmt(float(np.median(ses))) if ses else "n/a",
+                      sum(abs(r["qid"]) < 2 * r["qid_se"] for r in sub if r.get("qid_se") is not None),
+                      _fmt(float(np.median(kls))) if kls else "n/a",
+                      f"{100 * float(np.median(top1)):.1f}%" if top1 else "n/a"])
+    windows = sorted({(r.get("eval_windows"), r.get("eval_tokens")) for r in rows if r.get("eval_windows")})
+    doc.p(f"{method_label(ctx.sel.method)} rows per bit width: median QiD, median standard error of QiD (paired over "
+          f"eval windows: the noise floor), rows with |QiD| < 2·se, median token KL(16-bit ‖ quantized) and the "
+          f"median fraction of positions where both models pick the same next token."
+          + (f" Eval set: {', '.join(f'{w} windows ({_count(t)} tokens)' for w, t in windows)} per row, a seeded "
+             f"random sample of the val split." if windows else " These rows predate per-window errors (no qid_se)."))
+    doc.table(["bits", "rows", "median QiD", "median se", "|QiD| < 2·se", "median KL", "median top-1 agree"], table)
 
 
-# ----------------------------------------------------------------------------------------------
-# Building the report
-# ----------------------------------------------------------------------------------------------
-def _try_plot(notes: list[str], what: str, fn, *args, **kwargs) -> Path | None:
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as e:
-        notes.append(f"{what} not plotted: {e}")
-        return None
+def section_qid(ctx: Context, doc: Doc) -> None:
+    if ctx.sel is None:
+        return
+    sel, out = ctx.sel, ctx.out
+    doc.h(2, "Quantization-induced degradation")
+    doc.p(f"Rows with group size {sel.group_size} and format {sel.fmt}; QiD = loss(quantized) − loss(16-bit) on "
+          f"the same held-out windows, in nats/token.")
+    for m, (fr, fnotes) in ctx.pooled["ouyang"].items():
+        mrows = [{**r, "method": ctx.labels.get(r["run_key"], r["variant"])} for r in ctx.slice_rows
+                 if r["method"] == m]
+        img = ctx.plot(f"QiD vs tokens ({m})", plots.plot_qid_vs_tokens, mrows, out / f"qid_vs_tokens_{m}.png",
+                       fit=fr, title=f"QiD vs training tokens — {method_label(m)}")
+        if img:
+            doc.image(img, f"{method_label(m)}: QiD against training tokens; colour = bit width, line style = "
+                           f"variant, marker = model size; thick lines: the pooled Ouyang fit"
+                      + ("" if fr else " (no fit: " + "; ".join(fnotes) + ")") + ".")
+    main_rows = [r for r in ctx.slice_rows if r["run_key"] in ctx.main_keys]
+    img = ctx.plot("QiD vs N", plots.plot_qid_vs_params, main_rows, out / "qid_vs_params.png")
+    if img:
+        doc.image(img, "QiD against quantized parameters N at each main cell's final checkpoint.")
+    last = {}
+    for r in main_rows:
+        last[r["run_key"]] = max(last.get(r["run_key"], 0), r["tokens"])
+    kbit_rows = [r for r in main_rows if r["tokens"] == last[r["run_key"]] and r.get("params_total")
+                 and r.get("eff_bits")]
+    img = ctx.plot("k-bit plot", plots.plot_kbit, kbit_rows, out / "kbit.png") if kbit_rows else None
+    if img:
+        doc.image(img, "k-bit scaling (Dettmers & Zettlemoyer 2022): quantized loss of each main cell's final "
+                       "checkpoint against total model bits = parameters × effective bits per parameter "
+                       "(scales included).")
 
 
-def _fit_table_rows(fits: list[tuple[str, FitResult | None, list[str]]], law: str) -> tuple[list[str], list[list]]:
+def section_comparison(ctx: Context, doc: Doc) -> None:
+    if not ctx.comparison:
+        return
+    sel = ctx.sel
+    doc.h(3, f"Variants at {sel.label}")
+    img = ctx.plot("technique comparison", plots.plot_technique_qid,
+                   [{"technique": c.variant.replace(",", ",\n").replace(" [", "\n["), "qid": c.qid.estimate,
+                     "ci_lo": c.qid.lo, "ci_hi": c.qid.hi} for c in ctx.comparison], ctx.out / "technique_qid.png",
+                   title=f"Final-checkpoint QiD at {sel.label} (group {sel.group_size}, {sel.fmt})",
+                   ci_label="95% t-interval over seeds")
+    if img:
+        doc.image(img, f"Mean final-checkpoint QiD over seeds at {sel.label}; error bars: 95% t-interval over "
+                       f"seeds (none with one seed).")
+    doc.table(["variant", "seeds", "active params", "final tokens", "epochs", "final QiD [95% CI]",
+               f"Δ vs {ctx.baseline}, paired [95% CI]", "Δ at matched 16-bit loss", "Δ relative QiD"],
+              [[c.variant, c.seeds, _count(c.params_active), _count(c.tokens), _fmt(c.epochs, 2), _interval(c.qid),
+                "baseline" if c.is_baseline else _interval(c.diff, signed=True),
+                "" if c.is_baseline else (_interval(c.matched_diff, signed=True) +
+                                          (f" at {_fmt(c.matched_loss)}" if c.matched_diff else "")),
+                "" if c.is_baseline else _interval(c.rel_diff, signed=True)] for c in ctx.comparison])
+
+
+def _fit_table_rows(entries: list[tuple[str, FitResult | None, list[str]]], law: str) -> tuple[list[str], list[list]]:
     names = LAWS[law].param_names
-    header = ["group"] + [f"{n} [95% CI]" for n in names] + ["R² (log)", "RMSE (log)", "n", "notes"]
+    header = ["group"] + [f"{n} [95% CI]" for n in names] + ["rows", "runs", "N", "left out", "notes"]
     rows = []
-    for label, fr, notes in fits:
+    for label, fr, notes in entries:
         if fr is None:
-            rows.append([label] + ["-"] * len(names) + ["-", "-", "-", "; ".join(notes)])
+            rows.append([label] + ["-"] * len(names) + ["-", "-", "-", "-", "; ".join(notes)])
             continue
-        cells = [format_param(fr, n) for n in names]
-        rows.append([label] + cells + [f"{fr.r2:.3f}", f"{fr.rmse:.3f}", fr.n_points, "; ".join(notes)])
+        rows.append([label] + [format_param(fr, n) for n in names] +
+                    [fr.n_points, fr.n_clusters, fr.n_params_source, _exclusion_note(fr).removeprefix("left out: "),
+                     "; ".join(notes)])
     return header, rows
 
 
-def build_report(source: str | Path, out_dir: str | Path, *, method: str | None = None, bits: int | None = None,
-                 baseline: str | None = None, n_boot: int = 300, log: Log = print) -> Path:
-    """Write out_dir/report.html and out_dir/report.md (+ PNGs); returns the HTML path."""
-    from efftrain.grid.spec import GridError
+def section_fits(ctx: Context, doc: Doc) -> None:
+    if not ctx.pooled:
+        return
+    doc.h(2, "Fitted laws")
+    doc.p("Weighted least squares in linear space (each row weighted by its QiD standard error and a fitted "
+          "run-level relative noise; rows with QiD ≤ 0 are data); 95% intervals from a bootstrap over whole runs "
+          "(a branch or average resampled with the run it came from). Left out by default, counted here: rows "
+          "inside LR warmup and bit widths at the noise floor.")
+    for law in LAWS:
+        entries = [(f"method={m} (all cells)", *ctx.pooled[law][m]) for m in ctx.pooled[law]]
+        entries += [(f"method={ctx.sel.method}, {label}", *fit) for label, fit in ctx.variant_fits[law].items()]
+        doc.h(3, f"{law}: {LAWS[law].formula} ({LAWS[law].citation})")
+        ref = PUBLISHED.get(law) or {}
+        doc.p("Published: " + (", ".join(f"{k} = {v:g}" for k, v in ref.items()) + " (GPTQ on Pythia)" if ref
+                               else PUBLISHED_NOTES.get(law, "no published values")) + ".")
+        header, trows = _fit_table_rows(entries, law)
+        doc.table(header, trows)
+        excluded = sorted({e for _, fr, _ in entries if fr is not None for e in fr.excluded_rows})
+        if excluded:
+            doc.p(f"Left out of the {law} fits ({len(excluded)}): " + "; ".join(map(str, excluded[:40]))
+                  + (" …" if len(excluded) > 40 else ""))
 
-    res = load_grid_results(source)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    old_md = out / "report.md"
-    if old_md.exists():  # images of an earlier report here (other cells) would linger beside the new one
-        for name in re.findall(r"!\[[^\]]*\]\(([\w.-]+\.png)\)", old_md.read_text()):
-            (out / name).unlink(missing_ok=True)
-    runs = res.runs
-    names = [r["name"] for r in runs]
-    if baseline is not None and baseline not in names:
-        raise GridError(f"--baseline '{baseline}' is not a cell name (cells: {', '.join(names)})")
-    baseline = baseline or default_baseline(runs)
-    notes: list[str] = []
-    doc_plots = Doc()
 
-    # ---- training curves -----------------------------------------------------------------------
-    labels = series_labels(runs)
-    evals = [{"run": labels[c["run_key"]], "tokens": c["tokens"], "val_loss": c["val_loss"]}
-             for c in res.checkpoints if c["val_loss"] is not None and c["run_key"] in labels]
-    doc_plots.h(2, "Training")
-    img = _try_plot(notes, "val loss vs tokens", plots.plot_loss_vs_tokens, evals, out / "loss_vs_tokens.png") \
-        if evals else None
-    if img:
-        doc_plots.image(img, "Validation loss of every series checkpoint against training tokens, one line per cell "
-                             "(the cooldown branches and averages of a run form one line each).")
-
-    # ---- QiD analysis ----------------------------------------------------------------------------
-    rows = [r for r in res.rows if r.get("qid") is not None]
-    comparison, fit_tables, summary, variant_fits = [], {}, [], {}
-    sel = None
-    if not rows:
-        notes.append("no PTQ rows yet: nothing to fit or compare")
-    else:
-        sel = choose_selection(rows, method, bits)
-        slice_rows = [r for r in rows if r["group_size"] == sel.group_size and r["format"] == sel.fmt]
-        doc_plots.h(2, "Quantization-induced degradation")
-        doc_plots.p(f"Rows with group size {sel.group_size} and format {sel.fmt}; QiD = loss(quantized) − loss(16-bit) "
-                    f"on the run's held-out windows, in nats/token.")
-        methods = sorted({r["method"] for r in slice_rows})
-        pooled: dict[str, dict[str, tuple]] = {"ouyang": {}, "kumar": {}}
-        for law in pooled:
-            for m in methods:
-                pooled[law][m] = fit_group([r for r in slice_rows if r["method"] == m], law, n_boot=n_boot,
-                                           group={"method": m})
-        for m in methods:
-            fr = pooled["ouyang"][m][0]
-            # the plot's linestyle key is "method": one line style per series within this method's plot
-            mrows = [{**r, "method": labels.get(r["run_key"], r["variant"])} for r in slice_rows if r["method"] == m]
-            img = _try_plot(notes, f"QiD vs tokens ({m})", plots.plot_qid_vs_tokens, mrows,
-                            out / f"qid_vs_tokens_{m}.png", fit=fr, title=f"QiD vs training tokens — {_method_label(m)}")
-            if img:
-                doc_plots.image(img, f"{_method_label(m)}: QiD against training tokens; colour = bit width, line style "
-                                     f"= series (cell), marker = model size; thick lines: the pooled Ouyang fit"
-                                     + ("" if fr else " (no fit: " + "; ".join(pooled['ouyang'][m][1]) + ")") + ".")
-        main_keys = {r["key"] for r in runs if (r.get("kind") or "main") == "main"}
-        main_rows = [r for r in slice_rows if r["run_key"] in main_keys]
-        img = _try_plot(notes, "QiD vs N", plots.plot_qid_vs_params, main_rows, out / "qid_vs_params.png")
-        if img:
-            doc_plots.image(img, "QiD against non-embedding parameters N at each main cell's final checkpoint.")
-        last = {}
-        for r in main_rows:
-            last[r["run_key"]] = max(last.get(r["run_key"], 0), r["tokens"])
-        kbit_rows = [r for r in main_rows if r["tokens"] == last[r["run_key"]] and r.get("params_total")
-                     and r.get("eff_bits")]
-        img = _try_plot(notes, "k-bit plot", plots.plot_kbit, kbit_rows, out / "kbit.png") if kbit_rows else None
-        if img:
-            doc_plots.image(img, "k-bit scaling (Dettmers & Zettlemoyer 2022): quantized loss of each main cell's final "
-                                 "checkpoint against total model bits = parameters × effective bits per parameter "
-                                 "(scales included).")
-
-        # per-variant comparison
-        comparison = compare_variants(rows, runs, sel, baseline, n_boot)
-        at = f"{sel.bits}-bit {_method_label(sel.method)}"
-        if comparison:
-            img = _try_plot(notes, "technique comparison", plots.plot_technique_qid,
-                            [{"technique": c["variant"].replace(",", ",\n").replace(" [", "\n["), "qid": c["qid"],
-                              "ci_lo": c["ci_lo"], "ci_hi": c["ci_hi"]} for c in comparison], out / "technique_qid.png",
-                            title=f"Mean QiD over checkpoints at {at} (group {sel.group_size}, {sel.fmt})",
-                            ci_label="95% CI (bootstrap over checkpoints)")
-            doc_plots.h(3, f"Variants at {at}")
-            if img:
-                doc_plots.image(img, f"Mean QiD over each cell's checkpoints at {at}; error bars: 95% bootstrap CI "
-                                     f"over checkpoints.")
-            doc_plots.table(["variant", "checkpoints", "active params", "mean QiD [95% CI]",
-                             f"Δ vs {baseline} [95% CI]", "pairing"],
-                            [[c["variant"], c["n"], _count(c["params_active"]),
-                              f"{_fmt(c['qid'])} [{_fmt(c['ci_lo'])}, {_fmt(c['ci_hi'])}]",
-                              "baseline" if c["baseline"] else
-                              (f"{_sfmt(c['diff'])} [{_sfmt(c['diff_lo'])}, {_sfmt(c['diff_hi'])}]" if "diff" in c
-                               else "-"),
-                              "" if c["baseline"] or "diff" not in c else
-                              (f"{c['n_pairs']} pairs by tokens" if c["paired"] else "unpaired means")]
-                             for c in comparison])
-
-        # fits per law: pooled per method, and per variant at the compared method
-        sel_rows = [r for r in slice_rows if r["method"] == sel.method]
-        for law in ("ouyang", "kumar"):
-            entries = [(f"method={m} (all cells)", *pooled[law][m]) for m in methods]
-            ref = pooled[law][sel.method][0]
-            for label in dict.fromkeys(labels[r["key"]] for r in runs):
-                vrows = [r for r in sel_rows if labels.get(r["run_key"]) == label]
-                if not vrows:
-                    continue
-                fr, fnotes = fit_group(vrows, law, n_boot=n_boot, reference=ref.params if ref else None,
-                                       group={"method": sel.method, "series": label})
-                entries.append((f"method={sel.method}, {label}", fr, fnotes))
-                if law == "ouyang":
-                    variant_fits[label] = (fr, fnotes)
-            fit_tables[law] = entries
-
-        quality = {}
-        for r in sel_rows:
-            n_bad, n_all = quality.get(r["bits"], (0, 0))
-            quality[r["bits"]] = (n_bad + (r["qid"] <= 0), n_all + 1)
-        base_active = next((r.get("params_active") for r in runs if r["name"] == baseline), None)
-        summary = summary_sentences(comparison, sel, baseline, base_active, variant_fits, quality)
-        for m in methods:
-            fr, fnotes = pooled["ouyang"][m]
-            if fr is None:
-                summary.append(f"{_method_label(m)}: the Ouyang law could not be fitted ({'; '.join(fnotes)}).")
-                continue
-            free = [k for k in ("beta", "alpha", "gamma") if k not in fr.fixed]
-            parts = ", ".join(f"{k} = {fr.params[k]:.2f} [{_fmt(fr.ci[k][0], 2)}, {_fmt(fr.ci[k][1], 2)}]"
-                              for k in free)
-            ns = [r["params_nonembed"] for r in slice_rows if r["method"] == m and r.get("params_nonembed")]
-            narrow = "alpha" in free and ns and max(ns) < 2 * min(ns)
-            summary.append(f"{_method_label(m)} pooled over the cells: QiD = k·D^β/(N^α·P^γ) with {parts} "
-                           f"(R² {fr.r2:.2f} on log QiD, {fr.n_points} rows"
-                           + (f", {fr.n_dropped} with QiD ≤ 0 left out" if fr.n_dropped else "")
-                           + (f"; N spans only {min(ns) / 1e6:.3g}M–{max(ns) / 1e6:.3g}M, so α is not "
-                              "identified by these cells" if narrow else "")
-                           + "); Ouyang et al. report β ≈ 0.53, α ≈ 0.23, γ ≈ 5.5 for GPTQ on Pythia.")
-
-    # ---- MoE balance and FP8 gap ---------------------------------------------------------------
-    doc_extra = Doc()
-    main_runs = [r for r in runs if r.get("kind", "main") == "main"]
-    moe_imgs = []
+def section_diagnostics(ctx: Context, doc: Doc) -> None:
+    res, out = ctx.res, ctx.out
+    main_runs = [r for r in res.runs if r.get("kind", "main") == "main"]
+    flat = {r["key"]: flatten_dotted(r["config"]) for r in main_runs}
+    moe_imgs, fp8_imgs = [], []
     for r in main_runs:
-        if not _flatten(r["config"]).get("model.moe.enabled"):
+        if not flat[r["key"]].get("model.moe.enabled"):
             continue
         recs = [{"step": m["step"], "layer": int(k.rsplit("/l", 1)[1]), "max_vio": v}
                 for m in read_metrics(res.runs_dir / r["key"]) for k, v in m.items()
                 if re.fullmatch(r"moe/max_vio/l\d+", k)]
         if recs:
-            img = _try_plot(notes, f"MoE balance of {r['name']}", plots.plot_moe_balance, recs,
-                            out / f"moe_balance_{r['key']}.png", title=f"MoE load balance (MaxVio) — {r['name']}")
+            img = ctx.plot(f"MoE balance of {r['name']}", plots.plot_moe_balance, recs,
+                           out / f"moe_balance_{r['key']}.png", title=f"MoE load balance (MaxVio) — {r['name']}")
             if img:
                 moe_imgs.append((img, r["name"]))
-    fp8_imgs = []
-    flat = {r["key"]: _flatten(r["config"]) for r in main_runs}
     for r in main_runs:
         if not flat[r["key"]].get("fp8.enabled"):
             continue
@@ -611,61 +611,59 @@ def build_report(source: str | Path, out_dir: str | Path, *, method: str | None 
                      {k: v for k, v in flat[o["key"]].items() if not k.startswith("fp8.") and k != "name"} == mine),
                     None)
         if twin is None:
-            notes.append(f"FP8 gap of {r['name']}: no BF16 cell with the same config to compare with")
+            ctx.notes.append(f"FP8 gap of {r['name']}: no BF16 cell with the same config and seed to compare with")
             continue
         a, b = read_metrics(res.runs_dir / twin["key"]), read_metrics(res.runs_dir / r["key"])
-        img = _try_plot(notes, f"FP8 gap of {r['name']}", plots.plot_fp8_gap, a, b, out / f"fp8_gap_{r['key']}.png",
-                        loss_key="loss", smooth=max(1, min(len(b) // 20, 25)),
-                        title=f"FP8 vs BF16 training loss — {r['name']} vs {twin['name']}")
+        img = ctx.plot(f"FP8 gap of {r['name']}", plots.plot_fp8_gap, a, b, out / f"fp8_gap_{r['key']}.png",
+                       loss_key="loss", smooth=max(1, min(len(b) // 20, 25)),
+                       title=f"FP8 vs BF16 training loss — {r['name']} vs {twin['name']}")
         if img:
             fp8_imgs.append((img, r["name"], twin["name"]))
     if moe_imgs or fp8_imgs:
-        doc_extra.h(2, "Technique diagnostics")
+        doc.h(2, "Technique diagnostics")
         for img, name in moe_imgs:
-            doc_extra.image(img, f"{name}: MaxVio (max expert load / mean load − 1) per MoE layer during training.")
+            doc.image(img, f"{name}: MaxVio (max expert load / mean load − 1) per MoE layer during training.")
         for img, name, twin in fp8_imgs:
-            doc_extra.image(img, f"{name} vs {twin}: relative training-loss gap of simulated FP8 to BF16.")
+            doc.image(img, f"{name} vs {twin} (same seed): relative training-loss gap of simulated FP8 to BF16; the "
+                           f"FP8 cell's '16-bit' loss in the QiD rows is that of the FP8-trained model.")
 
-    # ---- assemble ----------------------------------------------------------------------------------
-    doc = Doc()
-    status = Counter(r["status"] for r in runs)
-    doc.h(1, f"efftrain grid report: {res.name}")
-    doc.p(f"Source: {res.db_path} — {len(runs)} cells (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
-          + f"), {len(res.checkpoints)} checkpoints, {len(res.rows)} PTQ rows. Generated "
-          f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.")
-    doc.h(2, "Summary")
-    if sel is not None:
-        doc.p(f"Comparison at {sel.bits}-bit {_method_label(sel.method)} (group {sel.group_size}, {sel.fmt}) against "
-              f"the baseline **{baseline}**; 95% bootstrap intervals over checkpoints.")
-    doc.ul(summary or ["No PTQ results yet, so no claims about quantization can be made."])
-    incomplete = [r["name"] for r in runs if r["status"] != "done"]
-    if incomplete:
-        doc.p(f"Not finished: {', '.join(incomplete)} — numbers above cover the rows recorded so far.")
 
-    doc.h(2, "Grid")
-    doc.table(["key", "cell", "kind", "schedule", "status", "N (non-emb.)", "active", "checkpoints", "PTQ rows"],
-              [[r["key"], r["name"], r.get("kind"), r.get("schedule"), r["status"], _count(r.get("params_nonembed")),
-                _count(r.get("params_active")), sum(c["run_key"] == r["key"] for c in res.checkpoints),
-                sum(x["run_key"] == r["key"] for x in res.rows)] for r in runs])
-    diff = differing_fields([r["config"] for r in runs])
-    if diff:
-        doc.p("Config fields that differ between the cells:")
-        flats = [_flatten(r["config"]) for r in runs]
-        doc.table(["cell"] + diff, [[r["name"]] + [json.dumps(f.get(k)) if isinstance(f.get(k), (list, dict))
-                                                   else f.get(k) for k in diff] for r, f in zip(runs, flats)])
-    doc.blocks += doc_plots.blocks + doc_extra.blocks
-    if fit_tables:
-        doc.h(2, "Fitted laws")
-        doc.p("Least squares on log QiD (rows with QiD ≤ 0 cannot enter and are counted as dropped); 95% percentile "
-              "bootstrap intervals over rows; R² and RMSE on log QiD.")
-        for law, entries in fit_tables.items():
-            doc.h(3, f"{law}: {LAWS[law].formula} ({LAWS[law].citation})")
-            header, trows = _fit_table_rows(entries, law)
-            doc.table(header, trows)
-    if notes:
+def section_notes(ctx: Context, doc: Doc) -> None:
+    if ctx.notes:
         doc.h(2, "Notes")
-        doc.ul(notes)
+        doc.ul(ctx.notes)
 
+
+# ----------------------------------------------------------------------------------------------
+# Building the report
+# ----------------------------------------------------------------------------------------------
+def build_report(source: str | Path, out_dir: str | Path, *, method: str | None = None, bits: int | None = None,
+                 baseline: str | None = None, n_boot: int = 300, log: Log = print) -> Path:
+    """Write out_dir/report.html and out_dir/report.md (+ PNGs); returns the HTML path."""
+    res = load_grid_results(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old_md = out / "report.md"
+    if old_md.exists():  # images of an earlier report here (other cells) would linger beside the new one
+        for name in re.findall(r"!\[[^\]]*\]\(([\w.-]+\.png)\)", old_md.read_text()):
+            (out / name).unlink(missing_ok=True)
+    variants = list(dict.fromkeys(r["replicate"] for r in res.runs))
+    if baseline is not None and baseline not in variants:
+        raise GridError(f"--baseline '{baseline}' is not a variant (variants: {', '.join(variants)})")
+    ctx = Context(res=res, out=out, baseline=baseline or default_baseline(res.runs), n_boot=n_boot,
+                  labels=series_labels(res.runs),
+                  rows=_cluster_rows([r for r in res.rows if r.get("qid") is not None], res.runs))
+    analyse(ctx, method, bits)
+
+    doc = Doc()
+    status = Counter(r["status"] for r in res.runs)
+    doc.h(1, f"efftrain grid report: {res.name}")
+    doc.p(f"Source: {res.db_path} — {len(res.runs)} runs in {len(variants)} variants ("
+          + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + f"), {len(res.checkpoints)} checkpoints, "
+          f"{len(res.rows)} PTQ rows. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.")
+    for section in (section_summary, section_grid, section_training, section_noise, section_qid,
+                    section_comparison, section_diagnostics, section_fits, section_notes):
+        section(ctx, doc)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(doc.markdown())
     html_path.write_text(doc.html(f"efftrain grid report: {res.name}"))

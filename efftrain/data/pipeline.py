@@ -12,9 +12,20 @@ Batches may straddle an epoch boundary, so no window is ever dropped. The iterat
 ``{"next_index": k}``: JSON-serialisable, and ``set_state`` reproduces the following batches exactly.
 Reading a window is a memmap slice (no worker processes, no read threads: the data is local).
 
-Validation: `val_batches` takes the first windows of val in order, no shuffling. If val holds fewer
-windows than ``batch_size``, it returns ONE batch with all available windows (a smaller batch) rather
-than failing; pass ``allow_partial=False`` to get a DataError instead.
+Validation (the eval set): a seeded random sample of val windows spread over the whole val split.
+The val tokens are cut into disjoint windows of seq_len+1 tokens (window ``j`` is
+``tokens[j*(seq_len+1) : (j+1)*(seq_len+1)]``, ``val_window_count = n_tokens // (seq_len+1)``: no
+token is shared by two windows, so per-window losses are separate measurements). `val_window_indices`
+draws ``min(n, available)`` of them uniformly without replacement - the first n of
+``np.random.default_rng(seed).permutation(available)`` - and sorts them. The sample depends only on
+the number of val tokens, seq_len, n and the eval seed (not on train.seed or data.shuffle_seed), so
+every checkpoint and every replicate of a run is evaluated on identical windows; a smaller sample of
+the same seed is a subset of a larger one. `val_windows` reads the sampled windows.
+
+`val_batches` (training-time val loss, `efftrain eval`) takes ``n_batches * batch_size`` sampled
+windows, rounded down to whole batches, in sampled order; if val holds fewer windows than
+``batch_size``, it returns ONE batch with all available windows (a smaller batch) rather than failing;
+pass ``allow_partial=False`` to get a DataError instead.
 """
 
 from __future__ import annotations
@@ -80,22 +91,65 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
     return iter(make_train_dataset(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed))
 
 
-def val_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, n_batches: int,
-                allow_partial: bool = True) -> list[np.ndarray]:
-    """Deterministic validation batches: sequential windows from the start of `tokens`.
+def val_window_count(n_tokens: int, seq_len: int) -> int:
+    """Number of disjoint val windows of seq_len+1 tokens in n_tokens tokens (DataError if none)."""
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    n = max(0, int(n_tokens) // (seq_len + 1))
+    if n < 1:
+        raise DataError(f"{n_tokens} val tokens give 0 windows of seq_len+1 = {seq_len + 1} tokens: "
+                        "use more val data or a smaller seq_len")
+    return n
 
-    Returns ``min(n_batches, num_windows // batch_size)`` batches of int32[batch_size, seq_len+1]. If
-    there are fewer windows than batch_size, returns a single batch of all of them (allow_partial,
-    the default) or raises DataError. DataError if there is not even one window."""
+
+def val_window_indices(n_tokens: int, seq_len: int, n_windows: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``min(n_windows, val_window_count)`` disjoint val windows, drawn uniformly
+    without replacement with ``np.random.default_rng(seed)`` (see the module docstring)."""
+    if n_windows < 1:
+        raise DataError(f"the number of val windows must be >= 1, got {n_windows}")
+    avail = val_window_count(n_tokens, seq_len)
+    order = np.random.default_rng(seed).permutation(avail)
+    return np.sort(order[:min(int(n_windows), avail)])
+
+
+def val_windows(tokens: np.ndarray, *, seq_len: int, n_windows: int, seed: int = 0) -> np.ndarray:
+    """The sampled val windows, int32[min(n_windows, available), seq_len + 1], in index order."""
+    idx = val_window_indices(len(tokens), seq_len, n_windows, seed)
+    return read_windows(tokens, idx * (seq_len + 1), seq_len + 1)  # stride seq_len+1: disjoint windows
+
+
+def read_windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """int32[len(starts), length]: ``tokens[s : s + length]`` for each start (one gather, memmap-friendly)."""
+    starts = np.asarray(starts, np.int64)
+    return np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int32)
+
+
+def val_set_windows(n_tokens: int, *, seq_len: int, batch_size: int, n_batches: int,
+                    allow_partial: bool = True) -> tuple[int, int]:
+    """(windows, batch size) of the training-time val set: n_batches * batch_size windows rounded down
+    to whole batches, or one smaller batch of every window when val has fewer than batch_size."""
     if n_batches < 1 or batch_size < 1:
         raise DataError(f"n_batches and batch_size must be >= 1, got {n_batches} and {batch_size}")
-    avail = num_windows(len(tokens), seq_len, 1 if allow_partial else batch_size)
+    avail = val_window_count(n_tokens, seq_len)
     if avail < batch_size:
-        batch_size, n = avail, 1
-    else:
-        n = min(n_batches, avail // batch_size)
-    read = _ReadWindow(tokens, seq_len)
-    return [np.stack([read(b * batch_size + j) for j in range(batch_size)]) for b in range(n)]
+        if not allow_partial:
+            raise DataError(f"{n_tokens} val tokens give {avail} windows of seq_len+1 = {seq_len + 1} tokens, "
+                            f"fewer than batch_size {batch_size}")
+        return avail, avail
+    return min(n_batches, avail // batch_size) * batch_size, batch_size
+
+
+def val_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, n_batches: int, seed: int = 0,
+                allow_partial: bool = True) -> list[np.ndarray]:
+    """Validation batches of seeded, spread val windows (see `val_set_windows` and the module docstring).
+
+    Returns ``min(n_batches, available // batch_size)`` batches of int32[batch_size, seq_len+1]. If
+    there are fewer windows than batch_size, returns a single batch of all of them (allow_partial,
+    the default) or raises DataError. DataError if there is not even one window."""
+    n, batch_size = val_set_windows(len(tokens), seq_len=seq_len, batch_size=batch_size, n_batches=n_batches,
+                                    allow_partial=allow_partial)
+    windows = val_windows(tokens, seq_len=seq_len, n_windows=n, seed=seed)
+    return [windows[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def prepare_data(cfg: Config, vocab_size: int | None = None,

@@ -1,17 +1,42 @@
 """The PTQ sweep over a run's checkpoint series: one row of QiD per combination.
 
-For each finalized series checkpoint and each (method, bits, group size, format):
-  loss_16 = val loss of the checkpoint as trained (the run's fixed val windows, main model only)
-  loss_q  = val loss after weight-only quantization (efftrain.quant.apply)
-  QiD     = loss_q − loss_16  (nats/token; Ouyang et al. 2024; Kumar et al. 2024)
-Rows go to RUN_DIR/ptq.csv, appended and fsynced one complete row at a time; rows already present
-are skipped, so a killed sweep resumes where it stopped. Calibration windows come from the train
-split (seeded choice), never from the val tokens the losses are measured on.
+For each finalized series checkpoint and each (method, bits, group size, format), the 16-bit and the
+quantized parameters (weight-only quantization, efftrain.quant.apply) are run on the same val windows
+and each window (seq_len+1 tokens) is scored separately (efftrain.eval.compare_params). The eval set
+is a seeded random sample of disjoint windows spread over the whole val split, identical for every
+checkpoint and every replicate of the run (efftrain.data.pipeline.val_window_indices):
+ceil(PTQSpec.eval_tokens / seq_len) windows (default 1M tokens), or eval_batches × the run's
+batch_size windows when eval_batches is set, at most every window the val split has.
+
+Rows go to RUN_DIR/ptq.csv (CSV_COLUMNS):
+  run_id, step, tokens      the run (name-confighash) and the checkpoint (tokens seen)
+  epochs                    tokens / the run's train tokens (run.json train_tokens_available)
+  params_total/_active/_nonembed   the run's parameter counts (run.json)
+  params_quantized          weight elements this PTQ quantized (QuantReport.n_params)
+  method, bits, group_size, format  the combination (format 'int+head' when the head is quantized)
+  loss_16, loss_q           mean token cross-entropy (nats; main model) of each model over the windows
+  qid                       loss_q − loss_16 = mean of the per-window differences (Ouyang et al. 2024;
+                            Kumar et al. 2024)
+  qid_se                    its standard error: std(ddof=1)/sqrt(eval_windows) of those differences
+  kl, kl_se                 mean token KL(p_16 ‖ p_q) (nats, fp32 log-softmax) and its standard error
+  top1_agree                fraction of positions where both models' argmax agree
+  eff_bits, model_bytes     bits per quantized weight incl. scales/zeros; bytes of the whole model
+  n_quantized, expert_fallbacks   matrices quantized; routed experts that fell back to RTN
+  calib_samples, calib_seq_len, calib_seed   the calibration set
+  eval_windows, eval_tokens, eval_seed       the eval set (eval_tokens = windows × seq_len scored tokens)
+  warmup_steps, seed, data_seed   the run's optim.warmup_steps, train.seed, data.shuffle_seed
+  seconds                   wall time of quantizing and evaluating the combination
+Rows are appended and fsynced one complete row at a time; rows already present are skipped, so a
+killed sweep resumes where it stopped. A ptq.csv written before some of these columns existed is
+rewritten (atomically) with the current header and empty cells in the new columns, then appended.
+Calibration windows (PTQSpec.calib_samples sequences, default 128) are drawn at random, with
+PTQSpec.calib_seed, from the train split, never from the val tokens the losses are measured on.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -31,11 +56,13 @@ from efftrain.quant.apply import (METHODS, QuantSettings, count_bytes, dequantiz
                                   load_dequantized, packed_arrays, quantize_model)
 from efftrain.quant.formats import make_format
 
-CSV_COLUMNS = ["run_id", "step", "tokens", "params_total", "params_active", "params_nonembed", "method", "bits",
-               "group_size", "format", "loss_16", "loss_q", "qid", "eff_bits", "model_bytes", "n_quantized",
-               "expert_fallbacks", "calib_samples", "calib_seq_len", "seconds"]
+CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_active", "params_nonembed",
+               "params_quantized", "method", "bits", "group_size", "format", "loss_16", "loss_q", "qid", "qid_se",
+               "kl", "kl_se", "top1_agree", "eff_bits", "model_bytes", "n_quantized", "expert_fallbacks",
+               "calib_samples", "calib_seq_len", "calib_seed", "eval_windows", "eval_tokens", "eval_seed",
+               "warmup_steps", "seed", "data_seed", "seconds"]
 KEY_COLUMNS = ("step", "method", "bits", "group_size", "format")
-CALIB_SEED = 1234
+CALIB_SEED = 1234  # PTQSpec.calib_seed's default
 
 
 class PTQError(ValueError):
@@ -50,10 +77,13 @@ class PTQSpec(BaseModel):
     group_sizes: list[int] = [128]
     formats: list[Literal["int", "nf4", "fp4", "fp8"]] = ["int"]
     symmetric: bool = False
-    calib_samples: int = Field(32, ge=1)
+    calib_samples: int = Field(128, ge=1)  # the GPTQ / AWQ papers' setting
     calib_seq_len: int | None = Field(None, ge=2)
+    calib_seed: int = Field(CALIB_SEED, ge=0)
     checkpoints: Literal["all"] | list[int] = "all"
-    eval_batches: int | None = Field(None, ge=1)
+    eval_tokens: int = Field(1_000_000, ge=1)  # scored val tokens (whole windows, at most the val split)
+    eval_seed: int = Field(0, ge=0)
+    eval_batches: int | None = Field(None, ge=1)  # overrides eval_tokens: eval_batches × batch_size windows
     damp: float = Field(0.01, ge=0)
     act_order: bool = False
     min_expert_tokens: int = Field(16, ge=1)
@@ -118,14 +148,21 @@ def check_group_sizes(model, spec: PTQSpec) -> None:
                            f"(use a divisor, or -1 for whole channels)")
 
 
-def calibration_windows(train_tokens: np.ndarray, n: int, seq_len: int) -> np.ndarray:
+def calibration_windows(train_tokens: np.ndarray, n: int, seq_len: int, seed: int = CALIB_SEED) -> np.ndarray:
+    """n windows of seq_len train tokens, drawn without replacement with np.random.default_rng(seed)."""
+    from efftrain.data.pipeline import read_windows
+
     windows = (len(train_tokens) - 1) // seq_len
     if windows < n:
         raise PTQError(f"too little calibration data: {n} samples x {seq_len} tokens requested, the train split "
                        f"has {windows} windows of {seq_len}")
-    rng = np.random.default_rng(CALIB_SEED)
-    starts = np.sort(rng.choice(windows, size=n, replace=False)) * seq_len
-    return np.stack([np.asarray(train_tokens[s:s + seq_len], np.int32) for s in starts])
+    rng = np.random.default_rng(seed)
+    return read_windows(train_tokens, np.sort(rng.choice(windows, size=n, replace=False)) * seq_len, seq_len)
+
+
+def eval_windows_wanted(spec: PTQSpec, seq_len: int, batch_size: int) -> int:
+    """Val windows the spec asks for: eval_batches × batch_size, else ceil(eval_tokens / seq_len)."""
+    return spec.eval_batches * batch_size if spec.eval_batches else -(-spec.eval_tokens // seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,14 +177,45 @@ def row_key(row: dict) -> tuple:
     return (int(row["step"]), str(row["method"]), int(row["bits"]), int(row["group_size"]), str(row["format"]))
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
+def _read_table(path: Path) -> tuple[list[str] | None, list[dict]]:
+    """(header, rows) of ptq.csv; PTQError unless the header is CSV_COLUMNS or a subset of them (an
+    older table) holding the key columns. An empty file has header None."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != CSV_COLUMNS:
-            raise PTQError(f"{path}: unexpected columns {reader.fieldnames}; move it away to start a new table")
-        return list(reader)
+        header, rows = reader.fieldnames, list(reader)
+    if header is not None and header != CSV_COLUMNS:
+        unknown = [c for c in header if c not in CSV_COLUMNS]
+        if unknown or len(set(header)) != len(header) or not set(KEY_COLUMNS) <= set(header):
+            raise PTQError(f"{path}: unexpected columns {header} (unknown: {unknown or 'none'}); "
+                           "move it away to start a new table")
+    return header, rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of ptq.csv (an older table's rows have "" in the columns it lacks)."""
+    if not path.exists():
+        return []
+    return [{c: r.get(c) or "" for c in CSV_COLUMNS} for r in _read_table(path)[1]]
+
+
+def upgrade_table(path: Path) -> bool:
+    """Rewrite an older ptq.csv (header a subset of CSV_COLUMNS, or an empty file) with the current
+    header, its rows unchanged and empty cells in the new columns: temp file, fsync, os.replace. True
+    if it was rewritten."""
+    from efftrain.data.cache import _fsync_dir, _write_atomic
+
+    if not path.exists():
+        return False
+    header, rows = _read_table(path)
+    if header == CSV_COLUMNS:
+        return False
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, text.getvalue().encode())
+    _fsync_dir(path.parent)
+    return True
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -168,10 +236,10 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
                   log: Callable[[str], None] = print) -> list[dict]:
     """Append the missing rows of `spec` to RUN_DIR/ptq.csv; returns the new rows."""
     from efftrain.data import prepare_data
-    from efftrain.eval import abstract_train_state, val_set
+    from efftrain.data.pipeline import val_window_count
+    from efftrain.eval import abstract_train_state, compare_params, eval_set
     from efftrain.train.checkpoint import CheckpointStore
     from efftrain.train.loop import load_run_config
-    from efftrain.train.step import make_eval_step
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -187,21 +255,23 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
     settings = combinations(spec)
     graphdef, abstract = abstract_train_state(cfg)
     check_group_sizes(nnx.merge(graphdef, abstract["params"], abstract["rest"]), spec)
+    table = run_dir / "ptq.csv"
+    if upgrade_table(table):
+        log(f"ptq: {table}: rewritten with the current columns (new ones empty in its existing rows)")
+    done = {row_key(r) for r in read_rows(table)}
 
     seq_len = spec.calib_seq_len or cfg.data.seq_len
     cache = prepare_data(cfg)
-    calib = calibration_windows(cache.train, spec.calib_samples, seq_len)
-    batches = val_set(cfg, spec.eval_batches)
+    calib = calibration_windows(cache.train, spec.calib_samples, seq_len, spec.calib_seed)
+    wanted = eval_windows_wanted(spec, cfg.data.seq_len, cfg.train.batch_size)
+    windows = eval_set(cfg, wanted, seed=spec.eval_seed, val_tokens=cache.val)
+    log(f"ptq: eval set: {windows.n:,} val windows x {cfg.data.seq_len} = {windows.tokens:,} tokens, seed "
+        f"{spec.eval_seed} ({wanted:,} windows requested, {val_window_count(len(cache.val), cfg.data.seq_len):,} "
+        f"in the val split); calibration: {spec.calib_samples} x {seq_len} train tokens, seed {spec.calib_seed}")
     info = json.loads((run_dir / "run.json").read_text())
     counts = info["params"]
+    train_tokens = info.get("train_tokens_available")
     run_id = f"{cfg.name}-{cfg.hash()[:8]}"
-    table = run_dir / "ptq.csv"
-    done = {row_key(r) for r in read_rows(table)}
-    eval_step = make_eval_step(graphdef, cfg)
-
-    def val_loss(params, rest) -> float:
-        losses = jax.device_get([eval_step(params, rest, b) for b in batches])
-        return float(np.average(losses, weights=[b.shape[0] for b in batches]))
 
     new_rows = []
     total = len(series) * len(settings)
@@ -213,21 +283,24 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             continue
         state, _, _ = store.restore("series", meta["step"], abstract)
         params, rest = state["params"], state["rest"]
-        loss_16 = val_loss(params, rest)
         for s in todo:
             t0 = time.time()
             model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
             report = quantize_model(model, calib, s)
             _, qparams, _ = nnx.split(model, nnx.Param, ...)
-            loss_q = val_loss(qparams, rest)
+            losses = compare_params(graphdef, params, qparams, rest, windows)
             row = {
                 "run_id": run_id, "step": meta["step"], "tokens": meta["tokens_seen"],
+                "epochs": meta["tokens_seen"] / train_tokens if train_tokens else None,
                 "params_total": counts["total"], "params_active": counts["active"],
-                "params_nonembed": counts["non_embedding"], "method": s.method, "bits": s.bits,
-                "group_size": s.group_size, "format": row_format(s), "loss_16": loss_16, "loss_q": loss_q,
-                "qid": loss_q - loss_16, "eff_bits": report.eff_bits, "model_bytes": count_bytes(model, report),
+                "params_nonembed": counts["non_embedding"], "params_quantized": report.n_params,
+                "method": s.method, "bits": s.bits, "group_size": s.group_size, "format": row_format(s), **losses,
+                "eff_bits": report.eff_bits, "model_bytes": count_bytes(model, report),
                 "n_quantized": report.n_weights, "expert_fallbacks": report.expert_fallbacks,
-                "calib_samples": spec.calib_samples, "calib_seq_len": seq_len, "seconds": time.time() - t0,
+                "calib_samples": spec.calib_samples, "calib_seq_len": seq_len, "calib_seed": spec.calib_seed,
+                "eval_windows": windows.n, "eval_tokens": windows.tokens, "eval_seed": spec.eval_seed,
+                "warmup_steps": cfg.optim.warmup_steps, "seed": cfg.train.seed, "data_seed": cfg.data.shuffle_seed,
+                "seconds": time.time() - t0,
             }
             if spec.save:
                 save_quantized(run_dir, row, s, report, model)
@@ -235,12 +308,17 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             new_rows.append(row)
             if on_row is not None:
                 on_row(row)
-            log(f"  {s.method:4s} w{s.bits} g{s.group_size} {s.fmt:4s} loss {loss_q:.4f} (16-bit {loss_16:.4f}) "
-                f"QiD {row['qid']:+.4f}  {report.eff_bits:.2f} bits/weight  {row['seconds']:.1f}s"
-                + (f"  [{report.expert_fallbacks} experts on RTN]" if report.expert_fallbacks else ""))
+            log(row_line(row) + (f"  [{report.expert_fallbacks} experts on RTN]" if report.expert_fallbacks else ""))
     store.close()
     log(f"ptq: {len(new_rows)} new rows in {table} ({total} combinations in all)")
     return new_rows
+
+
+def row_line(row: dict) -> str:
+    """The per-row log line: method, bits, group, format, QiD ± se, KL, top1, bits/weight, time."""
+    return (f"  {row['method']:4s} w{row['bits']} g{row['group_size']} {row['format']:4s}  "
+            f"QiD {row['qid']:+.4f} ± {row['qid_se']:.4f}  KL {row['kl']:.4f}  top1 {100 * row['top1_agree']:.1f}%  "
+            f"{row['eff_bits']:.2f} bits/weight  {row['seconds']:.1f}s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,3 +379,13 @@ def parse_int_list(text: str, what: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{what}: expected comma-separated integers, got '{text}'") from None
+
+
+def parse_choice_list(text: str, what: str, valid: tuple[str, ...]) -> list[str]:
+    """Comma-separated names, each one of `valid`; ConfigError naming the valid ones otherwise."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in valid]
+    if bad or not items:
+        got = f"unknown value(s) {', '.join(map(repr, bad))}" if bad else "no value given"
+        raise ConfigError(f"{what}: {got}; valid: {', '.join(valid)}")
+    return items

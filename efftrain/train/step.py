@@ -10,6 +10,11 @@ The model is split once, outside jit, into `graphdef` (static structure), `param
   MoE router biases: b ← b − γ·sign(load − mean load), zero-mean (V3 §2.1.2), from the step's loads
 
 Metrics stay on device; the loop fetches them only at log steps, so the loop never blocks on the host.
+
+Evaluation (main model only, MTP and aux losses excluded): `make_eval_step` gives a batch's mean
+token CE; `make_window_loss_fn` one mean token CE per window; `make_paired_eval_fn` runs 16-bit and
+quantized parameters on the same windows and gives per window both losses, the mean token
+KL(p_16 ‖ p_q) and the top-1 agreement (efftrain.eval batches and summarises them).
 """
 
 from __future__ import annotations
@@ -118,3 +123,46 @@ def make_eval_step(graphdef, cfg: Config):
         return cross_entropy(out.logits, window[:, 1:])
 
     return jax.jit(evaluate)
+
+
+def _token_log_probs(graphdef, params, rest, window):
+    """fp32 log-softmax of the main model's logits [B, T, V] (MTP modules are not run)."""
+    out = nnx.merge(graphdef, params, rest)(window[:, :-1])
+    return jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+
+
+def _window_ce(logp, window):
+    """Per-window mean token cross-entropy [B] from log-probs [B, T, V]."""
+    picked = jnp.take_along_axis(logp, window[:, 1:, None], axis=-1)[..., 0]
+    return -jnp.mean(picked, axis=-1)
+
+
+def make_window_loss_fn(graphdef):
+    """Returns losses(params, rest, window [B, T+1]) -> [B]: each window's mean token CE of the main
+    model (nats; MTP excluded, as `make_eval_step`). Jitted: one compile per batch shape."""
+
+    def losses(params, rest, window):
+        return _window_ce(_token_log_probs(graphdef, params, rest, window), window)
+
+    return jax.jit(losses)
+
+
+def make_paired_eval_fn(graphdef):
+    """Returns paired(params_16, params_q, rest, window [B, T+1]) -> dict of [B] float32 arrays, one
+    value per window of the 16-bit and the quantized model run on the same tokens:
+
+      loss_16, loss_q  mean token CE (nats) of each model
+      kl               mean token KL(p_16 ‖ p_q) = Σ_v p_16·(log p_16 − log p_q), nats, fp32 log-softmax
+      top1_agree       fraction of positions where both models' argmax agree
+
+    Jitted: one compile per batch shape (and parameter dtypes)."""
+
+    def paired(params_16, params_q, rest, window):
+        lp16 = _token_log_probs(graphdef, params_16, rest, window)
+        lpq = _token_log_probs(graphdef, params_q, rest, window)
+        kl = jnp.sum(jnp.exp(lp16) * (lp16 - lpq), axis=-1)
+        agree = jnp.argmax(lp16, axis=-1) == jnp.argmax(lpq, axis=-1)
+        return {"loss_16": _window_ce(lp16, window), "loss_q": _window_ce(lpq, window),
+                "kl": jnp.mean(kl, axis=-1), "top1_agree": jnp.mean(agree.astype(jnp.float32), axis=-1)}
+
+    return jax.jit(paired)

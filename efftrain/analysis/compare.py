@@ -1,0 +1,187 @@
+"""What a grid's report compares: a technique against the baseline, paired by seed.
+
+A *variant* is a replicate group: the runs of one grid cell that differ only in their seeds (a
+grid's cooldown branches of one group form the variant "<group> [cooldown]", its averages
+"<group> [avg]"). The same seeds train every variant, so the variant's run with seed s and the
+baseline's run with seed s form a pair, and a comparison is a t-interval over the seeds' paired
+differences (efftrain.analysis.stats.paired_difference):
+
+  * final:          QiD at each run's final checkpoint;
+  * relative:       QiD / loss_16 at the final checkpoint;
+  * matched loss:   QiD of both runs at the worse of their two final 16-bit losses, each interpolated
+                    along its own series (loss_16 -> QiD), so that a technique that merely trains to a
+                    lower loss, and so sits later on the QiD-vs-loss curve, is compared like for like.
+
+One seed gives an estimate without an interval, and no claim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from efftrain.analysis.stats import Interval, interpolate_at, paired_difference, t_interval
+from efftrain.config import flatten_dotted
+from efftrain.grid.spec import GridError
+
+# config fields that are off in a baseline: the first main cell with all of them at these values
+TECHNIQUE_FIELDS = {"model.attention": "mha", "model.moe.enabled": False, "model.mtp.depth": 0, "fp8.enabled": False}
+
+
+def method_label(m: str) -> str:
+    return {"gptq": "GPTQ", "rtn": "RTN", "awq": "AWQ"}.get(m, m)
+
+
+# ----------------------------------------------------------------------------------------------
+# What is compared
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Selection:
+    method: str
+    bits: int
+    group_size: int
+    fmt: str
+
+    def matches(self, r: dict) -> bool:
+        return (r["method"] == self.method and r["bits"] == self.bits and r["group_size"] == self.group_size
+                and r["format"] == self.fmt)
+
+    @property
+    def label(self) -> str:
+        return f"{self.bits}-bit {method_label(self.method)}"
+
+
+def choose_selection(rows: list[dict], method: str | None, bits: int | None) -> Selection:
+    methods = sorted({r["method"] for r in rows})
+    if method is None:
+        method = "gptq" if "gptq" in methods else methods[0]
+    elif method not in methods:
+        raise GridError(f"--method {method}: not in the results (methods: {', '.join(methods)})")
+    sub = [r for r in rows if r["method"] == method]
+    fmts = Counter(r["format"] for r in sub)
+    fmt = "int" if "int" in fmts else fmts.most_common(1)[0][0]
+    sub = [r for r in sub if r["format"] == fmt]
+    group = Counter(r["group_size"] for r in sub).most_common(1)[0][0]
+    all_bits = sorted({r["bits"] for r in sub})
+    if bits is None:
+        bits = 3 if 3 in all_bits else next((b for b in all_bits if b >= 3), all_bits[0])
+    elif bits not in all_bits:
+        raise GridError(f"--bits {bits}: no {method} rows at that bit width (have {all_bits})")
+    return Selection(method, int(bits), int(group), fmt)
+
+
+def default_baseline(runs: list[dict]) -> str:
+    """The replicate group of the first main cell with every technique off (else the first cell's)."""
+    for r in runs:
+        flat = flatten_dotted(r["config"])
+        if r.get("kind", "main") == "main" and all(flat.get(k) == v for k, v in TECHNIQUE_FIELDS.items()):
+            return r["replicate"]
+    return runs[0]["replicate"]
+
+
+def series_labels(runs: list[dict]) -> dict[str, str]:
+    """Cell key -> the variant its checkpoints belong to: a main cell's replicate group; all cooldown
+    branches of a group form one variant "<group> [cooldown]", all its averages "<group> [avg]"."""
+    group = {r["key"]: r["replicate"] for r in runs}
+    out = {}
+    for r in runs:
+        tag = {"cooldown": "cooldown", "average": "avg"}.get(r.get("kind") or "main")
+        out[r["key"]] = f"{group.get(r['parent'], r['parent'])} [{tag}]" if tag else r["replicate"]
+    return out
+
+
+def _seed_of(run: dict) -> tuple[int, int]:
+    return int(run["seed"] or 0), int(run["data_seed"] or 0)
+
+
+@dataclass
+class RunSeries:
+    """One run's checkpoints at the selection, in token order (a variant of cooldown branches or
+    averages: one point per branch, the branches of one parent run and seed joined)."""
+
+    variant: str
+    seed: tuple[int, int]
+    tokens: list[float] = field(default_factory=list)
+    loss_16: list[float] = field(default_factory=list)
+    qid: list[float] = field(default_factory=list)
+    epochs: list[float] = field(default_factory=list)
+
+    @property
+    def final(self) -> int:
+        return int(np.argmax(self.tokens))
+
+
+def run_series(rows: list[dict], runs: list[dict], sel: Selection) -> dict[tuple[str, tuple[int, int]], RunSeries]:
+    """(variant, seed) -> RunSeries of the rows at `sel`."""
+    labels = series_labels(runs)
+    by_key = {r["key"]: r for r in runs}
+    out: dict[tuple[str, tuple[int, int]], RunSeries] = {}
+    for r in sorted((r for r in rows if sel.matches(r) and r.get("qid") is not None and r["run_key"] in by_key),
+                    key=lambda r: r["tokens"]):
+        run = by_key[r["run_key"]]
+        key = (labels[run["key"]], _seed_of(run))
+        s = out.setdefault(key, RunSeries(variant=key[0], seed=key[1]))
+        s.tokens.append(float(r["tokens"]))
+        s.loss_16.append(float(r["loss_16"]) if r.get("loss_16") is not None else math.nan)
+        s.qid.append(float(r["qid"]))
+        s.epochs.append(float(r["epochs"]) if r.get("epochs") is not None else math.nan)
+    return out
+
+
+@dataclass
+class Comparison:
+    """One variant at the selection: its own final QiD over seeds, and the paired differences to the
+    baseline (None for the baseline itself or when no seed is shared)."""
+
+    variant: str
+    is_baseline: bool
+    seeds: int
+    qid: Interval  # final-checkpoint QiD, t-interval over seeds
+    rel_qid: Interval  # QiD / loss_16 at the final checkpoint
+    tokens: float  # final checkpoint's tokens (mean over seeds)
+    epochs: float
+    params_active: int | None
+    diff: Interval | None = None  # paired by seed, final checkpoints
+    rel_diff: Interval | None = None
+    matched_diff: Interval | None = None  # paired by seed, at matched 16-bit loss
+    matched_loss: float = math.nan  # the 16-bit loss they were matched at (mean over pairs)
+
+
+def _matched_qid(a: RunSeries, b: RunSeries) -> tuple[float, float, float]:
+    """(QiD of a, QiD of b, loss) at the worse of their two final 16-bit losses, each interpolated
+    along its own series; nan where a series never reaches that loss."""
+    target = max(a.loss_16[a.final], b.loss_16[b.final])
+    return interpolate_at(a.loss_16, a.qid, target), interpolate_at(b.loss_16, b.qid, target), target
+
+
+def compare_techniques(rows: list[dict], runs: list[dict], sel: Selection, baseline: str) -> list[Comparison]:
+    """Every variant at `sel` against `baseline`, paired by seed (see the module docstring)."""
+    series = run_series(rows, runs, sel)
+    variants = list(dict.fromkeys(v for v, _ in series))
+    active = {r["replicate"]: r.get("params_active") for r in runs}
+    base = {seed: s for (v, seed), s in series.items() if v == baseline}
+    out = []
+    for v in variants:
+        mine = {seed: s for (vv, seed), s in series.items() if vv == v}
+        finals = {seed: s.qid[s.final] for seed, s in mine.items()}
+        rel = {seed: s.qid[s.final] / s.loss_16[s.final] for seed, s in mine.items()}
+        c = Comparison(variant=v, is_baseline=v == baseline, seeds=len(mine), qid=t_interval(list(finals.values())),
+                       rel_qid=t_interval(list(rel.values())),
+                       tokens=float(np.mean([s.tokens[s.final] for s in mine.values()])),
+                       epochs=float(np.mean([s.epochs[s.final] for s in mine.values()])),
+                       params_active=active.get(v.split(" [")[0]))
+        shared = sorted(set(mine) & set(base))
+        if not c.is_baseline and shared:
+            c.diff = paired_difference(finals, {s: base[s].qid[base[s].final] for s in shared})
+            c.rel_diff = paired_difference(rel, {s: base[s].qid[base[s].final] / base[s].loss_16[base[s].final]
+                                                 for s in shared})
+            matched = {s: _matched_qid(mine[s], base[s]) for s in shared}
+            ok = {s: m for s, m in matched.items() if math.isfinite(m[0]) and math.isfinite(m[1])}
+            if ok:
+                c.matched_diff = paired_difference({s: m[0] for s, m in ok.items()}, {s: m[1] for s, m in ok.items()})
+                c.matched_loss = float(np.mean([m[2] for m in ok.values()]))
+        out.append(c)
+    return out
