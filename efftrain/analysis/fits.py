@@ -992,6 +992,8 @@ def format_param(result: "FitResult", name: str) -> str:
     if not result.identified.get(name, True):
         return "not identified"
     lo, hi = result.ci[name]
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # e.g. one run: nothing to resample
+        return f"{_fmt(v)} (no interval: {result.n_clusters} run{'s' if result.n_clusters != 1 else ''})"
     return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
 
 

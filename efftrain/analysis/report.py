@@ -313,8 +313,8 @@ def summary_sentences(comparison: list[Comparison], sel: Selection, baseline: st
         tok = f"{_count(c.tokens)} tokens, {_fmt(c.epochs, 2)} epochs" if math.isfinite(c.epochs) else \
             f"{_count(c.tokens)} tokens"
         if c.is_baseline:
-            out.append(f"**{c.variant}** (baseline): final QiD {at} {_interval(c.qid)} nats over {c.seeds} seed(s) "
-                       f"({tok}).{trend}")
+            seeds = f" over {c.seeds} seeds" if c.seeds > 1 else ""
+            out.append(f"**{c.variant}** (baseline): final QiD {at} {_interval(c.qid)} nats{seeds} ({tok}).{trend}")
             continue
         if c.diff is None:
             out.append(f"**{c.variant}**: final QiD {at} {_interval(c.qid)} nats; no seed shared with {baseline}, so "
