@@ -412,7 +412,7 @@ def test_status_lists_every_cell(schedule_grid, capsys):
     stable = spec.cells()[2]
     n = expected_ptq_rows(spec, stable)
     assert n == 4 * 2  # steps 2 (series), 4 (cooldown/average point), 6 (branch end), 8 (final) x rtn x 2 bits
-    assert lines[stable.key].split()[3:6] == ["done", "4/4", f"{n}/{n}"]
+    assert lines[stable.key].split()[2:7] == ["0/0", "main", "done", "4/4", f"{n}/{n}"]
     assert "5 cells: 5 done; PTQ rows" in out
 
 

@@ -74,10 +74,12 @@ def cmd_grid_status(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [[r["key"], r["name"], r["kind"], r["status"], f"{r['checkpoints']}/{r['checkpoints_expected']}",
-              f"{r['ptq_rows']}/{r['ptq_expected']}", (r["error"] or "")[:60]] for r in rows]
+    table = [[r["key"], r["name"], f"{r['seed']}/{r['data_seed']}", r["kind"], r["status"],
+              f"{r['checkpoints']}/{r['checkpoints_expected']}", f"{r['ptq_rows']}/{r['ptq_expected']}",
+              (r["error"] or "")[:60]] for r in rows]
     print(f"grid {spec.name} ({spec.path}): results in {spec.db_path}")
-    print(text_table(table, ["key", "name", "kind", "status", "checkpoints", "ptq rows", "error"], right={4, 5}))
+    print(text_table(table, ["key", "name", "seed", "kind", "status", "checkpoints", "ptq rows", "error"],
+                     right={5, 6}))
     by = {s: sum(r["status"] == s for r in rows) for s in ("done", "running", "pending", "failed")}
     rows_done, rows_expected = sum(r["ptq_rows"] for r in rows), sum(r["ptq_expected"] for r in rows)
     print(f"{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in by.items() if n) +
