@@ -141,14 +141,3 @@ def register(subparsers) -> None:
     p.add_argument("--table", choices=("ptq", "runs", "checkpoints"), default="ptq")
     _spec_options(p)
     p.set_defaults(func=cmd_grid_export)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m efftrain.grid.commands ...`: the efftrain CLI (all its commands)."""
-    from efftrain.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
