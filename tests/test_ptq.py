@@ -26,6 +26,12 @@ from conftest import tiny_raw
 QUIET = dict(log=lambda *_: None)
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache(monkeypatch):
+    """The sweep's persistent compilation cache would write to the user's cache dir: off in these tests."""
+    monkeypatch.setenv("EFFTRAIN_COMPILATION_CACHE", "off")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, cache_dir):
     """A tiny dense model trained long enough for quantization to hurt measurably."""
@@ -48,6 +54,11 @@ def trained_run(tmp_path_factory, cache_dir):
 def qid_of(rows, method, bits, step):
     (row,) = [r for r in rows if r["method"] == method and int(r["bits"]) == bits and int(r["step"]) == step]
     return float(row["qid"])
+
+
+def kl_of(rows, method, bits):
+    (row,) = [r for r in rows if r["method"] == method and int(r["bits"]) == bits]
+    return float(row["kl"])
 
 
 @contextmanager
@@ -76,17 +87,26 @@ def test_qid_orders_by_bits_and_gptq_beats_rtn(trained_run):
         assert abs(q[3]) < 0.01
     for bits in (2, 3, 4):
         assert qid_of(rows, "gptq", bits, 500) < qid_of(rows, "rtn", bits, 500)
+    # AWQ (shared scales on the block output, folded, clipped): QiD below RTN at 3 bits (0.022 vs 0.029),
+    # KL below RTN at 3 and 4 bits (0.0044 vs 0.0049 at 4). At 4 bits whole-channel its QiD sits at RTN's
+    # (0.0062 vs 0.0059, 0.0053 vs 0.0050 on 4096 windows): the first-order term of this not converged
+    # model, which no method's objective controls, is as large as the gain (docs/PTQ.md).
+    assert qid_of(rows, "awq", 3, 500) < 0.85 * qid_of(rows, "rtn", 3, 500)
+    for bits in (3, 4):
+        assert kl_of(rows, "awq", bits) < 0.95 * kl_of(rows, "rtn", bits)
     # one 16-bit loss per checkpoint, shared by every combination
     assert len({r["loss_16"] for r in rows}) == 1
-    for r in rows:  # per-channel scale + zero (fp16 each) over in_dim 64 or 256 rows (+ AWQ's 1/s)
-        assert r["bits"] + 32 / 256 <= r["eff_bits"] <= r["bits"] + 32 / 64 + (16 / 64 if r["method"] == "awq" else 0)
+    for r in rows:  # per-channel scale + zero (fp16 each) over in_dim 64 or 256 rows; AWQ's s is folded
+        assert r["bits"] + 32 / 256 <= r["eff_bits"] <= r["bits"] + 32 / 64
+        assert r["method_label"] == r["method"]
+    assert len({r["eff_bits"] for r in rows if r["bits"] == 3}) == 1
 
 
 def test_awq_and_gptq_lower_every_layers_output_error_on_the_trained_model(trained_run):
-    """On the captured calibration inputs of each Linear of the trained model, AWQ's output error is at
-    most RTN's (its α grid contains α = 0, which is RTN) and GPTQ's is clearly lower. (At this size the
-    model has no strongly salient activation channels, so AWQ gains only 0-10 % per layer and its
-    model-level QiD is not reliably below RTN's; GPTQ gains 30-70 %.)"""
+    """On the captured calibration inputs of each Linear of the trained model, one-Linear AWQ's output
+    error (quantize_awq, awq-linear's building block) is at most RTN's (its α grid contains α = 0, which
+    is RTN, and a clip is kept only if it helps) and GPTQ's is clearly lower. (At this size the model has
+    no strongly salient activation channels, so AWQ's scales gain little per layer; GPTQ gains 30-70 %.)"""
     from efftrain.data import prepare_data
     from efftrain.eval import load_model
     from efftrain.quant import quantize_awq, quantize_gptq, quantize_rtn
@@ -106,6 +126,37 @@ def test_awq_and_gptq_lower_every_layers_output_error_on_the_trained_model(train
             rtn = err(quantize_rtn(w, bits=3, group_size=-1))
             assert err(quantize_awq(w, x, bits=3, group_size=-1)[0]) <= rtn * (1 + 1e-6), name
             assert err(quantize_gptq(w, x, bits=3, group_size=-1)) < 0.8 * rtn, name
+
+
+def test_awq_lowers_every_blocks_output_error_on_the_trained_model(trained_run):
+    """Block level, 16-bit inputs (as AWQ calibrates): the folded, clipped, quantized block's output error
+    is below RTN's in every block at 3 and 4 bits (0.80-0.86 x RTN's here)."""
+    from efftrain.data import prepare_data
+    from efftrain.eval import load_model
+    from efftrain.quant import quantize_rtn
+    from efftrain.quant.apply import QuantReport, _block_pass
+    from efftrain.quant.awq_model import quantize_block_awq
+    from efftrain.quant.sweep import calibration_windows
+
+    cfg, model, _ = load_model(trained_run, 500)
+    tokens = jnp.asarray(calibration_windows(prepare_data(cfg).train, 32, cfg.data.seq_len))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+    def copy(block):
+        return nnx.merge(*nnx.split(jax.tree.map(jnp.array, block)))
+
+    for bits in (3, 4):
+        h = model.embed(tokens)
+        for block in model.blocks:
+            inputs, out = _block_pass(block, h, positions)
+            awq, rtn = copy(block), copy(block)
+            quantize_block_awq(awq, inputs, positions, QuantSettings(method="awq", bits=bits, group_size=-1),
+                               QuantReport(), "b")
+            for _, lin in linears_of(rtn):
+                lin.kernel[...] = quantize_rtn(lin.kernel[...], bits=bits, group_size=-1)
+            err_awq, err_rtn = (float(jnp.mean((b(h, positions)[0] - out) ** 2)) for b in (awq, rtn))
+            assert err_awq < 0.95 * err_rtn, (bits, err_awq / err_rtn)
+            h = out
 
 
 def test_rows_persist_skip_and_are_deterministic(trained_run, tmp_path):
@@ -134,8 +185,8 @@ def test_saved_quantized_checkpoint_reproduces_loss(trained_run, capsys):
         assert f'"val_loss": {row["loss_q"]!r}' in out  # bit-exact
         _, model, _ = load_quantized(trained_run, name)
         w = np.asarray(model.blocks[0].ffn.up.kernel[...])
-        if row["method"] == "gptq":  # (AWQ's effective weight is Q(s·w)/s: one grid per input row)
-            assert len(np.unique(w[:, 0])) <= 2 ** 3  # one column, one group of 64 rows: 8 levels
+        # (AWQ's s is folded into the norm, so its stored kernel Q(diag(s) w) is on the grid as well)
+        assert len(np.unique(w[:, 0])) <= 2 ** 3  # one column, one group of 64 rows: 8 levels
 
 
 def test_bad_requests_fail_before_any_row(trained_run, tmp_path):
@@ -187,8 +238,8 @@ def test_capture_sees_every_linear_of_a_block(fp8):
     names = {name for name, lin in linears_of(block) if id(lin) in seen}
     expected = {"attn/q", "attn/k", "attn/v", "attn/o", "ffn/gate", "ffn/up", "ffn/down"}
     assert names == expected
-    jitted, moe_inputs, out = _block_pass(block, x, positions)  # the jitted pass PTQ uses
-    assert set(jitted) == expected and moe_inputs is None
+    jitted, out = _block_pass(block, x, positions)  # the jitted pass PTQ uses
+    assert set(jitted) == expected
     np.testing.assert_allclose(out, block(x, positions)[0], rtol=2e-2, atol=2e-2)
     for name, lin in linears_of(block):
         np.testing.assert_allclose(jitted[name], jnp.concatenate(seen[id(lin)]), rtol=2e-2, atol=2e-2)
@@ -200,18 +251,20 @@ def test_moe_experts_are_calibrated_per_expert_with_rtn_fallback():
                                     "mlp_hidden": 64, "compute_dtype": "float32",
                                     "moe": {"enabled": True, "num_routed_experts": 4, "top_k": 2,
                                             "expert_hidden": 32, "first_dense_layers": 1}}))
-    tokens = np.random.default_rng(0).integers(0, 384, (4, 16))
+    tokens = np.random.default_rng(0).integers(0, 384, (16, 32))  # 512 tokens: ~256 per expert >= 2 x 32
     model = build_model(cfg.model)
     w_before = np.asarray(model.blocks[1].ffn.w_up[...]).copy()
     report = quantize_model(model, tokens, QuantSettings(method="gptq", bits=3, group_size=-1))
-    assert report.expert_matrices == 4 * 3 and report.expert_fallbacks == 0
+    assert report.expert_matrices == 4 * 3 and report.expert_fallbacks == 0 and report.method_label == "gptq"
+    (counts,) = report.expert_tokens
+    assert counts.sum() == 512 * 2 and counts.min() >= 64
     w_after = np.asarray(model.blocks[1].ffn.w_up[...])
     assert not np.allclose(w_before, w_after)
     for e in range(4):  # each expert's columns now sit on a 3-bit grid
         assert max(len(np.unique(w_after[e][:, j])) for j in range(4)) <= 8
     starved = quantize_model(build_model(cfg.model), tokens,
                              QuantSettings(method="gptq", bits=3, group_size=-1, min_expert_tokens=10**6))
-    assert starved.expert_fallbacks == 4
+    assert starved.expert_fallbacks == 4 and starved.method_label == "gptq+rtn-fallback"
     with pytest.raises(ValueError, match="min_expert_tokens must be at least 1"):
         QuantSettings(method="gptq", bits=3, min_expert_tokens=0)
     # the router and the norms keep their 16-bit values
@@ -224,7 +277,7 @@ def test_moe_gptq_stacked_experts_equal_one_expert_at_a_time(monkeypatch, stack_
     """All experts of a layer in one stacked GPTQ (masked Hessians) == GPTQ of each expert on exactly
     its routed rows, with the down projection calibrated on their SwiGLU activations."""
     from efftrain.quant import apply, quantize_gptq
-    from efftrain.quant.apply import QuantReport, quantize_experts
+    from efftrain.quant.apply import QuantReport, expert_stats, quantize_experts
 
     monkeypatch.setattr(apply, "STACKED_GPTQ_BYTES", stack_bytes)
 
@@ -236,7 +289,9 @@ def test_moe_gptq_stacked_experts_equal_one_expert_at_a_time(monkeypatch, stack_
     s = QuantSettings(method="gptq", bits=3, group_size=-1, min_expert_tokens=1)
     w = {n: np.asarray(getattr(moe, n)[...], np.float32) for n in ("w_gate", "w_up", "w_down")}
     idx = np.asarray(moe.route(jnp.asarray(x)).expert_idx)
-    quantize_experts(moe, jnp.asarray(x), s, QuantReport(), "ffn")
+    report = QuantReport()
+    quantize_experts(moe, expert_stats(moe, jnp.asarray(x), s, report), s, report, "ffn")
+    report.finish()
     for e in range(4):
         x_e = x[np.any(idx == e, axis=-1)].astype(np.float64)
         gate = x_e @ w["w_gate"][e]
@@ -383,10 +438,39 @@ def test_old_header_table_is_upgraded_and_its_rows_skipped(trained_run, tmp_path
         assert table.read_text() == ",".join(OLD_COLUMNS + ["novel"]) + "\n"
 
 
-@pytest.mark.parametrize("flag, value, valid", [("--methods", "rtn,foo", "rtn, gptq, awq"),
+@pytest.mark.parametrize("flag, value, valid", [("--methods", "rtn,foo", "rtn, gptq, awq, awq-linear"),
                                                 ("--formats", "int,nf5", "int, nf4, fp4, fp8")])
 def test_unknown_cli_values_name_the_valid_ones(tmp_path, capsys, flag, value, valid):
     assert main(["ptq", str(tmp_path), flag, value]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {flag}: unknown value(s) '{value.split(',')[1]}'; valid: {valid}\n"
 
+
+
+def test_persistent_compilation_cache_is_opt_out(monkeypatch, tmp_path):
+    """On by default in the user cache dir, EFFTRAIN_COMPILATION_CACHE=off disables it, a path moves it,
+    and a directory already configured in JAX is kept (jax.config faked: the session's is left alone)."""
+    from types import SimpleNamespace
+
+    from efftrain.quant import sweep
+
+    class Config(SimpleNamespace):
+        def update(self, key, value):
+            setattr(self, key, value)
+
+    def run(env, preset=None):
+        cfg = Config(jax_compilation_cache_dir=preset, jax_compilation_cache_max_size=-1)
+        monkeypatch.setattr(sweep, "jax", SimpleNamespace(config=cfg))
+        if env is None:
+            monkeypatch.delenv("EFFTRAIN_COMPILATION_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("EFFTRAIN_COMPILATION_CACHE", env)
+        return sweep.enable_compilation_cache(), cfg
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path, cfg = run(None)
+    assert path == cfg.jax_compilation_cache_dir == str(tmp_path / "efftrain" / "jax")
+    assert cfg.jax_compilation_cache_max_size == sweep.COMPILATION_CACHE_BYTES
+    assert run("off") == (None, Config(jax_compilation_cache_dir=None, jax_compilation_cache_max_size=-1))
+    assert run(str(tmp_path / "c"))[0] == str(tmp_path / "c")
+    assert run(None, preset="/elsewhere")[0] == "/elsewhere"

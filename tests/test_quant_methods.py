@@ -97,7 +97,7 @@ def test_awq_never_above_rtn_and_strictly_below_at_3_bits(layer, bits):
 def test_awq_alpha_zero_is_exactly_rtn(layer):
     x, w = layer
     for kw in [dict(bits=3), dict(bits=4, fmt="nf4", group_size=64), dict(bits=4, symmetric=True, group_size=-1)]:
-        w_eff, info = quantize_awq(w, x, grid=1, **kw)
+        w_eff, info = quantize_awq(w, x, grid=1, clip=False, **kw)
         assert info["alpha"] == 0.0 and np.all(info["s"] == 1)
         np.testing.assert_array_equal(w_eff, quantize_rtn(w, **kw))
 
@@ -114,12 +114,13 @@ def test_awq_effective_weight_equals_folded_form(layer):
 
 def test_awq_clip_search(layer):
     x, w = layer
-    base, info0 = quantize_awq(w, x, bits=3)
-    clipped, info = quantize_awq(w, x, bits=3, clip=True, return_packed=True)
+    base, info0 = quantize_awq(w, x, bits=3, clip=False)
+    clipped, info = quantize_awq(w, x, bits=3, return_packed=True)  # clip is on by default, as in the reference
     assert info["error"] <= info0["error"] and np.isfinite(info["clip_error"])
     if info["clip_applied"]:
         assert info["clip_ratio"].shape == (D_IN // 128, D_OUT)
-        assert np.all((info["clip_ratio"] > 0.5) & (info["clip_ratio"] <= 1))
+        grid = 1 - np.arange(10) / 20  # the reference's grid: 1, 0.95, ..., 0.55
+        assert np.all(np.min(np.abs(info["clip_ratio"][..., None] - grid), axis=-1) < 1e-6)
     else:
         np.testing.assert_array_equal(clipped, base)
     np.testing.assert_array_equal(unpack(*info["packed"], bits=3) * info["inv_s"][:, None], clipped)

@@ -32,7 +32,7 @@ TECHNIQUE_FIELDS = {"model.attention": "mha", "model.moe.enabled": False, "model
 
 
 def method_label(m: str) -> str:
-    return {"gptq": "GPTQ", "rtn": "RTN", "awq": "AWQ"}.get(m, m)
+    return {"gptq": "GPTQ", "rtn": "RTN", "awq": "AWQ", "awq-linear": "AWQ (per-Linear)"}.get(m, m)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -391,6 +391,10 @@ def analyse(ctx: Context, method: str | None, bits: int | None) -> None:
                 ctx.variant_fits[law][label] = fit_group(vrows, law, n_boot=ctx.n_boot,
                                                          group={"method": sel.method, "variant": label})
     ctx.comparison = compare_techniques(ctx.rows, ctx.res.runs, sel, ctx.baseline)
+    fallback = Counter(r["method_label"] for r in ctx.rows if "fallback" in (r.get("method_label") or ""))
+    if fallback:
+        ctx.notes.append("rows where some MoE experts saw too few calibration tokens and fell back to RTN: "
+                         + ", ".join(f"{n} {label}" for label, n in sorted(fallback.items())))
     for b in sorted({r["bits"] for r in ctx.slice_rows}):
         ses = [r["qid_se"] for r in ctx.slice_rows if r["bits"] == b and r["method"] == sel.method
                and r.get("qid_se") is not None]

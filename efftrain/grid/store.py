@@ -52,7 +52,7 @@ PTQ_COLUMNS: list[tuple[str, str]] = [
     ("qid_se", "REAL"), ("kl", "REAL"), ("kl_se", "REAL"), ("top1_agree", "REAL"), ("eval_windows", "INTEGER"),
     ("eval_tokens", "INTEGER"), ("eval_seed", "INTEGER"), ("calib_seed", "INTEGER"),
     ("params_quantized", "INTEGER"), ("epochs", "REAL"), ("warmup_steps", "INTEGER"), ("seed", "INTEGER"),
-    ("data_seed", "INTEGER"),
+    ("data_seed", "INTEGER"), ("method_label", "TEXT"),
     # added by the grid
     ("variant", "TEXT"), ("replicate", "TEXT"), ("run_key", "TEXT NOT NULL"), ("axes", "TEXT"), ("schedule", "TEXT"),
     ("cell_kind", "TEXT"), ("extra", "TEXT"), ("recorded", "REAL"),

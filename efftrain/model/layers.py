@@ -34,10 +34,17 @@ def fp8_for(fp8: FP8Config | None, role: str = "linear") -> FP8Config | None:
 
 
 # Set by efftrain.quant.apply.capture_linear_inputs while it records PTQ calibration inputs: called as
-# observer(layer, x) with the input of every Linear, also of those that share one input below. A
-# context variable, so a capture in one thread never sees another thread's calls (jax traces in the
-# calling thread).
+# observer(layer, x) with the input of every Linear, also of those that share one input below, and of
+# every MoE router (efftrain.model.moe.Router: the MoE layer's input). A context variable, so a capture
+# in one thread never sees another thread's calls (jax traces in the calling thread). Unset (the
+# default), the hook is one `ContextVar.get` per call at trace time and changes no numbers.
 input_observer: contextvars.ContextVar = contextvars.ContextVar("linear_input_observer", default=None)
+
+
+def observe_input(layer: nnx.Module, x: jax.Array) -> None:
+    """Report `x`, the input `layer` is about to compute on, to the PTQ observer if one is set."""
+    if (observe := input_observer.get()) is not None:
+        observe(layer, x)
 
 
 class Linear(nnx.Module):
@@ -51,8 +58,7 @@ class Linear(nnx.Module):
         self.fp8 = fp8_for(fp8, fp8_role)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if (observe := input_observer.get()) is not None:
-            observe(self, x)
+        observe_input(self, x)
         x = x.astype(self.compute_dtype)
         w = self.kernel[...]
         if self.fp8 is not None:
@@ -70,9 +76,8 @@ def apply_shared_input(layers: tuple[Linear, ...], x: jax.Array) -> tuple[jax.Ar
         return tuple(layer(x) for layer in layers)
     from efftrain.fp8 import fp8_linear_shared
 
-    if (observe := input_observer.get()) is not None:
-        for layer in layers:
-            observe(layer, x)
+    for layer in layers:
+        observe_input(layer, x)
     ws = tuple(layer.kernel[...].astype(dtype) for layer in layers)
     return tuple(y.astype(dtype) for y in fp8_linear_shared(x.astype(dtype), ws, fp8))
 

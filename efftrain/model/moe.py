@@ -71,7 +71,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
-from efftrain.model.layers import MLP, dtype_of, fp8_for
+from efftrain.model.layers import MLP, dtype_of, fp8_for, observe_input
 
 DROPLESS_IMPLS = ("tiles", "ragged")
 DEFAULT_DROPLESS_IMPL = "tiles"
@@ -100,6 +100,7 @@ class Router(nnx.Module):
         self.fp8 = fp8_for(fp8, "router")
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        observe_input(self, x)  # PTQ calibration capture (the MoE layer's input); a no-op otherwise
         x = x.astype(jnp.float32)
         w = self.kernel[...].astype(jnp.float32)
         if self.fp8 is not None:

@@ -1,5 +1,6 @@
-"""Weight-only post-training quantization (RESEARCH.md §2): RTN, GPTQ (arXiv 2210.17323), AWQ
-(arXiv 2306.00978) on int / nf4 / fp4 / fp8 grids with per-group float16 scales.
+"""Weight-only post-training quantization (RESEARCH.md §2; docs/PTQ.md): RTN, GPTQ (arXiv 2210.17323), AWQ
+(arXiv 2306.00978: one Linear in awq.py, a whole block as published in awq_model.py) on int / nf4 / fp4 /
+fp8 grids with per-group float16 scales.
 
 Convention: ``y = x @ w`` with ``w[in, out]``; a group is ``group_size`` consecutive input rows of one
 output column (-1 = the whole input dim). Every quantizer returns the dequantized weight in the input's

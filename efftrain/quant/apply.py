@@ -5,43 +5,69 @@ q/k/v/o or MLA's q_down/q_up (or q), kv_down, kv_up and o; the dense MLP's gate/
 layer's shared experts — and each routed expert's gate/up/down slice of the stacked [E, in, out]
 weights. Kept in 16-bit by default: token embedding, output head, MoE router, norms, and the MTP
 modules (they are excluded from evaluation anyway). `quantize_head` also quantizes an untied output
-head, calibrated on the final-norm hidden states after all (quantized) blocks.
+head, calibrated on the final-norm hidden states after all blocks.
 
-Calibration (GPTQ/AWQ) is sequential, as in GPTQ (Frantar et al. 2022, §4 "Step 3"): the calibration
-hidden states enter block l after blocks 0..l-1 have been quantized, so each block is calibrated on
-the inputs it will see at inference. Inside a block, every Linear's inputs are captured in one
-forward pass through the block's original weights. Each routed expert is calibrated on exactly the
-tokens the router sends to it (its top-k assignments); its `down` projection on those tokens' SwiGLU
-activations. An expert that receives fewer than `min_expert_tokens` calibration tokens falls back to
-RTN, and the number of such experts is reported.
+Methods (`METHODS`):
+  rtn         round to nearest (efftrain.quant.rtn), no calibration.
+  gptq        GPTQ (Frantar et al. 2022, arXiv 2210.17323). Sequential, as in its §4 "Step 3": the
+              calibration hidden states enter block l after blocks 0..l-1 have been quantized, so each
+              block is calibrated on the inputs it will see at inference.
+  awq         AWQ as published (Lin et al. 2023, arXiv 2306.00978; llm-awq / AutoAWQ):
+              efftrain.quant.awq_model. Scales shared by the Linears that read one input, searched on
+              the block output with 16-bit inputs (block l calibrated on the 16-bit model's activations,
+              as the reference runs the FP model forward), folded into the preceding norm or Linear (no
+              extra bits), clipping search on (`awq_clip`), optional duo scaling (`awq_duo_scaling`).
+  awq-linear  the earlier per-Linear variant, kept as an ablation: one scale per Linear searched on that
+              Linear's own output (efftrain.quant.awq.quantize_awq), sequential inputs like GPTQ, the
+              1/s kept explicit (charged 16 bits per input row and stored as `awq_inv_scale`).
 
-Implementation (speed on accelerators): a block's calibration pass is one jitted program, reused for
-the quantized block's output; calibration rows are zero-padded to a power of two so per-expert
-statistics compile once per bucket; GPTQ quantizes all routed experts of a layer in one stacked
-program, with each expert's Hessian from the layer's tokens masked to those routed to it.
+Calibration inputs are captured through the model's own forward: `_block_pass` runs `Block.__call__`
+under `capture_linear_inputs`, which records what every Linear and every MoE router is fed
+(efftrain.model.layers.input_observer), so a change to the model cannot calibrate on other activations.
+
+Routed experts (`ExpertStats`): by default (`expert_calibration='routed'`) each expert is calibrated on
+exactly the tokens the router sends to it (top-k), its `down` projection on those tokens' SwiGLU
+activations; `expert_calibration='all'` uses every calibration token for every expert (llm-compressor's
+"calibrate all experts"; the forward that feeds the next block is unchanged). `expert_gate_weighted`
+weights each token's row by its gate (routed; by its router score s_{t,e} with 'all'), so that H_e =
+2 Σ_t g_{t,e}² x_t x_tᵀ, the Hessian of the expert's share g·Δy of the MoE output. A matrix whose expert
+has fewer than `min_expert_tokens` tokens (default 2 × the matrix's input width, the least for a
+well-conditioned Hessian) falls back to RTN; `QuantReport.expert_fallbacks` counts the experts with any
+such matrix and `method_label` (a ptq.csv column) reads e.g. 'gptq+rtn-fallback'.
+
+Implementation (speed on accelerators): one jitted program per block shape for the capture pass (also
+reused for a quantized block's output), per matrix shape for RTN / GPTQ / the AWQ searches, reused
+across layers, bit widths (the int width is data) and checkpoints; GPTQ quantizes all routed experts of
+a layer in one stacked program, with each expert's Hessian from the layer's tokens masked to those
+routed to it. Nothing is copied to the host between layers: packed codes stay on the device and the
+GPTQ Cholesky checks and the expert counts are read once, at the end (`QuantReport.finish`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from flax import nnx
-from scipy.special import expit
 
 from efftrain.model import layers
 from efftrain.model.layers import Linear
 from efftrain.quant.awq import quantize_awq
-from efftrain.quant.formats import Packed, effective_bits, resolve_group_size
-from efftrain.quant.gptq import quantize_gptq, quantize_gptq_from_hessian
-from efftrain.quant.rtn import quantize_rtn
+from efftrain.quant.formats import Packed, _kernel_format, _pack_kernel, _rtn_kernel, effective_bits, make_format, \
+    resolve_group_size
+from efftrain.quant.gptq import gptq_on_device, hessian_from_inputs, not_positive_definite
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq-linear")
+EXPERT_CALIBRATION = ("routed", "all")
+
+
+def _unknown_method(method: str) -> ValueError:
+    return ValueError(f"unknown PTQ method '{method}' (choose from {', '.join(METHODS)})")
 
 
 @dataclass(frozen=True)
@@ -54,12 +80,21 @@ class QuantSettings:
     damp: float = 0.01
     act_order: bool = False
     awq_grid: int = 20
-    min_expert_tokens: int = 16
+    awq_clip: bool = True  # AWQ's clipping search (the reference's auto_clip), awq and awq-linear
+    awq_duo_scaling: bool = False  # AutoAWQ's s = x_mean^α / w_mean^(1-α)
+    min_expert_tokens: int | None = None  # None: 2 × the expert matrix's input width
+    expert_calibration: str = "routed"  # routed | all
+    expert_gate_weighted: bool = False
     quantize_head: bool = False  # also the (untied) output head, calibrated on the final-norm states
 
     def __post_init__(self):
-        if self.min_expert_tokens < 1:  # an expert with no tokens has no statistics to calibrate on
+        if self.method not in METHODS:
+            raise _unknown_method(self.method)
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 1:
             raise ValueError(f"min_expert_tokens must be at least 1, got {self.min_expert_tokens}")
+        if self.expert_calibration not in EXPERT_CALIBRATION:
+            raise ValueError(f"expert_calibration must be one of {', '.join(EXPERT_CALIBRATION)}, "
+                             f"got {self.expert_calibration!r}")
 
     def group_for(self, in_dim: int) -> int:
         """Group size used for a weight with `in_dim` input rows: whole-channel when the group is at
@@ -69,19 +104,31 @@ class QuantSettings:
         resolve_group_size(self.group_size, in_dim)  # raises with a clear message if it doesn't divide
         return self.group_size
 
+    def min_tokens(self, in_dim: int) -> int:
+        """Calibration tokens an expert matrix with `in_dim` input rows needs before it is calibrated."""
+        return 2 * int(in_dim) if self.min_expert_tokens is None else self.min_expert_tokens
+
 
 @dataclass
 class QuantReport:
+    method: str = ""
     n_weights: int = 0  # matrices quantized (each expert's gate/up/down counts once)
     n_params: int = 0  # weight elements quantized
     weight_bits: float = 0.0  # Σ elements × effective bits
-    expert_fallbacks: int = 0  # routed experts quantized with RTN for lack of calibration tokens
+    expert_fallbacks: int = 0  # routed experts with a matrix quantized by RTN for lack of calibration tokens
     expert_matrices: int = 0
-    packed: dict[str, Any] = field(default_factory=dict)  # "path" or "path#expert" -> Packed (+ AWQ scales)
+    expert_tokens: list = field(default_factory=list)  # per MoE layer: [E] calibration tokens of each expert
+    packed: dict[str, Any] = field(default_factory=dict)  # "path", "path#e" or stacked "path#*" -> (Packed, 1/s)
+    _pending: list = field(default_factory=list)  # device values read at finish(): (kind, array)
 
     @property
     def eff_bits(self) -> float:
         return self.weight_bits / max(self.n_params, 1)
+
+    @property
+    def method_label(self) -> str:
+        """The method, marked when some routed experts fell back to RTN (e.g. 'gptq+rtn-fallback')."""
+        return f"{self.method}+rtn-fallback" if self.expert_fallbacks else self.method
 
     def add(self, w_shape: tuple[int, ...], s: QuantSettings, extra_bits_per_row: float = 0.0) -> None:
         n_in, n_out = w_shape[-2:]
@@ -91,18 +138,37 @@ class QuantReport:
         self.n_params += count
         self.weight_bits += count * bits + extra_bits_per_row * n_in * (count // (n_in * n_out))
 
+    def defer(self, kind: str, value) -> None:
+        self._pending.append((kind, value))
+
+    def finish(self) -> "QuantReport":
+        """Read the deferred device values (one transfer): GPTQ's Cholesky checks (ValueError if one
+        failed), the experts that fell back to RTN and each expert's calibration token count."""
+        values = jax.device_get([v for _, v in self._pending])
+        for (kind, _), v in zip(self._pending, values):
+            v = np.asarray(v)
+            if kind == "gptq_ok" and not v.all():
+                raise ValueError(not_positive_definite(v.reshape(-1), v.ndim > 0))
+            if kind == "fallback":
+                self.expert_fallbacks += int(v.sum())
+            if kind == "expert_tokens":
+                self.expert_tokens.append(v.astype(np.int64))
+        self._pending.clear()
+        return self
+
 
 # ----------------------------------------------------------------------------------------------
-# Capturing the inputs of every Linear during a forward pass
+# Capturing the inputs of every Linear (and MoE router) through the model's own forward
 # ----------------------------------------------------------------------------------------------
 @contextmanager
 def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
-    """Inside the context, each Linear called records its input: {id(linear): [x, ...]} (also the
-    Linears that share one input through `apply_shared_input`, as q/k/v do with simulated FP8)."""
+    """Inside the context, each Linear (and MoE router) called records its input, as fed, flattened to
+    [n, in]: {id(module): [x, ...]} (also the Linears that share one input through
+    `apply_shared_input`, as q/k/v do with simulated FP8)."""
     sink: dict[int, list[jax.Array]] = {}
 
-    def record(linear, x):
-        sink.setdefault(id(linear), []).append(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
+    def record(module, x):
+        sink.setdefault(id(module), []).append(x.reshape(-1, x.shape[-1]))
 
     token = layers.input_observer.set(record)
     try:
@@ -111,179 +177,254 @@ def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
         layers.input_observer.reset(token)
 
 
-@nnx.jit
-def _block_pass(block, h, positions):
-    """One block on h, jitted: ({Linear path: its inputs [n, in]}, the MoE layer's input [n, d] or None,
-    the block's output). PTQ calls it twice per block, on the original weights for the calibration
-    inputs and on the quantized ones for the next block's input, so both share one compiled program
-    (calls inside are traced, hence paths, not ids). Op by op an FP8 block took ~18 s per GPTQ row."""
-    paths = {id(lin): name for name, lin in linears_of(block)}
-    with capture_linear_inputs() as captured:
-        x = h + block.attn(block.attn_norm(h), positions)  # as Block.__call__
-        ffn_in = block.ffn_norm(x)
-        y = block.ffn(ffn_in)[0] if block.is_moe else block.ffn(ffn_in)
-    moe_inputs = ffn_in.reshape(-1, ffn_in.shape[-1]) if block.is_moe else None
-    return {paths[k]: jnp.concatenate(xs) for k, xs in captured.items()}, moe_inputs, x + y
-
-
 def linears_of(module: nnx.Module) -> list[tuple[str, Linear]]:
     return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(module) if isinstance(m, Linear)]
+
+
+def observed_modules(module: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """(path, module) of everything `capture_linear_inputs` records: Linears and MoE routers."""
+    from efftrain.model.moe import Router
+
+    return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(module) if isinstance(m, (Linear, Router))]
+
+
+@nnx.jit
+def _block_pass(block, h, positions):
+    """`Block.__call__` on h with the inputs of its Linears and router captured, jitted:
+    ({path: input [n, in]}, the block's output). One compiled program per block structure (paths, not
+    ids: calls inside are traced)."""
+    paths = {id(m): name for name, m in observed_modules(block)}
+    with capture_linear_inputs() as captured:
+        out, _ = block(h, positions)
+    return {paths[k]: jnp.concatenate(xs) for k, xs in captured.items()}, out
+
+
+@nnx.jit
+def _block_out(block, h, positions):
+    """`Block.__call__`'s output alone (the next block's input after quantizing this one)."""
+    return block(h, positions)[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # One matrix
 # ----------------------------------------------------------------------------------------------
-def quantize_matrix(w: jax.Array, x: jax.Array | None, s: QuantSettings) -> tuple[jax.Array, Packed, Any]:
-    """(dequantized w, packed codes, AWQ input scales or None) for one [in, out] matrix."""
-    g = s.group_for(w.shape[0])
-    w32 = np.asarray(w, np.float32)
-    common = dict(bits=s.bits, group_size=g, symmetric=s.symmetric, fmt=s.fmt)
-    if s.method == "rtn" or x is None:
-        from efftrain.quant.formats import pack
+def _format(s: QuantSettings):
+    f = make_format(s.bits, s.fmt, s.symmetric)
+    return f, *_kernel_format(f)
 
-        packed = pack(w32, **common)
-        return jnp.asarray(quantize_rtn(w32, **common)), packed, None
-    x32 = np.asarray(x, np.float32)
+
+def _rtn_packed(w: jax.Array, s: QuantSettings) -> tuple[jax.Array, Packed]:
+    """RTN of w [..., in, out] on the device: (dequantized float32, Packed of device arrays)."""
+    f, fs, maxq = _format(s)
+    g = resolve_group_size(s.group_for(w.shape[-2]), w.shape[-2])
+    w32 = w.astype(jnp.float32)
+    codes, scales, zeros = _pack_kernel(w32, maxq, f=fs, g=g)
+    return _rtn_kernel(w32, maxq, f=fs, g=g), Packed(codes, scales, zeros if f.has_zero_point else None)
+
+
+def _gptq_packed(w: jax.Array, H: jax.Array, s: QuantSettings, report: QuantReport) -> tuple[jax.Array, Packed]:
+    f = make_format(s.bits, s.fmt, s.symmetric)
+    Q, C, S, Z, ok = gptq_on_device(w, H, bits=s.bits, group_size=s.group_for(w.shape[-2]), damp=s.damp,
+                                    act_order=s.act_order, symmetric=s.symmetric, fmt=s.fmt)
+    report.defer("gptq_ok", ok)
+    return Q, Packed(C, S, Z if f.has_zero_point else None)
+
+
+def quantize_matrix(w: jax.Array, x: jax.Array | None, s: QuantSettings,
+                    report: QuantReport | None = None) -> tuple[jax.Array, Packed, Any]:
+    """(dequantized w, packed codes, awq-linear's 1/s or None) for one [in, out] matrix."""
+    if s.method == "rtn" or x is None:
+        return (*_rtn_packed(jnp.asarray(w), s), None)
     if s.method == "gptq":
-        w_hat, packed = quantize_gptq(w32, x32, damp=s.damp, act_order=s.act_order, return_packed=True, **common)
-        return jnp.asarray(w_hat), packed, None
-    if s.method == "awq":
-        w_hat, info = quantize_awq(w32, x32, grid=s.awq_grid, return_packed=True, **common)
+        return (*_gptq_packed(jnp.asarray(w), hessian_from_inputs(x), s, report or QuantReport()), None)
+    if s.method == "awq-linear":
+        w_hat, info = quantize_awq(np.asarray(w, np.float32), np.asarray(x, np.float32), bits=s.bits,
+                                   group_size=s.group_for(w.shape[0]), symmetric=s.symmetric, fmt=s.fmt,
+                                   grid=s.awq_grid, duo_scaling=s.awq_duo_scaling, clip=s.awq_clip,
+                                   return_packed=True)
         # stored: codes of Q(diag(s) w) and 1/s; w_eff = Q(diag(s) w) · (1/s) exactly as AWQ computes it
         return jnp.asarray(w_hat), info["packed"], np.asarray(info["inv_s"], np.float32)
-    raise ValueError(f"unknown PTQ method '{s.method}' (choose from {', '.join(METHODS)})")
+    raise ValueError(f"quantize_matrix does rtn, gptq and awq-linear; '{s.method}' quantizes whole blocks "
+                     "(efftrain.quant.awq_model)" if s.method == "awq" else str(_unknown_method(s.method)))
+
+
+def _put(var, report: QuantReport, key: str, s: QuantSettings, w_hat, packed, inv_s=None) -> None:
+    var[...] = jnp.asarray(w_hat).astype(var[...].dtype)
+    report.add(tuple(var[...].shape), s, 16.0 if inv_s is not None else 0.0)
+    report.packed[key] = (packed, inv_s)
 
 
 # ----------------------------------------------------------------------------------------------
 # The model, block by block
 # ----------------------------------------------------------------------------------------------
 def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantReport:
-    """Quantize `model` in place (its Param values are replaced by dequantized weights).
+    """Quantize `model` in place (its Param values are replaced by dequantized weights; with awq also
+    the norms and routers the scales are folded into).
 
     calib_tokens [n, T] int: calibration sequences (from the train split).
     """
+    from efftrain.quant.awq_model import quantize_block_awq, quantize_head_awq
+
     if s.method not in METHODS:
-        raise ValueError(f"unknown PTQ method '{s.method}' (choose from {', '.join(METHODS)})")
-    report = QuantReport()
+        raise _unknown_method(s.method)
+    report = QuantReport(method=s.method)
     needs_inputs = s.method != "rtn"
     tokens = jnp.asarray(calib_tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     h = model.embed(tokens) if needs_inputs else None
     for li, block in enumerate(model.blocks):
         prefix = f"blocks/{li}"
-        captured, moe_inputs, _ = _block_pass(block, h, positions) if needs_inputs else ({}, None, None)
-        # dense Linears (attention, MLP, shared experts): skip the router (kept in 16-bit)
-        for name, lin in linears_of(block):
-            x = captured.get(name)
-            w_hat, packed, awq_s = quantize_matrix(lin.kernel[...], x, s)
-            lin.kernel[...] = w_hat.astype(lin.kernel[...].dtype)
-            report.add(tuple(lin.kernel[...].shape), s, 16.0 if awq_s is not None else 0.0)
-            report.packed[f"{prefix}/{name}/kernel"] = (packed, awq_s)
+        inputs, out_16 = _block_pass(block, h, positions) if needs_inputs else ({}, None)
+        experts = expert_stats(block.ffn, inputs["ffn/router"], s, report) if block.is_moe and needs_inputs else None
+        if s.method == "awq":
+            quantize_block_awq(block, inputs, positions, s, report, prefix, experts)
+            h = out_16  # AWQ: the next block is calibrated on the 16-bit model's activations
+            continue
+        for name, lin in linears_of(block):  # the router is not a Linear: kept in 16-bit
+            _put(lin.kernel, report, f"{prefix}/{name}/kernel", s,
+                 *quantize_matrix(lin.kernel[...], inputs.get(name), s, report))
         if block.is_moe:
-            quantize_experts(block.ffn, moe_inputs, s, report, f"{prefix}/ffn")
+            quantize_experts(block.ffn, experts, s, report, f"{prefix}/ffn")
         if needs_inputs:
-            h = _block_pass(block, h, positions)[2]  # next block sees this block's quantized output
+            h = _block_out(block, h, positions)  # GPTQ: the next block sees this block's quantized output
     if s.quantize_head:
         if model.lm_head is None:
             raise ValueError("quantize_head needs an untied output head (model.tie_embeddings is true)")
-        x = model.final_norm(h).reshape(-1, h.shape[-1]).astype(jnp.float32) if needs_inputs else None
-        w_hat, packed, awq_s = quantize_matrix(model.lm_head.kernel[...], x, s)
-        model.lm_head.kernel[...] = w_hat.astype(model.lm_head.kernel[...].dtype)
-        report.add(tuple(model.lm_head.kernel[...].shape), s, 16.0 if awq_s is not None else 0.0)
-        report.packed["lm_head/kernel"] = (packed, awq_s)
-    return report
+        x = model.final_norm(h).reshape(-1, h.shape[-1]) if needs_inputs else None
+        if s.method == "awq":
+            quantize_head_awq(model, x, s, report)
+        else:
+            _put(model.lm_head.kernel, report, "lm_head/kernel", s,
+                 *quantize_matrix(model.lm_head.kernel[...], x, s, report))
+    return report.finish()
 
 
+# ----------------------------------------------------------------------------------------------
+# Routed experts
+# ----------------------------------------------------------------------------------------------
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 STACKED_GPTQ_BYTES = 1 << 30  # experts per stacked GPTQ program: about this much working memory
 
 
+class ExpertStats(NamedTuple):
+    """Calibration statistics of the routed experts of one MoE layer (all on the device)."""
+
+    x: jax.Array  # [N, D] the layer's input (as captured)
+    used: jax.Array  # [E, N] 1 where the token is one of the expert's calibration tokens
+    rows: jax.Array  # [E, N] weight of each token's row per expert (0: not used)
+    counts: jax.Array  # [E] calibration tokens per expert
+    gram_in: jax.Array  # [E, D, D] Σ_t rows² x_t x_tᵀ
+    gram_hidden: jax.Array  # [E, H, H] the same over the SwiGLU activations (down's inputs)
+    mean_in: jax.Array  # [E, D] mean |x| over the expert's tokens (AWQ)
+    mean_hidden: jax.Array  # [E, H]
+    ok_in: jax.Array  # [E] bool: enough tokens for gate/up
+    ok_hidden: jax.Array  # [E] bool: enough tokens for down
+
+
 # jitted: run op by op, an MoE router compiles its small programs on first use (seconds on a GPU)
 @nnx.jit
-def _expert_choice(moe, x2d):
-    return moe.route(x2d).expert_idx
-
-
-def quantize_experts(moe, x2d: jax.Array | None, s: QuantSettings, report: QuantReport, prefix: str) -> None:
-    """Per routed expert e: gate/up on the tokens routed to e, down on their SwiGLU activations."""
-    w = {name: np.asarray(getattr(moe, name)[...], np.float32) for name in EXPERT_WEIGHTS}
-    E = w["w_gate"].shape[0]
-    calibrated = np.zeros(E, bool)
-    x = routed = gptq = None
-    if x2d is not None:
-        x = np.asarray(x2d, np.float32)
-        idx = np.asarray(_expert_choice(moe, x2d))  # [N, K]
-        routed = np.stack([np.any(idx == e, axis=-1) for e in range(E)])  # [E, N]
-        calibrated = routed.sum(axis=1) >= s.min_expert_tokens
-        report.expert_fallbacks += int(E - calibrated.sum())
-    if s.method == "gptq" and calibrated.any():
-        gptq = _gptq_experts(w, x2d, routed, calibrated, s)
-    out = {name: value.copy() for name, value in w.items()}
-    for e in range(E):
-        inputs = dict.fromkeys(EXPERT_WEIGHTS)
-        if calibrated[e] and s.method == "awq":
-            x_e = x[routed[e]]
-            inputs = {"w_gate": x_e, "w_up": x_e, "w_down": _swiglu(x_e, w["w_gate"][e], w["w_up"][e])}
-        for name in EXPERT_WEIGHTS:
-            if calibrated[e] and s.method == "gptq":
-                w_hat, packed, awq_s = gptq[name][0][e], gptq[name][1][e], None
-            else:
-                w_hat, packed, awq_s = quantize_matrix(w[name][e], inputs[name], s)
-            out[name][e] = np.asarray(w_hat)
-            report.add(out[name][e].shape, s, 16.0 if awq_s is not None else 0.0)
-            report.packed[f"{prefix}/{name}#{e}"] = (packed, awq_s)
-        report.expert_matrices += 3
-    for name, value in out.items():
-        var = getattr(moe, name)
-        var[...] = jnp.asarray(value, var[...].dtype)
-
-
-def _swiglu(x, w_gate, w_up):
-    gate = x @ w_gate  # numpy: a jax op here would compile once per expert's token count
-    return (gate * expit(gate) * (x @ w_up)).astype(np.float32)
+def _routing(moe, x2d):
+    return moe.route(x2d)
 
 
 @jax.jit
-def _expert_hessians(x, routed, w_gate, w_up):
-    """``2 X_e^T X_e`` over each expert's tokens and over their SwiGLU activations (the down projection's
-    inputs): x [N, d], routed [E, N] in {0, 1}, w_gate/w_up [E, d, h] -> ([E, d, d], [E, h, h]).
-    Zeroing the rows of the other tokens gives the Hessian of the routed rows with one static shape
-    for every expert; one expert at a time (lax.map) keeps memory at N x max(d, h)."""
+def _expert_rows(expert_idx, gates, scores, all_tokens: bool, gate_weighted: bool):
+    """(used [E, N] in {0, 1}, row weights [E, N]) from the routing (traced flags: one program)."""
+    E = scores.shape[-1]
+    onehot = expert_idx[:, :, None] == jnp.arange(E)  # [N, K, E]
+    routed = jnp.any(onehot, axis=1).T.astype(jnp.float32)
+    gate = jnp.sum(jnp.where(onehot, gates[:, :, None], 0.0), axis=1).T
+    used = jnp.where(all_tokens, jnp.ones_like(routed), routed)
+    weights = jnp.where(all_tokens, scores.T, gate)
+    return used, jnp.where(gate_weighted, weights, used)
+
+
+@jax.jit
+def _expert_grams(x, used, rows, w_gate, w_up):
+    """Per expert (lax.map: memory N x max(D, H)): the Grams of the weighted rows of x and of the SwiGLU
+    activations, and the mean |.| over the used rows."""
+    hp = lax.Precision.HIGHEST
+    x = x.astype(jnp.float32)
 
     def gram(a):
-        return 2 * jnp.matmul(a.T, a, precision=lax.Precision.HIGHEST)
+        return jnp.matmul(a.T, a, precision=hp)
 
     def one(args):
-        m, wg, wu = args
-        hp = lax.Precision.HIGHEST
+        m, r, wg, wu = args
         hidden = jax.nn.silu(jnp.matmul(x, wg, precision=hp)) * jnp.matmul(x, wu, precision=hp)
-        return gram(x * m[:, None]), gram(hidden * m[:, None])
+        n = jnp.maximum(jnp.sum(m), 1.0)
+        return (gram(x * r[:, None]), gram(hidden * r[:, None]),
+                jnp.sum(jnp.abs(x) * m[:, None], axis=0) / n, jnp.sum(jnp.abs(hidden) * m[:, None], axis=0) / n)
 
-    return lax.map(one, (routed, w_gate, w_up))
+    return lax.map(one, (used, rows, w_gate.astype(jnp.float32), w_up.astype(jnp.float32)))
 
 
-def _gptq_experts(w, x2d, routed, calibrated, s: QuantSettings) -> dict[str, tuple[np.ndarray, list[Packed]]]:
-    """GPTQ of all routed experts of a layer at once (one stacked program per weight name); the
-    experts left for RTN get an identity Hessian here and their result is not used."""
-    H_in, H_hidden = _expert_hessians(jnp.asarray(x2d, jnp.float32), jnp.asarray(routed, jnp.float32),
-                                      jnp.asarray(w["w_gate"]), jnp.asarray(w["w_up"]))
-    keep = jnp.asarray(calibrated)[:, None, None]
-    results = {}
-    for name, H in (("w_gate", H_in), ("w_up", H_in), ("w_down", H_hidden)):
-        H = jnp.where(keep, H, jnp.eye(H.shape[-1], dtype=H.dtype))
-        E, n_in, n_out = w[name].shape
-        # the stacked program holds a few [in, in] float32 arrays per expert: bound it for large layers
-        chunk = max(1, STACKED_GPTQ_BYTES // (4 * 4 * n_in * (n_in + n_out)))
-        w_hat, packed = [], []
-        for e0 in range(0, E, chunk):
-            q, p = quantize_gptq_from_hessian(
-                w[name][e0:e0 + chunk], H[e0:e0 + chunk], bits=s.bits, group_size=s.group_for(n_in),
-                damp=s.damp, act_order=s.act_order, symmetric=s.symmetric, fmt=s.fmt, return_packed=True)
-            w_hat.extend(q)
-            zeros = p.zeros if p.zeros is not None else [None] * len(q)
-            packed.extend(Packed(c, sc, z) for c, sc, z in zip(p.codes, p.scales, zeros))
-        results[name] = (w_hat, packed)
-    return results
+def expert_stats(moe, x2d: jax.Array, s: QuantSettings, report: QuantReport) -> ExpertStats:
+    """Which calibration tokens each routed expert is calibrated on, and their statistics."""
+    r = _routing(moe, x2d)
+    used, rows = _expert_rows(r.expert_idx, r.gates, r.scores, s.expert_calibration == "all", s.expert_gate_weighted)
+    G_in, G_hidden, m_in, m_hidden = _expert_grams(x2d, used, rows, moe.w_gate[...], moe.w_up[...])
+    counts = jnp.sum(used, axis=1)
+    ok_in, ok_hidden = counts >= s.min_tokens(moe.d_model), counts >= s.min_tokens(moe.hidden)
+    report.defer("expert_tokens", counts)
+    report.defer("fallback", ~(ok_in & ok_hidden))
+    return ExpertStats(x2d, used, rows, counts, G_in, G_hidden, m_in, m_hidden, ok_in, ok_hidden)
+
+
+def quantize_experts(moe, stats: ExpertStats | None, s: QuantSettings, report: QuantReport, prefix: str) -> None:
+    """Per routed expert e: gate/up on its tokens, down on their SwiGLU activations (RTN where the expert
+    lacks tokens, or for s.method == 'rtn')."""
+    if s.method == "awq-linear" and stats is not None:
+        _awq_linear_experts(moe, stats, s, report, prefix)
+    else:
+        calibration = {"w_gate": (stats.ok_in, stats.gram_in), "w_up": (stats.ok_in, stats.gram_in),
+                       "w_down": (stats.ok_hidden, stats.gram_hidden)} if s.method == "gptq" and stats else {}
+        for name in EXPERT_WEIGHTS:
+            var = getattr(moe, name)
+            w_hat, packed = _rtn_packed(var[...], s)
+            if name in calibration:  # GPTQ where calibrated, the RTN result elsewhere
+                ok, G = calibration[name]
+                q, p = _gptq_experts(var[...], 2 * G, ok, s, report)
+                keep = ok[:, None, None]
+                w_hat = jnp.where(keep, q, w_hat)
+                packed = Packed(*(None if a is None else jnp.where(keep, a, b) for a, b in zip(p, packed)))
+            _put(var, report, f"{prefix}/{name}#*", s, w_hat, packed)
+    report.expert_matrices += 3 * moe.n_experts
+
+
+def _gptq_experts(w: jax.Array, H: jax.Array, calibrated: jax.Array, s: QuantSettings,
+                  report: QuantReport) -> tuple[jax.Array, Packed]:
+    """GPTQ of all routed experts' matrices w [E, in, out] at once (stacked programs bounded by
+    STACKED_GPTQ_BYTES); experts left for RTN get an identity Hessian here and their result is unused."""
+    H = jnp.where(calibrated[:, None, None], H, jnp.eye(H.shape[-1], dtype=H.dtype))
+    E, n_in, n_out = w.shape
+    # the stacked program holds a few [in, in] float32 arrays per expert: bound it for large layers
+    chunk = max(1, STACKED_GPTQ_BYTES // (4 * 4 * n_in * (n_in + n_out)))
+    parts = [_gptq_packed(w[e0:e0 + chunk], H[e0:e0 + chunk], s, report) for e0 in range(0, E, chunk)]
+    w_hat = jnp.concatenate([q for q, _ in parts])
+    fields = zip(*(p for _, p in parts))
+    return w_hat, Packed(*(None if a[0] is None else jnp.concatenate(a) for a in fields))
+
+
+def _awq_linear_experts(moe, stats: ExpertStats, s: QuantSettings, report: QuantReport, prefix: str) -> None:
+    """awq-linear per expert on the host (an ablation, not tuned for speed): gate/up on the expert's
+    tokens, down on their SwiGLU activations; RTN where the expert lacks tokens."""
+    w = {name: np.asarray(getattr(moe, name)[...], np.float32) for name in EXPERT_WEIGHTS}
+    x, used = np.asarray(stats.x, np.float32), np.asarray(stats.used) > 0
+    ok = {"w_gate": np.asarray(stats.ok_in), "w_up": np.asarray(stats.ok_in), "w_down": np.asarray(stats.ok_hidden)}
+    out = {name: value.copy() for name, value in w.items()}
+    for e in range(moe.n_experts):
+        x_e = x[used[e]]
+        gate = x_e @ w["w_gate"][e]
+        inputs = {"w_gate": x_e, "w_up": x_e, "w_down": gate / (1 + np.exp(-gate)) * (x_e @ w["w_up"][e])}
+        for name in EXPERT_WEIGHTS:
+            w_hat, packed, inv_s = quantize_matrix(w[name][e], inputs[name] if ok[name][e] else None, s)
+            out[name][e] = np.asarray(w_hat)
+            report.add(out[name][e].shape, s, 16.0 if inv_s is not None else 0.0)
+            report.packed[f"{prefix}/{name}#{e}"] = (packed, inv_s)
+    for name, value in out.items():
+        var = getattr(moe, name)
+        var[...] = jnp.asarray(value, var[...].dtype)
 
 
 def count_bytes(model, report: QuantReport) -> int:
@@ -298,14 +439,25 @@ def count_bytes(model, report: QuantReport) -> int:
 # Packed storage (`efftrain ptq --save`) and its exact reload
 # ----------------------------------------------------------------------------------------------
 def packed_arrays(report: QuantReport) -> dict[str, np.ndarray]:
+    """{"key|codes", "key|scales", ["key|zeros"], ["key|awq_inv_scale"]: numpy} with one key per matrix
+    (a stacked "path#*" entry is written as "path#0", "path#1", ...)."""
     arrays = {}
-    for key, (packed, awq_s) in report.packed.items():
+
+    def put(key, packed, inv_s):
         arrays[f"{key}|codes"] = np.asarray(packed.codes, np.uint8)
         arrays[f"{key}|scales"] = np.asarray(packed.scales, np.float16)
         if packed.zeros is not None:
             arrays[f"{key}|zeros"] = np.asarray(packed.zeros, np.float16)
-        if awq_s is not None:
-            arrays[f"{key}|awq_inv_scale"] = np.asarray(awq_s, np.float32)
+        if inv_s is not None:
+            arrays[f"{key}|awq_inv_scale"] = np.asarray(inv_s, np.float32)
+
+    for key, (packed, inv_s) in report.packed.items():
+        if key.endswith("#*"):
+            host = Packed(*(None if a is None else np.asarray(a) for a in packed))
+            for e in range(host.codes.shape[0]):
+                put(f"{key[:-1]}{e}", Packed(*(None if a is None else a[e] for a in host)), None)
+        else:
+            put(key, packed, inv_s)
     return arrays
 
 
@@ -316,7 +468,7 @@ def dequantize_arrays(arrays: dict[str, np.ndarray], *, bits: int, fmt: str) -> 
     out = {}
     for key in sorted({k.split("|")[0] for k in arrays}):
         w = unpack(arrays[f"{key}|codes"], arrays[f"{key}|scales"], arrays.get(f"{key}|zeros"), bits=bits, fmt=fmt)
-        if f"{key}|awq_inv_scale" in arrays:  # AWQ: w_eff = Q(diag(s) w) · (1/s)
+        if f"{key}|awq_inv_scale" in arrays:  # awq-linear: w_eff = Q(diag(s) w) · (1/s)
             w = np.asarray(jnp.asarray(w, jnp.float32) * jnp.asarray(arrays[f"{key}|awq_inv_scale"])[:, None])
         out[key] = w
     return out
@@ -344,4 +496,3 @@ def load_dequantized(model, weights: dict[str, np.ndarray]) -> None:
         for e, w in per_expert.items():
             stacked[e] = w
         var[...] = jnp.asarray(stacked, var[...].dtype)
-

@@ -1,4 +1,4 @@
-"""AWQ: activation-aware weight quantization (Lin et al. 2023, arXiv 2306.00978 §3).
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, arXiv 2306.00978 §3) - the layer-level parts.
 
 For ``y = x @ w``, ``w[in, out]``, calibration inputs ``X[n, in]``:
 
@@ -12,23 +12,33 @@ For ``y = x @ w``, ``w[in, out]``, calibration inputs ``X[n, in]``:
 
   with ``Q`` = RTN (efftrain.quant.rtn, any format) and α on ``linspace(0, 1, grid)`` (the reference
   uses ``i / grid``, i < grid; we include both ends). α = 0 gives s = 1, i.e. exactly RTN, so the chosen
-  error is never above RTN's on the calibration set. The error is measured per linear layer, through
-  the Gram matrix ``X^T X`` (no activation tensor of size [n, out] is formed).
+  error is never above RTN's on the calibration set. For one Linear the error is measured through the
+  Gram matrix ``X^T X`` (no activation tensor of size [n, out] is formed); the model-level AWQ
+  (efftrain.quant.awq_model) measures it on a whole attention / MLP / MoE block's output instead, as the
+  reference does, and uses ``awq_scale`` / ``weight_mean`` / the kernels below.
 
-* Output: the EFFECTIVE dequantized weight ``w_eff = Q(diag(s) w) / s[:, None]``, a drop-in
-  replacement since ``x @ w_eff = (x / s) @ Q(diag(s) w)``; ``info['s']`` holds s for a deployment
-  that folds 1/s into the previous op, and ``return_packed`` the codes of ``Q(diag(s) w)``. The
-  division is done as a product with ``info['inv_s'] = 1/s`` (correctly rounded float32), so
-  ``unpack(*info['packed'], ...) * info['inv_s'][:, None] == w_eff`` exactly.
+* ``duo_scaling`` (AutoAWQ, ``quantizer.py`` ``_search_best_scale``): ``s(α) = s_x^α / (s_w^(1-α) + 1e-4)``
+  (clamped at 1e-4, same normalisation), with ``s_w`` = ``weight_mean``: per group, ``|w| / max_group |w|``,
+  averaged over all output columns of all weights that read the input.
 
-* Optional clipping (``clip=True``; AWQ code's ``auto_clip``, §3.3 "search to better clip"): on the
+* Output of ``quantize_awq`` (one Linear, the scale kept explicit): the EFFECTIVE dequantized weight
+  ``w_eff = Q(diag(s) w) / s[:, None]``, a drop-in replacement since ``x @ w_eff = (x / s) @ Q(diag(s) w)``;
+  ``info['s']`` holds s, ``return_packed`` the codes of ``Q(diag(s) w)``. The division is done as a product
+  with ``info['inv_s'] = 1/s`` (correctly rounded float32), so
+  ``unpack(*info['packed'], ...) * info['inv_s'][:, None] == w_eff`` exactly. (Stored this way the 1/s
+  costs 16 bits per input row; the model-level AWQ folds s into the preceding norm or Linear instead.)
+
+* Clipping (on by default; the reference's ``auto_clip.py``, §3.3 "search to better clip"): on the
   scaled weight ``w' = diag(s) w`` with inputs ``x / s``, per group and output channel, the clip range
-  ``±r · max|w'_G|`` is searched over ``r = 1 - k/clip_grid · max_shrink`` (k < clip_grid) to minimise
-  that group's share of the output error ``d^T X_G^T X_G d`` (``d = w'_G - Q(clip(w'_G))``, the
-  reference's per-group approximation). The clipped result is kept only if it lowers the full-layer
-  calibration error (a guard the reference does not have); ``info['clip_applied']`` says whether.
+  ``±r · max|w'_G|`` is searched over the reference grid ``r = 1 - k / clip_grid``,
+  ``k < max_shrink · clip_grid`` (1, 0.95, ..., 0.55 by default), minimising that group's share of the
+  output error ``d^T X_G^T X_G d`` (``d = w'_G - Q(clip(w'_G))``; the reference's per-group error, here
+  from all calibration tokens through the Gram matrix where the reference subsamples 512). The clipped
+  result is kept only if it lowers the whole layer's calibration error (a guard the reference does not
+  have); ``info['clip_applied']`` says whether.
 
-One jitted XLA program for the α grid (``lax.map``), float32 (float64 for float64 input under jax x64).
+Jitted XLA programs (``lax.map`` over the α grid and the clip ratios), float32 (float64 for float64
+input under jax x64); the int bit width is data (``maxq``), so one program serves every int width.
 """
 
 from __future__ import annotations
@@ -46,9 +56,11 @@ from .formats import (
     _check_weight,
     _compute_dtype,
     _fake_quant,
+    _grouped,
     _kernel_format,
     _like,
     _pack_jit,
+    _pack_kernel,
     _pad_tokens,
     _rtn_jit,
     _rtn_kernel,
@@ -57,9 +69,49 @@ from .formats import (
     resolve_group_size,
 )
 
-__all__ = ["quantize_awq"]
+__all__ = ["quantize_awq", "awq_scale", "weight_mean", "alpha_grid", "clip_ratios"]
 
 _HIGHEST = lax.Precision.HIGHEST
+
+
+def alpha_grid(grid: int) -> np.ndarray:
+    """The α values searched: ``linspace(0, 1, grid)`` (just 0, i.e. RTN, for grid = 1)."""
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    return np.linspace(0.0, 1.0, int(grid)) if grid > 1 else np.zeros(1)
+
+
+def clip_ratios(clip_grid: int = 20, max_shrink: float = 0.5) -> np.ndarray:
+    """The reference's clip grid: ``1 - k / clip_grid`` for ``k < max_shrink · clip_grid`` (at least r = 1)."""
+    if int(clip_grid) < 1 or not 0 <= max_shrink < 1:
+        raise ValueError(f"clip needs clip_grid >= 1 and 0 <= max_shrink < 1, got {clip_grid}, {max_shrink}")
+    n = max(1, int(max_shrink * int(clip_grid)))
+    return 1.0 - np.arange(n) / int(clip_grid)
+
+
+def awq_scale(x_mean, alpha, w_mean=None):
+    """Per-input-channel scale s(α) (eq. 5 with the reference's normalisation; duo form with w_mean)."""
+    if w_mean is None:
+        s = jnp.maximum(x_mean**alpha, 1e-4)
+    else:
+        s = jnp.maximum(x_mean**alpha / (w_mean ** (1 - alpha) + 1e-4), 1e-4)
+    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+_scale = jax.jit(awq_scale)
+
+
+def weight_mean(ws, g: int):
+    """AutoAWQ's ``w_mean``: per group (g rows of one column) ``|w| / max|w|``, averaged per input row over
+    every output column of every weight in ``ws`` (each ``[..., in, out]``; leading dims count as columns)."""
+    total, count = 0.0, 0
+    for w in ws:
+        a = jnp.abs(_grouped(jnp.asarray(w, jnp.float32), g))
+        a = (a / (jnp.max(a, axis=-2, keepdims=True) + 1e-6)).reshape(w.shape)
+        axes = tuple(range(a.ndim - 2)) + (a.ndim - 1,)
+        total = total + jnp.sum(a, axis=axes)
+        count += int(np.prod(w.shape)) // w.shape[-2]
+    return total / count
 
 
 @jax.jit
@@ -69,9 +121,10 @@ def _stats(x, n_tokens):
 
 
 @jax.jit
-def _scale(sx, alpha):
-    s = jnp.maximum(sx**alpha, 1e-4)
-    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+def gram(x):
+    """X^T X of x [n, in] (float32, precision HIGHEST)."""
+    x = x.astype(jnp.float32)
+    return jnp.matmul(x.T, x, precision=_HIGHEST)
 
 
 @jax.jit
@@ -81,24 +134,40 @@ def _out_err(w, w_hat, G):
     return jnp.sum(d * jnp.matmul(G, d, precision=_HIGHEST))
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g"))
-def _search(w, G, sx, alphas, maxq, *, f: QuantFormat, g: int):
+def _search_errors(w, G, sx, w_mean, alphas, maxq, f: QuantFormat, g: int):
     def one(alpha):
-        s = _scale(sx, alpha)[:, None]
+        s = awq_scale(sx, alpha, w_mean)[:, None]
         return _out_err(w, _rtn_kernel(w * s, maxq, f=f, g=g) / s, G)
 
     return lax.map(one, alphas)
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g", "clip_grid"))
-def _clip_search(ws, Gs, max_shrink, maxq, *, f: QuantFormat, g: int, clip_grid: int):
+_search = jax.jit(_search_errors, static_argnames=("f", "g"))
+
+
+def _best_scale(w, G, sx, w_mean, alphas, maxq, f: QuantFormat, g: int):
+    errors = _search_errors(w, G, sx, w_mean, alphas, maxq, f, g)
+    return awq_scale(sx, alphas[jnp.argmin(errors)], w_mean)  # first minimum: ties go to the smaller α
+
+
+@functools.partial(jax.jit, static_argnames=("f", "g"))
+def best_scales(w, G, sx, w_mean, alphas, maxq, *, f: QuantFormat, g: int):
+    """The searched s of one Linear ``w[in, out]`` (Gram ``G[in, in]``, mean |x| ``sx[in]``) or of a stack
+    ``w[E, in, out]`` (``G[E, in, in]``, ``sx[E, in]``, ``w_mean`` [E, in] or None), on the device."""
+    core = functools.partial(_best_scale, f=f, g=g)
+    if w.ndim == 3:
+        return jax.vmap(core, in_axes=(0, 0, 0, None if w_mean is None else 0, None, None))(
+            w, G, sx, w_mean, alphas, maxq)
+    return core(w, G, sx, w_mean, alphas, maxq)
+
+
+def _clip_core(ws, Gs, ratios, maxq, f: QuantFormat, g: int):
     n_in, n_out = ws.shape
     ng = n_in // g
     wg = ws.reshape(ng, g, n_out)
     ar = jnp.arange(ng)
     Gb = Gs.reshape(ng, g, ng, g)[ar, :, ar, :]  # diagonal blocks [ng, g, g]
     amax = jnp.max(jnp.abs(wg), axis=1, keepdims=True)
-    ratios = 1 - jnp.arange(clip_grid, dtype=ws.dtype) / clip_grid * max_shrink
 
     def one(r):
         mv = amax * r
@@ -111,10 +180,39 @@ def _clip_search(ws, Gs, max_shrink, maxq, *, f: QuantFormat, g: int, clip_grid:
     return jnp.clip(wg, -mv, mv).reshape(n_in, n_out), best
 
 
+_clip_search = jax.jit(_clip_core, static_argnames=("f", "g"))
+
+
+def _clip_quantize_one(w, G, allow, ratios, maxq, f: QuantFormat, g: int, clip: bool):
+    """(RTN of w or of its clipped form, codes, scales, zeros, clip applied) for the scaled weight w."""
+    if clip:
+        wc, _ = _clip_core(w, G, ratios, maxq, f, g)
+        better = _out_err(w, _rtn_kernel(wc, maxq, f=f, g=g), G) < _out_err(w, _rtn_kernel(w, maxq, f=f, g=g), G)
+        applied = better & allow
+        w = jnp.where(applied, wc, w)
+    else:
+        applied = jnp.zeros((), bool)
+    codes, scales, zeros = _pack_kernel(w, maxq, f=f, g=g)
+    return _rtn_kernel(w, maxq, f=f, g=g), codes, scales, zeros, applied
+
+
+@functools.partial(jax.jit, static_argnames=("f", "g", "clip"))
+def clip_quantize(w, G, allow, ratios, maxq, *, f: QuantFormat, g: int, clip: bool):
+    """RTN of the (already scaled) weight ``w[in, out]`` or stack ``w[E, in, out]``, after the clip search
+    on its inputs' Gram ``G`` where ``clip`` and ``allow`` (bool, [E] for a stack) hold and the clipped
+    form lowers the layer's calibration error. Returns (w_hat, codes, scales, zeros, clip applied)."""
+    core = functools.partial(_clip_quantize_one, f=f, g=g, clip=clip)
+    w = w.astype(jnp.float32)
+    if w.ndim == 3:
+        return jax.vmap(core, in_axes=(0, 0, 0, None, None))(w, G, allow, ratios, maxq)
+    return core(w, G, allow, ratios, maxq)
+
+
 def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = False, fmt: str = "int",
-                 grid: int = 20, clip: bool = False, clip_grid: int = 20, max_shrink: float = 0.5,
-                 return_packed: bool = False):
-    """AWQ of ``w[in, out]`` with calibration inputs ``x[..., in]``.
+                 grid: int = 20, duo_scaling: bool = False, clip: bool = True, clip_grid: int = 20,
+                 max_shrink: float = 0.5, return_packed: bool = False):
+    """AWQ of one Linear ``w[in, out]`` with calibration inputs ``x[..., in]``, the scale searched on this
+    Linear's own output and kept explicit (``w_eff`` includes 1/s).
 
     Returns ``(w_eff, info)``: ``w_eff = Q(diag(s) w) / s[:, None]`` (same shape, dtype and array kind
     as w) and ``info = {alpha, error, rtn_error, alphas, errors, s, inv_s, clip_applied}`` (plus
@@ -130,21 +228,19 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
                          f"got {getattr(x, 'shape', None)}")
     f = make_format(bits, fmt, symmetric)
     g = resolve_group_size(group_size, n_in)
-    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
-        raise ValueError(f"grid must be a positive int, got {grid!r}")
-    if clip and (int(clip_grid) < 1 or not 0 <= max_shrink < 1):
-        raise ValueError(f"clip needs clip_grid >= 1 and 0 <= max_shrink < 1, got {clip_grid}, {max_shrink}")
+    alphas = alpha_grid(grid)
+    ratios = clip_ratios(clip_grid, max_shrink) if clip else None
     dt = _compute_dtype(w)
     wc = _to_compute(w, dt)
     x2d = x.reshape(-1, n_in)
     sx, G = _stats(_to_compute(_pad_tokens(x2d), dt), jnp.asarray(x2d.shape[0], dt))
+    w_mean = weight_mean([wc], g).astype(dt) if duo_scaling else None
 
-    alphas = np.linspace(0.0, 1.0, int(grid)) if grid > 1 else np.zeros(1)
     fs, maxq = _kernel_format(f)
-    errors = np.asarray(_search(wc, G, sx, jnp.asarray(alphas, dt), maxq, f=fs, g=g), dtype=np.float64)
+    errors = np.asarray(_search(wc, G, sx, w_mean, jnp.asarray(alphas, dt), maxq, f=fs, g=g), dtype=np.float64)
     k = int(np.argmin(errors))  # first minimum: ties go to the smaller α (α = 0 is RTN)
     alpha = float(alphas[k])
-    s = _scale(sx, jnp.asarray(alpha, dt))
+    s = _scale(sx, jnp.asarray(alpha, dt), w_mean)
     s_np = np.asarray(s)
     inv_s_np = (np.ones((), s_np.dtype) / s_np).astype(s_np.dtype)  # correctly rounded (XLA's CPU divide is not)
     inv_s = jnp.asarray(inv_s_np)[:, None]
@@ -157,8 +253,7 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
             "s": s_np, "inv_s": inv_s_np, "clip_applied": False}
     if clip:
         Gs = G / (s[:, None] * s[None, :])
-        ws_clip, ratio = _clip_search(ws, Gs, jnp.asarray(max_shrink, dt), maxq, f=fs, g=g,
-                                      clip_grid=int(clip_grid))
+        ws_clip, ratio = _clip_search(ws, Gs, jnp.asarray(ratios, dt), maxq, f=fs, g=g)
         w_eff_clip = _rtn_jit(ws_clip, f, g) * inv_s
         error_clip = float(_out_err(wc, w_eff_clip, G))
         info["clip_error"] = error_clip

@@ -64,7 +64,7 @@ from .formats import (
     resolve_group_size,
 )
 
-__all__ = ["hessian_from_inputs", "quantize_gptq", "quantize_gptq_from_hessian"]
+__all__ = ["hessian_from_inputs", "quantize_gptq", "quantize_gptq_from_hessian", "gptq_on_device"]
 
 _HIGHEST = lax.Precision.HIGHEST
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -221,6 +221,45 @@ def _gptq_core_stacked(Ws, Hs, damp, maxq, *, f: QuantFormat, g: int, B: int, ac
     return jax.vmap(core, in_axes=(0, 0, None, None))(Ws, Hs, damp, maxq)
 
 
+def _check_gptq_args(w, H, group_size, damp, block_size):
+    _check_weight(w)
+    if w.ndim not in (2, 3):
+        raise ValueError(f"GPTQ quantizes one [in, out] matrix or a stack [E, in, out] of them, "
+                         f"got shape {w.shape}")
+    n_in = w.shape[-2]
+    if tuple(H.shape) != (*w.shape[:-2], n_in, n_in):
+        raise ValueError(f"Hessian must be {[*w.shape[:-2], n_in, n_in]} for a weight of shape "
+                         f"{tuple(w.shape)}, got {tuple(H.shape)}")
+    g = resolve_group_size(group_size, n_in)
+    if not (isinstance(damp, (int, float, np.floating)) and damp >= 0):
+        raise ValueError(f"damp must be a non-negative number, got {damp!r}")
+    if int(block_size) < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return g
+
+
+def gptq_on_device(w, H, *, bits: int, group_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                   symmetric: bool = False, fmt: str = "int", block_size: int = 128):
+    """``quantize_gptq_from_hessian`` in float32 without any transfer to the host: returns the jax arrays
+    ``(w_hat float32, codes uint8, scales float16, zeros float16, ok)``, where ``ok`` (bool, one per
+    matrix of a stack) says whether the dampened Hessian's Cholesky factorisation succeeded; the caller
+    checks it (efftrain.quant.apply checks all of a model's at the end, so layers never wait on the host)."""
+    f = make_format(bits, fmt, symmetric)
+    g = _check_gptq_args(w, H, group_size, damp, block_size)
+    B = _pick_block(w.shape[-2], g, int(block_size))
+    fs, maxq = _kernel_format(f)
+    core = _gptq_core if w.ndim == 2 else _gptq_core_stacked
+    return core(_to_compute(w, jnp.float32), _to_compute(H, jnp.float32), jnp.asarray(damp, jnp.float32), maxq,
+                f=fs, g=g, B=B, act_order=bool(act_order))
+
+
+def not_positive_definite(ok, stacked: bool) -> str:
+    """The error message for failed Cholesky factorisations (``ok``: numpy bool per matrix)."""
+    which = f" for matrices {np.flatnonzero(~ok).tolist()} of the stack" if stacked else ""
+    return (f"GPTQ: the dampened Hessian is not positive definite{which} (Cholesky failed); raise damp or "
+            "use more calibration data")
+
+
 def quantize_gptq_from_hessian(w, H, *, bits: int, group_size: int = 128, damp: float = 0.01,
                                act_order: bool = False, symmetric: bool = False, fmt: str = "int",
                                block_size: int = 128, compute_dtype: str = "float32",
@@ -232,22 +271,10 @@ def quantize_gptq_from_hessian(w, H, *, bits: int, group_size: int = 128, damp: 
     array kind as ``w``, rows in the original order), or ``(w_hat, Packed)`` with
     ``return_packed=True`` (``unpack`` of it equals ``w_hat``; stacked arrays for a stack).
     """
-    _check_weight(w)
-    if w.ndim not in (2, 3):
-        raise ValueError(f"GPTQ quantizes one [in, out] matrix or a stack [E, in, out] of them, "
-                         f"got shape {w.shape}")
-    n_in, n_out = w.shape[-2:]
-    if tuple(H.shape) != (*w.shape[:-2], n_in, n_in):
-        raise ValueError(f"Hessian must be {[*w.shape[:-2], n_in, n_in]} for a weight of shape "
-                         f"{tuple(w.shape)}, got {tuple(H.shape)}")
     f = make_format(bits, fmt, symmetric)
-    g = resolve_group_size(group_size, n_in)
-    if not (isinstance(damp, (int, float, np.floating)) and damp >= 0):
-        raise ValueError(f"damp must be a non-negative number, got {damp!r}")
-    if int(block_size) < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    g = _check_gptq_args(w, H, group_size, damp, block_size)
     dt = _dtype_of(compute_dtype)
-    B = _pick_block(n_in, g, int(block_size))
+    B = _pick_block(w.shape[-2], g, int(block_size))
     with _precision_ctx(dt):
         fs, maxq = _kernel_format(f)
         core = _gptq_core if w.ndim == 2 else _gptq_core_stacked
@@ -255,9 +282,7 @@ def quantize_gptq_from_hessian(w, H, *, bits: int, group_size: int = 128, damp: 
                               f=fs, g=g, B=B, act_order=bool(act_order))
         ok = np.asarray(ok)
         if not ok.all():
-            which = f" for matrices {np.flatnonzero(~ok).tolist()} of the stack" if w.ndim == 3 else ""
-            raise ValueError(f"GPTQ: the dampened Hessian is not positive definite{which} (Cholesky "
-                             "failed); raise damp or use more calibration data")
+            raise ValueError(not_positive_definite(ok, w.ndim == 3))
     w_hat = _like(Q, w)
     if not return_packed:
         return w_hat

@@ -26,11 +26,18 @@ Rows go to RUN_DIR/ptq.csv (CSV_COLUMNS):
   eval_windows, eval_tokens, eval_seed       the eval set (eval_tokens = windows × seq_len scored tokens)
   warmup_steps, seed, data_seed   the run's optim.warmup_steps, train.seed, data.shuffle_seed
   seconds                   wall time of quantizing and evaluating the combination
+  method_label              the method, marked '+rtn-fallback' when some routed experts had too few
+                            calibration tokens and were quantized with RTN (expert_fallbacks of them)
 Rows are appended and fsynced one complete row at a time; rows already present are skipped, so a
 killed sweep resumes where it stopped. A ptq.csv written before some of these columns existed is
 rewritten (atomically) with the current header and empty cells in the new columns, then appended.
 Calibration windows (PTQSpec.calib_samples sequences, default 128) are drawn at random, with
 PTQSpec.calib_seed, from the train split, never from the val tokens the losses are measured on.
+
+Compiled programs persist across processes (`enable_compilation_cache`): the sweep turns on JAX's
+persistent compilation cache in $EFFTRAIN_COMPILATION_CACHE, by default $XDG_CACHE_HOME/efftrain/jax
+(~/.cache/efftrain/jax), capped at COMPILATION_CACHE_BYTES; EFFTRAIN_COMPILATION_CACHE=off (or 0) opts
+out, and a cache directory already configured in JAX is left alone.
 """
 
 from __future__ import annotations
@@ -60,9 +67,11 @@ CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_act
                "params_quantized", "method", "bits", "group_size", "format", "loss_16", "loss_q", "qid", "qid_se",
                "kl", "kl_se", "top1_agree", "eff_bits", "model_bytes", "n_quantized", "expert_fallbacks",
                "calib_samples", "calib_seq_len", "calib_seed", "eval_windows", "eval_tokens", "eval_seed",
-               "warmup_steps", "seed", "data_seed", "seconds"]
+               "warmup_steps", "seed", "data_seed", "seconds", "method_label"]
 KEY_COLUMNS = ("step", "method", "bits", "group_size", "format")
 CALIB_SEED = 1234  # PTQSpec.calib_seed's default
+COMPILATION_CACHE_ENV = "EFFTRAIN_COMPILATION_CACHE"
+COMPILATION_CACHE_BYTES = 4 << 30
 
 
 class PTQError(ValueError):
@@ -72,7 +81,7 @@ class PTQError(ValueError):
 class PTQSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    methods: list[Literal["rtn", "gptq", "awq"]] = ["rtn", "gptq", "awq"]
+    methods: list[Literal["rtn", "gptq", "awq", "awq-linear"]] = ["rtn", "gptq", "awq"]
     bits: list[int] = [2, 3, 4, 8]
     group_sizes: list[int] = [128]
     formats: list[Literal["int", "nf4", "fp4", "fp8"]] = ["int"]
@@ -86,7 +95,11 @@ class PTQSpec(BaseModel):
     eval_batches: int | None = Field(None, ge=1)  # overrides eval_tokens: eval_batches × batch_size windows
     damp: float = Field(0.01, ge=0)
     act_order: bool = False
-    min_expert_tokens: int = Field(16, ge=1)
+    min_expert_tokens: int | None = Field(None, ge=1)  # None: 2 × each expert matrix's input width
+    expert_calibration: Literal["routed", "all"] = "routed"  # experts calibrated on their tokens, or on all
+    expert_gate_weighted: bool = False  # expert Hessians / Grams weighted by the gate (score with 'all')
+    awq_clip: bool = True  # AWQ's clipping search (awq, awq-linear)
+    awq_duo_scaling: bool = False  # AWQ scales x_mean^α / w_mean^(1-α) (AutoAWQ's duo_scaling)
     quantize_head: bool = False
     save: bool = False
 
@@ -125,8 +138,10 @@ def combinations(spec: PTQSpec) -> list[QuantSettings]:
         except ValueError:
             continue  # e.g. nf4 at 3 bits
         out.append(QuantSettings(method=method, bits=bits, group_size=group, fmt=fmt, symmetric=spec.symmetric,
-                                 damp=spec.damp, act_order=spec.act_order,
-                                 min_expert_tokens=spec.min_expert_tokens, quantize_head=spec.quantize_head))
+                                 damp=spec.damp, act_order=spec.act_order, awq_clip=spec.awq_clip,
+                                 awq_duo_scaling=spec.awq_duo_scaling, min_expert_tokens=spec.min_expert_tokens,
+                                 expert_calibration=spec.expert_calibration,
+                                 expert_gate_weighted=spec.expert_gate_weighted, quantize_head=spec.quantize_head))
     if not out:
         raise PTQError(f"no valid (bits, format) combination in bits={spec.bits} formats={spec.formats} "
                        "(nf4/fp4 need 4 bits, fp8 needs 8)")
@@ -158,6 +173,23 @@ def calibration_windows(train_tokens: np.ndarray, n: int, seq_len: int, seed: in
                        f"has {windows} windows of {seq_len}")
     rng = np.random.default_rng(seed)
     return read_windows(train_tokens, np.sort(rng.choice(windows, size=n, replace=False)) * seq_len, seq_len)
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache for this process (see the module docstring); returns
+    the directory in use, or None when opted out."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    value = os.environ.get(COMPILATION_CACHE_ENV)
+    if value is not None and value.strip().lower() in ("", "0", "off", "false", "no"):
+        return None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "efftrain" / "jax"
+    path = Path(value).expanduser() if value else base
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    if jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    return str(path)
 
 
 def eval_windows_wanted(spec: PTQSpec, seq_len: int, batch_size: int) -> int:
@@ -243,6 +275,7 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    enable_compilation_cache()
     store = CheckpointStore(run_dir, read_only=True)
     series = store.series()
     if not series:
@@ -300,7 +333,7 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
                 "calib_samples": spec.calib_samples, "calib_seq_len": seq_len, "calib_seed": spec.calib_seed,
                 "eval_windows": windows.n, "eval_tokens": windows.tokens, "eval_seed": spec.eval_seed,
                 "warmup_steps": cfg.optim.warmup_steps, "seed": cfg.train.seed, "data_seed": cfg.data.shuffle_seed,
-                "seconds": time.time() - t0,
+                "seconds": time.time() - t0, "method_label": report.method_label,
             }
             if spec.save:
                 save_quantized(run_dir, row, s, report, model)
@@ -308,17 +341,30 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             new_rows.append(row)
             if on_row is not None:
                 on_row(row)
-            log(row_line(row) + (f"  [{report.expert_fallbacks} experts on RTN]" if report.expert_fallbacks else ""))
+            log(row_line(row) + expert_note(report))
     store.close()
     log(f"ptq: {len(new_rows)} new rows in {table} ({total} combinations in all)")
     return new_rows
 
 
 def row_line(row: dict) -> str:
-    """The per-row log line: method, bits, group, format, QiD ± se, KL, top1, bits/weight, time."""
-    return (f"  {row['method']:4s} w{row['bits']} g{row['group_size']} {row['format']:4s}  "
+    """The per-row log line: method (its label, e.g. 'gptq+rtn-fallback'), bits, group, format, QiD ± se,
+    KL, top1, bits/weight, time."""
+    return (f"  {row.get('method_label') or row['method']:4s} w{row['bits']} g{row['group_size']} {row['format']:4s}  "
             f"QiD {row['qid']:+.4f} ± {row['qid_se']:.4f}  KL {row['kl']:.4f}  top1 {100 * row['top1_agree']:.1f}%  "
             f"{row['eff_bits']:.2f} bits/weight  {row['seconds']:.1f}s")
+
+
+def expert_note(report) -> str:
+    """'' without routed experts; else their calibration tokens (min / median / max over the layers'
+    experts) and, loudly, how many fell back to RTN."""
+    if not report.expert_tokens:
+        return ""
+    t = np.concatenate(report.expert_tokens)
+    note = f"  [experts: calibration tokens min {t.min():,} / median {int(np.median(t)):,} / max {t.max():,}"
+    if report.expert_fallbacks:
+        note += f"; {report.expert_fallbacks} of {t.size} experts on RTN (too few tokens)"
+    return note + "]"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,11 +427,13 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"{what}: expected comma-separated integers, got '{text}'") from None
 
 
-def parse_choice_list(text: str, what: str, valid: tuple[str, ...]) -> list[str]:
-    """Comma-separated names, each one of `valid`; ConfigError naming the valid ones otherwise."""
+def parse_choice_list(text: str, what: str, valid: tuple[str, ...], single: bool = False) -> list[str]:
+    """Comma-separated names, each one of `valid` (exactly one if `single`); ConfigError naming the valid
+    ones otherwise."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in valid]
-    if bad or not items:
-        got = f"unknown value(s) {', '.join(map(repr, bad))}" if bad else "no value given"
+    if bad or not items or (single and len(items) > 1):
+        got = (f"unknown value(s) {', '.join(map(repr, bad))}" if bad else "no value given" if not items
+               else "one value expected")
         raise ConfigError(f"{what}: {got}; valid: {', '.join(valid)}")
     return items

@@ -1,0 +1,132 @@
+"""PTQ throughput: rows/s of RTN / GPTQ / AWQ on a run's checkpoint or a randomly initialised preset.
+
+    python benchmarks/bench_ptq.py --preset dense-25m --methods rtn,gptq,awq --bits 4 --out ptq.json
+    python benchmarks/bench_ptq.py --run runs/dense-25m --step 1000 --calib-samples 128
+    python benchmarks/bench_ptq.py --small --out /tmp/ptq.json        # CPU smoke test, well under a minute
+
+A "row" is one `quantize_model` call (one (method, bits, group, format) of one checkpoint, as a PTQ sweep
+row, without its evaluation unless --eval-windows > 0). For each method, in one process: the first row's
+latency (compilation included), then --repeats warm rows (median; every one starts from the unquantized
+weights, rows of other bit widths reuse the compiled programs), each ending in a device sync. Calibration
+tokens are random ids (the speed does not depend on them); with --run, the weights are the checkpoint's.
+Prints a table and writes the rows, the device and the settings as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efftrain.config import load_config
+from efftrain.model.transformer import build_model
+from efftrain.quant.apply import METHODS, QuantSettings, quantize_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="dense-25m", help="randomly initialised preset (default dense-25m)")
+    src.add_argument("--run", help="a run directory: quantize its series checkpoint --step")
+    p.add_argument("--step", type=int, help="series checkpoint of --run (default: the last)")
+    p.add_argument("--methods", default="rtn,gptq,awq", help=f"comma-separated: {', '.join(METHODS)}")
+    p.add_argument("--bits", default="4", help="comma-separated bit widths; the first is timed cold")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, help="default: the config's seq_len")
+    p.add_argument("--repeats", type=int, default=2, help="warm rows per method (median reported)")
+    p.add_argument("--eval-windows", type=int, default=0, help="also score this many val windows per row")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--small", action="store_true", help="dense-tiny, 8 x 64 calibration tokens, 1 repeat")
+    p.add_argument("--out", help="write the results as JSON here")
+    a = p.parse_args(argv)
+    if a.small:
+        a.preset, a.calib_samples, a.calib_seq_len, a.repeats = "dense-tiny", 8, 64, 1
+    return a
+
+
+def load(a):
+    """(cfg, graphdef, params, rest) of the checkpoint or the random preset."""
+    if a.run:
+        from efftrain.eval import load_model
+
+        from efftrain.train.checkpoint import CheckpointStore
+
+        step = a.step
+        if step is None:
+            store = CheckpointStore(a.run, read_only=True)
+            step = store.series()[-1]["step"]
+            store.close()
+        cfg, model, _ = load_model(a.run, step)
+    else:
+        cfg = load_config(a.preset, a.set)
+        model = build_model(cfg.model, cfg.fp8, seed=0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return cfg, graphdef, params, rest
+
+
+def one_row(graphdef, params, rest, calib, s: QuantSettings, windows=None) -> float:
+    model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    t0 = time.perf_counter()
+    quantize_model(model, calib, s)
+    _, qparams, _ = nnx.split(model, nnx.Param, ...)
+    jax.block_until_ready(jax.tree.leaves(qparams))
+    if windows is not None:
+        from efftrain.eval import compare_params
+
+        compare_params(graphdef, params, qparams, rest, windows)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"error: --methods: unknown value(s) {', '.join(map(repr, bad))}; valid: {', '.join(METHODS)}",
+              file=sys.stderr)
+        return 2
+    bits = [int(b) for b in a.bits.split(",") if b.strip()]
+    cfg, graphdef, params, rest = load(a)
+    seq = a.calib_seq_len or cfg.data.seq_len
+    calib = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (a.calib_samples, seq)).astype(np.int32)
+    windows = None
+    if a.eval_windows:
+        from efftrain.eval import eval_set
+
+        windows = eval_set(cfg, a.eval_windows, seed=0)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    rows = []
+    for method in methods:
+        first = QuantSettings(method=method, bits=bits[0], group_size=a.group_size)
+        cold = one_row(graphdef, params, rest, calib, first, windows)
+        warm = [one_row(graphdef, params, rest, calib,
+                        QuantSettings(method=method, bits=bits[(i + 1) % len(bits)], group_size=a.group_size), windows)
+                for i in range(a.repeats)]
+        per_row = statistics.median(warm) if warm else cold
+        rows.append({"method": method, "bits": bits, "group_size": a.group_size, "first_row_s": cold,
+                     "warm_row_s": per_row, "warm_rows_s": warm, "rows_per_s": 1 / per_row})
+    result = {"source": a.run or a.preset, "step": a.step, "params": int(n_params), "layers": cfg.model.n_layers,
+              "calib_tokens": int(calib.size), "eval_windows": a.eval_windows, "device": str(jax.devices()[0]),
+              "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}
+    print(f"{result['source']}: {n_params / 1e6:.1f}M params, {cfg.model.n_layers} layers, "
+          f"{calib.size:,} calibration tokens, {result['device']}")
+    print(f"{'method':10s} {'first row (s)':>14s} {'warm row (s)':>13s} {'rows/s':>8s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['first_row_s']:14.2f} {r['warm_row_s']:13.2f} {r['rows_per_s']:8.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
