@@ -9,7 +9,10 @@
   efftrain fit TABLE [--law ouyang|kumar|both]                   QiD scaling-law fits with bootstrap CIs
   efftrain report SPEC_OR_DB --out DIR                           HTML + Markdown report with plots
 
-Every command exits non-zero with a one-line `error:` cause on bad input.
+Every command exits non-zero with a one-line `error:` cause on bad input. Exit codes (docs/RELIABILITY.md):
+0 done; 1 failure (data, checkpoint, disk full, non-finite training); 2 bad config/arguments or an
+unusable run directory (incl. one locked by another trainer); 75 interrupted by SIGTERM/SIGINT after
+writing a resume checkpoint (requeue and re-run the same command); 130 Ctrl-C outside training.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal with a resume checkpoint written; run again
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -42,7 +46,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    train(cfg, out)
+    train(cfg, out, skip_nonfinite=args.skip_nonfinite, fallback=args.fallback)
     return 0
 
 
@@ -81,7 +85,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ptq(args) -> int:
-    from efftrain.quant.apply import METHODS
+    from efftrain.quant.apply import EXPERT_CALIBRATION, METHODS
     from efftrain.quant.formats import FORMATS
     from efftrain.quant.sweep import make_spec, parse_choice_list, parse_int_list, run_ptq_sweep
 
@@ -90,8 +94,13 @@ def cmd_ptq(args) -> int:
               "group_sizes": parse_int_list(args.group_size, "--group-size"),
               "formats": parse_choice_list(args.formats, "--formats", FORMATS),
               "symmetric": args.symmetric, "save": args.save,
-              "act_order": args.act_order, "quantize_head": args.quantize_head}
-    optional = {"calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
+              "act_order": args.act_order, "quantize_head": args.quantize_head,
+              "awq_clip": not args.no_awq_clip, "awq_duo_scaling": args.awq_duo_scaling,
+              "expert_calibration": parse_choice_list(args.expert_calibration, "--expert-calibration",
+                                                      EXPERT_CALIBRATION, single=True)[0],
+              "expert_gate_weighted": args.expert_gate_weighted}
+    optional = {"min_expert_tokens": args.min_expert_tokens,
+                "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
                 "calib_seed": args.calib_seed, "eval_tokens": args.eval_tokens, "eval_seed": args.eval_seed,
                 "eval_batches": args.eval_batches}
     fields.update({k: v for k, v in optional.items() if v is not None})  # else the PTQSpec default
@@ -160,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set train.batch_size=32 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<name>); an existing run resumes")
+    p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip (state unchanged) up to N steps whose loss, gradient or update is non-finite; "
+                        "default 0: the first such step halts training")
+    p.add_argument("--fallback", action="store_true",
+                   help="if the newest checkpoint is damaged, move it to checkpoints/corrupt/ and resume from "
+                        "the previous finalized one")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="val loss and perplexity of each series checkpoint")
@@ -174,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ptq", help="quantize every series checkpoint; append QiD rows to RUN_DIR/ptq.csv")
     p.add_argument("run_dir")
-    p.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated: rtn, gptq, awq")
+    p.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated: rtn, gptq, awq, awq-linear "
+                                                             "(docs/PTQ.md)")
     p.add_argument("--bits", default="2,3,4,8", help="comma-separated weight bits, 2..8")
     p.add_argument("--group-size", default="128", help="comma-separated group sizes (-1 = whole channel)")
     p.add_argument("--formats", default="int", help="comma-separated: int, nf4 (4-bit), fp4 (4-bit), fp8 (8-bit)")
@@ -192,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing Hessian diagonal")
     p.add_argument("--quantize-head", action="store_true",
                    help="also quantize the output head (default: kept in 16-bit, like embedding, router, norms)")
+    p.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping search (default on)")
+    p.add_argument("--awq-duo-scaling", action="store_true", help="AWQ: scales x_mean^a / w_mean^(1-a) (AutoAWQ)")
+    p.add_argument("--min-expert-tokens", type=int,
+                   help="routed experts with fewer calibration tokens fall back to RTN (default 2 x the matrix's "
+                        "input width)")
+    p.add_argument("--expert-calibration", default="routed",
+                   help="routed (each expert on the tokens routed to it) or all (every token, every expert)")
+    p.add_argument("--expert-gate-weighted", action="store_true",
+                   help="weight each token's row of an expert's statistics by its gate")
     p.add_argument("--save", action="store_true", help="also write packed quantized checkpoints to RUN_DIR/quantized/")
     p.set_defaults(func=cmd_ptq)
 
@@ -219,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings
     from efftrain.config import ConfigError
     from efftrain.train.checkpoint import CheckpointError
-    from efftrain.train.loop import RunDirError
+    from efftrain.train.checkpoint import is_disk_full
+    from efftrain.train.loop import Interrupted, RunDirError
 
     try:
         from efftrain.data import DataError
@@ -235,11 +261,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return EXIT_REQUEUE
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename or ''})", file=sys.stderr)
+        cause = "disk full" if is_disk_full(e) else (e.strerror or str(e))
+        print(f"error: {cause} ({e.filename or 'writing'})", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -65,7 +65,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are rejected for every float field (a diverged run otherwise)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class ModelConfig(_Section):
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = False
-    init_std: float = Field(0.02, gt=0)
+    init_std: float = Field(0.02, gt=0, le=1.0, description="std of the normal weight init (above 1 is a typo)")
     param_dtype: DType = "float32"
     compute_dtype: DType = "bfloat16"
     attention: Literal["mha", "mla"] = "mha"
@@ -194,7 +195,7 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, le=10.0, description="peak learning rate (AdamW; above 10 is a typo)")
     schedule: Literal["constant", "cosine", "linear", "wsd"] = "cosine"
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -345,6 +346,28 @@ def _cross_field_problems(c: Config):
             yield f"fp8.{name} {getattr(f, name)} must have positive sizes"
     if f.promote_every is not None and (f.promote_every < f.k_step or f.promote_every % f.k_step):
         yield f"fp8.promote_every ({f.promote_every}) must be a positive multiple of fp8.k_step ({f.k_step})"
+
+
+def config_warnings(c: Config) -> list[str]:
+    """Settings that are valid but have no effect in this config (e.g. a base preset's MLA dims on a
+    dense ablation cell): the trainer prints each as a warning."""
+    m, out = c.model, []
+    if m.attention == "mla" and m.head_dim is not None:
+        out.append(f"model.head_dim ({m.head_dim}) is ignored by model.attention=mla (it uses "
+                   "model.mla.qk_nope_head_dim + qk_rope_head_dim and v_head_dim)")
+
+    def ignored(section: str, value: _Section, why: str) -> None:
+        default = type(value)()
+        changed = sorted(k for k in type(value).model_fields if getattr(value, k) != getattr(default, k))
+        if changed:
+            keys = changed[0] if len(changed) == 1 else "{" + ",".join(changed) + "}"
+            out.append(f"model.{section}.{keys} {'is' if len(changed) == 1 else 'are'} ignored: {why}")
+
+    if m.attention != "mla":
+        ignored("mla", m.mla, f"model.attention is {m.attention}")
+    if not m.moe.enabled:
+        ignored("moe", m.moe, "model.moe.enabled is false")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

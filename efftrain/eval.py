@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -147,8 +148,11 @@ def val_set(cfg: Config, n_batches: int | None = None, *, seed: int = 0) -> Eval
     from efftrain.data.pipeline import val_set_windows
 
     tokens = prepare_data(cfg).val
-    n, _ = val_set_windows(len(tokens), seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                           n_batches=n_batches or cfg.train.eval_batches)
+    wanted = cfg.train.eval_batches if n_batches is None else n_batches
+    n, _ = val_set_windows(len(tokens), seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, n_batches=wanted)
+    if n_batches is not None and n < wanted * cfg.train.batch_size:
+        print(f"note: {wanted} batches ask for {wanted * cfg.train.batch_size} val windows; the val split has "
+              f"{n} whole batches' worth: using {n}", file=sys.stderr)
     return eval_set(cfg, n, seed=seed, val_tokens=tokens)
 
 

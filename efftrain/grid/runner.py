@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import time
 import traceback
@@ -452,9 +453,12 @@ def _run_parallel(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str
     for i in range(workers):
         slots.put(gpus[i % len(gpus)] if gpus else None)
     log(f"{workers} worker processes" + (f" on GPUs {', '.join(gpus[:workers])}" if gpus else " (no GPUs)"))
+    from efftrain.train.loop import Interrupted, StopSignals
+
     results: dict[str, str] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(slots, bool(gpus) and workers > len(gpus))) as pool:
+                             initargs=(slots, bool(gpus) and workers > len(gpus))) as pool, \
+            StopSignals(lambda _: _ask_workers_to_stop(pool)) as stop:
         futures = {}
         for fam, cells in families.items():
             fam_keys = [c.key for c in cells if keys is None or c.key in keys or c.kind == MAIN]
@@ -466,7 +470,21 @@ def _run_parallel(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str
             except Exception as e:  # noqa: BLE001 - a crashed worker (e.g. OOM-killed) fails only its family
                 log(f"family {futures[fut]}: worker died: {type(e).__name__}: {e}")
                 results[futures[fut]] = "failed"
+    if stop.signum is not None:  # a worker's own Interrupted, if any, was raised above
+        raise Interrupted(f"{stop.name} received: the workers stopped (those training wrote resume checkpoints); "
+                          "re-run the same command to resume", stop.signum)
     return results
+
+
+def _ask_workers_to_stop(pool: ProcessPoolExecutor) -> None:
+    """Forward a stop to the workers as SIGUSR1: a worker that is training finishes its step, writes a
+    resume checkpoint and stops (exit code 75 for the grid); SIGUSR1 never forces an exit, so a worker
+    that got the signal itself (SLURM, Ctrl-C: the whole process group) is not stopped twice."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
 
 
 # ---- SLURM ---------------------------------------------------------------------------------------

@@ -1,40 +1,96 @@
 """Checkpoints of a run: the series (kept forever) and the rolling resume checkpoint (latest only).
 
-Layout:  RUN_DIR/checkpoints/series/<step>/{state,data,meta}
-         RUN_DIR/checkpoints/resume/<step>/{state,data,meta}
+Layout:  RUN_DIR/checkpoints/series/<step>/{state,data,meta,checksums}
+         RUN_DIR/checkpoints/resume/<step>/{state,data,meta,checksums}
 `state` is the train state pytree (params, other model variables such as MoE router biases, optimizer
 state), `data` the grain iterator state (JSON), `meta` a JSON record: step, tokens_seen, target_tokens,
-val_loss, wall_time_s, config_hash, kind.
+val_loss, wall_time_s, config_hash, kind; `checksums` the SHA-256 of every array's bytes (with its
+dtype and shape) and of the data and meta records, computed from the host copy at save time.
 
 Orbax writes each checkpoint into a temporary directory and renames it only when every item is
 committed, so a crash or a full disk mid-save leaves nothing that `steps()` lists; saves are async
-and overlap training.
+and overlap training, and a save first waits for the ones in flight (so that no checkpoint is written
+after one that failed, and a re-run never skips a series point). A save is refused (NonFiniteError) if the state holds a NaN or an infinity, so
+no finalized checkpoint is ever non-finite. A restore verifies the checksums (checkpoints written
+before they existed are restored unverified) and refuses non-finite values, so eval, ptq and resume
+all get a clear CheckpointError instead of wrong numbers. An old resume checkpoint is first renamed
+into `<kind>/.trash/` (one atomic rename: never a listed half-deleted directory) and deleted from
+there before the next save of that kind, or when the store is next opened for writing.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+TRASH = ".trash"  # <kind>/.trash/<step>: checkpoints being deleted (never listed: not a step name)
+QUARANTINE = "corrupt"  # checkpoints/corrupt/<kind>-<step>-<time>: set aside by a fallback resume
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which and why."""
 
 
+class NonFiniteError(CheckpointError):
+    """NaN or infinite values: a training step diverged, or a checkpoint holds (or would hold) them."""
+
+
 def _manager(path: Path, *, keep: int | None, async_save: bool, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only, cleanup_tmp_directories=not read_only)
+        read_only=read_only, cleanup_tmp_directories=not read_only, todelete_subdir=None if read_only else TRASH)
     return ocp.CheckpointManager(path.resolve(), options=options)
 
 
 def abstract_like(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops the noise of a failed async save: orbax's ERROR records (a traceback per background thread)
+    and asyncio's "exception was never retrieved" for its write tasks. Every such failure also reaches
+    CheckpointStore, which reports it once. EFFTRAIN_DEBUG=1 keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("EFFTRAIN_DEBUG") or record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":
+            message = record.getMessage()
+            return not ("never retrieved" in message and ("orbax" in message or "OCDBT" in message))
+        return "orbax" not in record.pathname
+
+
+def _quiet_orbax_failures() -> None:
+    """Install the filters above (once), and an unraisable-exception hook that drops the "Event loop is
+    closed" errors of tensorstore writes still completing after orbax gave up on a failed save."""
+    if getattr(_quiet_orbax_failures, "done", False):
+        return
+    _quiet_orbax_failures.done = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_QuietOrbaxErrors())
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if (not os.environ.get("EFFTRAIN_DEBUG") and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 class CheckpointStore:
@@ -44,33 +100,83 @@ class CheckpointStore:
         self.root = Path(run_dir) / "checkpoints"
         if read_only and not self.root.is_dir():
             raise CheckpointError(f"{run_dir}: no checkpoints directory (was this run trained?)")
+        _quiet_orbax_failures()
+        self.read_only = read_only
+        self.pending: dict[str, int] = {}  # kind -> step of the save in flight
         self.managers = {
             "series": _manager(self.root / "series", keep=None, async_save=async_save, read_only=read_only),
             "resume": _manager(self.root / "resume", keep=1, async_save=async_save, read_only=read_only),
         }
+        if not read_only:
+            for kind in self.KINDS:
+                self._empty_trash(kind)
+
+    def path(self, kind: str, step: int) -> Path:
+        return self.root / kind / str(step)
 
     # writing -------------------------------------------------------------------------------------
     def save(self, kind: str, step: int, state, data_state: dict, meta: dict[str, Any]) -> None:
+        """Start writing a checkpoint (async unless the store was opened with async_save=False).
+        Raises NonFiniteError (nothing written) if the state holds a NaN or an infinity."""
+        host = jax.device_get(state)
+        bad = nonfinite_leaves(host)
+        if bad:
+            raise NonFiniteError(f"refusing to write the {kind} checkpoint at step {step}: non-finite values in "
+                                 f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+        meta = {**meta, "kind": kind, "step": step}
+        # Every save in flight must have committed first: a failed series save is then reported before any
+        # later checkpoint exists, so a re-run resumes from before it and writes it again.
+        self.wait()
+        self._empty_trash(kind)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave({**meta, "kind": kind, "step": step}),
+            meta=ocp.args.JsonSave(meta),
+            checksums=ocp.args.JsonSave(checksums(host, data_state, meta)),
         )
         try:
             self.managers[kind].save(step, args=args, force=True)
-        except OSError as e:
-            raise _save_error(kind, step, e) from None
+        except Exception as e:  # OSError; tensorstore raises ValueError with the OS error in its text
+            raise write_failure(f"the {kind} checkpoint at step {step} ({self.path(kind, step)})", e) from None
+        self.pending[kind] = step
+
+    def _wait(self, kind: str) -> None:
+        try:
+            self.managers[kind].wait_until_finished()
+        except Exception as e:
+            step = self.pending.get(kind)
+            where = f"the {kind} checkpoint" + (f" at step {step} ({self.path(kind, step)})" if step else "")
+            raise write_failure(where, e) from None
+        finally:
+            self.pending.pop(kind, None)
 
     def wait(self) -> None:
-        for kind, mgr in self.managers.items():
-            try:
-                mgr.wait_until_finished()
-            except OSError as e:
-                raise _save_error(kind, None, e) from None
+        """Block until every save in flight is finalized (CheckpointError if one failed)."""
+        for kind in self.KINDS:
+            self._wait(kind)
 
     def close(self) -> None:
         for mgr in self.managers.values():
             mgr.close()
+        if not self.read_only:
+            for kind in self.KINDS:
+                self._empty_trash(kind)
+
+    def _empty_trash(self, kind: str) -> None:
+        trash = self.root / kind / TRASH
+        for p in trash.iterdir() if trash.is_dir() else ():
+            try:
+                shutil.rmtree(p)
+            except OSError:  # a later open retries; nothing in the trash is ever listed
+                pass
+
+    def quarantine(self, kind: str, step: int) -> Path:
+        """Move a damaged checkpoint out of the listed ones (one rename) to checkpoints/corrupt/."""
+        dst = self.root / QUARANTINE / f"{kind}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.path(kind, step).rename(dst)
+        self.managers[kind].reload()
+        return dst
 
     # reading -------------------------------------------------------------------------------------
     def steps(self, kind: str) -> list[int]:
@@ -78,49 +184,135 @@ class CheckpointStore:
         self.managers[kind].reload()
         return sorted(self.managers[kind].all_steps())
 
+    def finalized(self) -> list[tuple[str, int]]:
+        """Every finalized checkpoint, newest first, series before resume on ties."""
+        return sorted(((k, s) for k in self.KINDS for s in self.steps(k)),
+                      key=lambda ks: (-ks[1], self.KINDS.index(ks[0])))
+
     def latest(self) -> tuple[str, int] | None:
         """The newest finalized checkpoint of either kind, preferring series on ties."""
-        best = None
-        for kind in self.KINDS:
-            for step in self.steps(kind):
-                if best is None or step > best[1]:
-                    best = (kind, step)
-        return best
+        done = self.finalized()
+        return done[0] if done else None
 
     def meta(self, kind: str, step: int) -> dict[str, Any]:
         try:
             out = self.managers[kind].restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises assorted types for damaged files
-            raise CheckpointError(f"{self.root / kind / str(step)}: metadata unreadable ({e})") from None
+            raise CheckpointError(f"{self.path(kind, step)}: metadata unreadable ({e})") from None
         return dict(out["meta"])
 
     def restore(self, kind: str, step: int, abstract_state) -> tuple[Any, dict, dict]:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        )
+        """(state, data-iterator state, meta), verified against the checksums written with it."""
+        where = self.path(kind, step)
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
+                 "meta": ocp.args.JsonRestore()}
+        if (where / "checksums").is_dir():
+            items["checksums"] = ocp.args.JsonRestore()
         try:
-            out = self.managers[kind].restore(step, args=args)
+            out = self.managers[kind].restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise CheckpointError(
-                f"{self.root / kind / str(step)}: cannot restore ({type(e).__name__}: {str(e)[:300]}); "
+                f"{where}: cannot restore ({type(e).__name__}: {str(e)[:300]}); "
                 "the checkpoint is damaged or was written by a different model config") from None
-        return out["state"], dict(out["data"]), dict(out["meta"])
+        state, data_state, meta = out["state"], dict(out["data"]), dict(out["meta"])
+        host = jax.device_get(state)
+        if "checksums" in items:
+            problem = checksum_mismatch(dict(out["checksums"]), host, data_state, meta)
+            if problem:
+                raise CheckpointError(f"{where} is corrupt: {problem} does not match the SHA-256 recorded when it "
+                                      "was saved")
+        bad = nonfinite_leaves(host)
+        if bad:
+            raise NonFiniteError(f"{where} holds non-finite values ({', '.join(bad[:3])}): it was written by a "
+                                 "run that diverged; it cannot be evaluated or resumed")
+        return state, data_state, meta
 
     def series(self) -> list[dict[str, Any]]:
         return [self.meta("series", s) for s in self.steps("series")]
 
 
-def _save_error(kind: str, step: int | None, e: OSError) -> CheckpointError:
-    where = f"{kind} checkpoint" + (f" at step {step}" if step is not None else "")
-    if e.errno == errno.ENOSPC:
-        return CheckpointError(f"disk full while writing the {where}; nothing was finalized — free space "
-                               "and re-run the same command to resume")
-    return CheckpointError(f"could not write the {where}: {e}")
+# ---- integrity ----------------------------------------------------------------------------------
+def _leaves(host_state) -> list[tuple[str, np.ndarray]]:
+    return [(jax.tree_util.keystr(path), np.asarray(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(host_state)[0]]
+
+
+def nonfinite_leaves(host_state) -> list[str]:
+    """Key paths of the floating-point leaves that hold a NaN or an infinity."""
+    return [key for key, a in _leaves(host_state)
+            if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all()]
+
+
+def _array_sha256(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.name}{list(a.shape)}".encode())
+    h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # hashlib releases the GIL
+    return h.hexdigest()
+
+
+def _json_sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _array_sums(host_state) -> list[list[str]]:
+    leaves = _leaves(host_state)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_array_sha256, [a for _, a in leaves]))
+    return [[key, d] for (key, _), d in zip(leaves, digests)]
+
+
+def checksums(host_state, data_state: dict, meta: dict) -> dict[str, Any]:
+    """The `checksums` item: SHA-256 of each array (flatten order) and of the data and meta records."""
+    return {"algorithm": "sha256", "arrays": _array_sums(host_state), "data": _json_sha256(data_state),
+            "meta": _json_sha256(meta)}
+
+
+def checksum_mismatch(recorded: dict, host_state, data_state: dict, meta: dict) -> str | None:
+    """What does not match the recorded checksums (None: everything does)."""
+    if recorded.get("data") != _json_sha256(data_state):
+        return "the data-iterator state"
+    if recorded.get("meta") != _json_sha256(meta):
+        return "the metadata record"
+    now = _array_sums(host_state)
+    if len(now) != len(recorded.get("arrays", [])):
+        return f"the number of arrays ({len(now)} restored, {len(recorded.get('arrays', []))} recorded)"
+    for (key, digest), (_, want) in zip(now, recorded["arrays"]):
+        if digest != want:
+            return f"array {key}"
+    return None
+
+
+# ---- write failures and small files -------------------------------------------------------------
+_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_DISK_FULL.search(str(e)))
+
+
+def write_failure(what: str, e: BaseException,
+                  kept: str = "nothing of it was finalized and the earlier checkpoints are intact") -> CheckpointError:
+    """One-line CheckpointError for a failed write of `what` (a description naming the path); `kept`
+    says what is still intact."""
+    if is_disk_full(e):
+        return CheckpointError(f"disk full while writing {what}; {kept} — free space and re-run the same "
+                               "command to resume")
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"could not write {what}: {first}")
+
+
+def write_file_atomic(path: Path, data: str | bytes) -> None:
+    """Write a small file so that a reader (or a kill at any moment) sees the old or the new content."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(str(path), e, "its previous content is intact") from None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

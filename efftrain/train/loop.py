@@ -3,15 +3,27 @@
 Re-running on an existing run directory resumes from its newest finalized checkpoint (series or
 resume) and continues bitwise identically on CPU: the model, optimizer and MoE-bias state, the grain
 iterator state and the step counter all come from the checkpoint. A run directory whose stored config
-differs in anything but logging/eval/checkpoint-frequency fields is refused with the diff.
+differs in anything but logging/eval/checkpoint-frequency fields, or whose corpus identity (run.json)
+differs from the corpus the config now selects, is refused with the diff.
+
+Faults (docs/RELIABILITY.md): the run directory is locked (flock on RUN_DIR/.lock) while a process
+trains in it; SIGTERM/SIGINT/SIGUSR1 finish the current step, write a resume checkpoint, wait for the
+saves and raise `Interrupted` (exit code 75), a second SIGTERM/SIGINT exits at once; a non-finite loss, gradient or
+state halts training within one step (NonFiniteError), or with `skip_nonfinite=N` leaves the state
+unchanged for up to N such steps; small files are written atomically and a torn metrics line is
+dropped on resume; a damaged newest checkpoint is an error, or with `fallback=True` is moved to
+checkpoints/corrupt/ and the previous finalized one is used.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
-import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from efftrain.config import Config, ConfigError, from_dict, resume_blocking_diff
+from efftrain.config import (Config, ConfigError, config_warnings, flatten_dotted, from_dict,
+                             resume_blocking_diff)
 from efftrain.model.attention import kv_cache_bytes_per_token
 from efftrain.model.transformer import build_model, flops_per_token, parameter_counts
-from efftrain.train.checkpoint import CheckpointStore, abstract_like, write_json_atomic
+from efftrain.train.checkpoint import (CheckpointError, CheckpointStore, NonFiniteError, abstract_like,
+                                       write_failure, write_file_atomic, write_json_atomic)
 from efftrain.train.optimizer import lr_schedule, make_optimizer
 from efftrain.train.series import series_points
 from efftrain.train.step import init_state, make_eval_step, make_train_step
@@ -33,6 +47,85 @@ from efftrain.train.step import init_state, make_eval_step, make_train_step
 
 class RunDirError(ValueError):
     """The run directory cannot be used for this config."""
+
+
+class RunLockedError(RunDirError):
+    """Another process is training in the run directory."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT: training stopped after a step and wrote a resume checkpoint; re-run to resume.
+    (A KeyboardInterrupt, so that `except Exception` handlers let it through.)"""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message, signum)
+        self.message, self.signum = message, signum
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RunLock:
+    """Exclusive, non-blocking flock on RUN_DIR/.lock, holding the trainer's pid; the kernel releases it
+    when the process dies, however it dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(f"{run_dir} is being trained by another process (pid {holder}); wait for it "
+                                 "to finish, stop it, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {platform.node()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+class StopSignals:
+    """While active (in the main thread): SIGTERM, SIGINT and SIGUSR1 ask to stop: the first records
+    itself in `signum` (and calls `on_signal`); a second SIGTERM/SIGINT ends the process at once with
+    128 + its number. SIGUSR1 (SLURM's `--signal=USR1@T`, the grid forwarding a stop to its workers)
+    never forces an exit, so a forwarded copy of a signal a process also got itself is harmless."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, on_signal: Callable[[int], None] | None = None):
+        self.signum: int | None = None
+        self.on_signal = on_signal
+        self.previous: dict[int, Any] = {}
+        self.hard = 0  # SIGTERM/SIGINT received
+
+    def _handle(self, signum, frame) -> None:
+        if signum != signal.SIGUSR1:
+            self.hard += 1
+        if self.hard >= 2:
+            os.write(2, f"second {signal.Signals(signum).name}: exiting at once (a checkpoint still being "
+                        "written is abandoned; it is never listed)\n".encode())
+            os._exit(128 + signum)
+        if self.signum is None:
+            self.signum = signum
+            if self.on_signal is not None:
+                self.on_signal(signum)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 # bf16 dense peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not shown)
@@ -68,19 +161,46 @@ def load_run_config(run_dir: Path) -> Config:
         raise RunDirError(f"{path}: stored config no longer parses: {e}") from None
 
 
+def check_foreign_dir(run_dir: Path) -> None:
+    """Refuse an existing directory that is not (the start of) an efftrain run directory."""
+    if run_dir.exists() and not (run_dir / "config.yaml").exists() and any(
+            p.name not in ("tb", ".lock") and not p.name.endswith(".tmp") for p in run_dir.iterdir()):
+        raise RunDirError(f"{run_dir} exists and is not an efftrain run directory; choose another --out")
+
+
+def diff_lines(diff: list[tuple[str, Any, Any]], old: str, new: str) -> str:
+    return "\n".join(f"  {k}: {a!r} ({old}) -> {b!r} ({new})" for k, a, b in diff)
+
+
 def check_run_dir(run_dir: Path, cfg: Config) -> bool:
     """True if run_dir already holds this run (resume); raises on an incompatible config."""
+    check_foreign_dir(run_dir)
     if not (run_dir / "config.yaml").exists():
-        if run_dir.exists() and any(p.name != "tb" for p in run_dir.iterdir()):
-            raise RunDirError(f"{run_dir} exists and is not an efftrain run directory; choose another --out")
         return False
-    old = load_run_config(run_dir)
-    diff = resume_blocking_diff(old, cfg)
+    diff = resume_blocking_diff(load_run_config(run_dir), cfg)
     if diff:
-        lines = "\n".join(f"  {k}: {a!r} (run) -> {b!r} (now)" for k, a, b in diff)
-        raise RunDirError(f"{run_dir} holds a run with a different config; refusing to resume:\n{lines}\n"
-                          "Use another --out for a new run.")
+        raise RunDirError(f"{run_dir} holds a run with a different config; refusing to resume:\n"
+                          f"{diff_lines(diff, 'run', 'now')}\nUse another --out for a new run.")
     return True
+
+
+def check_corpus(run_dir: Path, identity: dict, old: str = "run", new: str = "now") -> None:
+    """Refuse to continue run_dir's training on another corpus: its run.json records the identity
+    (content fingerprint, tokenizer, split) of the corpus it was trained on."""
+    path = Path(run_dir) / "run.json"
+    try:
+        recorded = json.loads(path.read_text()).get("corpus")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path}: unreadable ({e}); cannot check the corpus the run was trained on") from None
+    if recorded is None:
+        return
+    a, b = flatten_dotted(recorded), flatten_dotted(identity)
+    diff = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        raise RunDirError(f"{run_dir} was trained on another corpus than the config now selects; refusing to "
+                          f"continue it:\n{diff_lines(diff, old, new)}\nUse another --out for a new run.")
 
 
 def environment_info() -> dict[str, Any]:
@@ -139,12 +259,19 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard events when tensorboardX is installed and enabled)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, log: Callable[[str], None] = print):
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # drop records newer than the checkpoint we resume from
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        if self.path.exists():  # drop records newer than the checkpoint we resume from, and torn lines
+            kept, torn = [], 0
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except (ValueError, AttributeError):  # cut short by a kill or a full disk
+                    torn += 1
+            if torn:
+                log(f"note: {self.path}: dropped {torn} torn line(s)")
+            write_file_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
@@ -156,8 +283,12 @@ class MetricsLog:
                 print("note: tensorboardX not installed; TensorBoard events disabled", file=sys.stderr)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_failure(f"a line of {self.path}", e, "the checkpoints are intact and a cut line is "
+                                "dropped on resume") from None
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "event"):
@@ -193,20 +324,112 @@ def make_mesh(cfg: Config) -> Mesh:
     return Mesh(np.array(devices[:n]), ("data",))
 
 
-def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+def _all_finite(tree) -> jax.Array:
+    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.asarray(True)
+
+
+def guarded_step(train_step, *, skip: bool):
+    """step(state, batch, tokens_seen) -> (state, metrics, ok), where `ok` is a device-side bool: the
+    loss, the gradient norm and every float of the new state are finite. The loop reads it one step
+    late (while the next step runs) or where it syncs anyway, so it adds no stall. With `skip`, a step
+    that is not ok returns the state it was given (the select is inside the jitted step; the state is
+    briefly held twice); its batch is consumed."""
+
+    def finite(metrics, new):
+        return jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & _all_finite(new)
+
+    if not skip:
+        flag = jax.jit(finite)
+
+        def step(state, batch, tokens_seen):
+            new, metrics = train_step(state, batch, tokens_seen)
+            return new, metrics, flag(metrics, new)
+
+        return step
+
+    def skipping(state, batch, tokens_seen):
+        new, metrics = train_step(state, batch, tokens_seen)
+        ok = finite(metrics, new)
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state), metrics, ok
+
+    return jax.jit(skipping, donate_argnums=(0,))
+
+
+def restore_latest(store: CheckpointStore, abstract, accept: Callable[[Any, dict, dict], None], *,
+                   fallback: bool, log: Callable[[str], None]) -> tuple[str, int, Any, dict] | None:
+    """(kind, step, state, meta) of the newest finalized checkpoint that restores, verifies and is
+    accepted by `accept(state, data_state, meta)` (which may raise CheckpointError); None if the run has
+    none. A damaged one is an error naming it, or with `fallback` is moved to checkpoints/corrupt/
+    (so that it is written again when training gets there) and the next older one is tried."""
+    candidates = store.finalized()
+    for i, (kind, step) in enumerate(candidates):
+        try:
+            state, data_state, meta = store.restore(kind, step, abstract)
+            accept(state, data_state, meta)
+            return kind, step, state, meta
+        except CheckpointError as e:
+            older = candidates[i + 1:]
+            if not fallback:
+                hint = (f"; re-run with --fallback to set it aside and resume from the previous finalized "
+                        f"checkpoint ({older[0][0]} step {older[0][1]})" if older else "")
+                raise CheckpointError(f"{e}{hint}") from None
+            log(f"warning: {e}")
+            log(f"fallback: moved it to {store.quarantine(kind, step)}")
+    if candidates:
+        raise CheckpointError(f"{store.root}: no checkpoint of the run restores (the damaged ones are in "
+                              f"{store.root / 'corrupt'}); use another --out for a new run")
+    return None
+
+
+def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None, skip_nonfinite: int = 0,
+          fallback: bool = False, log: Callable[[str], None] = print) -> TrainResult:
     """Train (or resume) the run in run_dir. `stop_at_step` ends early as if interrupted after that
-    step's resume checkpoint (used by tests and for chunked jobs)."""
+    step's resume checkpoint (used by tests and for chunked jobs). `skip_nonfinite`: how many steps
+    with a non-finite loss/gradient/state may be skipped (state unchanged) before training halts with
+    NonFiniteError (0: the first one halts). `fallback`: if the newest checkpoint is damaged, set it
+    aside and resume from the previous finalized one. Raises RunLockedError if another process trains
+    in run_dir, and Interrupted after a SIGTERM/SIGINT (once the resume checkpoint is written)."""
+    if skip_nonfinite < 0:
+        raise ConfigError(f"--skip-nonfinite ({skip_nonfinite}) must be >= 0")
+    run_dir = Path(run_dir)
+    check_foreign_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    opened: list[Callable[[], None]] = []  # close() of the store and the metrics log while training
+    try:
+        return _train(cfg, run_dir, stop_at_step=stop_at_step, skip_nonfinite=skip_nonfinite, fallback=fallback,
+                      log=log, opened=opened)
+    except BaseException:
+        for close in reversed(opened):  # the first error is the one to report
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+        raise
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfinite: int, fallback: bool,
+           log: Callable[[str], None], opened: list[Callable[[], None]]) -> TrainResult:
     from efftrain.data import make_train_iterator, prepare_data, val_batches
 
-    run_dir = Path(run_dir)
     resuming = check_run_dir(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    for warning in config_warnings(cfg):
+        log(f"warning: {warning}")
+    store = None  # opened before anything is written when resuming: that drops a failed save's leftovers
+    if resuming and (run_dir / "checkpoints").is_dir():
+        store = CheckpointStore(run_dir, async_save=cfg.checkpoint.async_save)
+        opened.append(store.close)
+    has_checkpoint = store is not None and bool(store.finalized())
 
     # ---- data --------------------------------------------------------------------------------
     cache = prepare_data(cfg, progress=lambda msg: log(f"data: {msg}"))
-    shutil.copyfile(cache.tokenizer_path, run_dir / "tokenizer.json")
+    if has_checkpoint:
+        check_corpus(run_dir, cache.identity)
+    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    write_file_atomic(run_dir / "tokenizer.json", Path(cache.tokenizer_path).read_bytes())
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     val_set = [jnp.asarray(b) for b in val_batches(cache.val, seq_len=seq_len, batch_size=batch,
                                                      n_batches=cfg.train.eval_batches)]
@@ -224,23 +447,32 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None,
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data", None))
     state = jax.device_put(state, replicated)
-    train_step = make_train_step(graphdef, cfg, tx)
+    train_step = guarded_step(make_train_step(graphdef, cfg, tx), skip=skip_nonfinite > 0)
     eval_step = make_eval_step(graphdef, cfg)
     schedule = lr_schedule(cfg.optim, total_steps)
 
-    store = CheckpointStore(run_dir, async_save=cfg.checkpoint.async_save)
-    start_step = 0
-    latest = store.latest() if resuming else None
-    if latest is not None:
-        kind, step = latest
-        state, data_state, meta = store.restore(kind, step, abstract_like(state))
-        state = jax.device_put(state, replicated)
-        data_iter.set_state(data_state)
-        start_step = step
-        log(f"resuming {run_dir} from the {kind} checkpoint at step {step} ({format_count(meta['tokens_seen'])} tokens)")
+    def set_data_state(_state, data_state, _meta) -> None:
+        try:
+            data_iter.set_state(data_state)
+        except Exception as e:  # noqa: BLE001 - grain raises assorted types for a state it cannot use
+            raise CheckpointError(f"the data-iterator state does not fit this data pipeline "
+                                  f"({type(e).__name__}: {e})") from None
 
+    if store is None:
+        store = CheckpointStore(run_dir, async_save=cfg.checkpoint.async_save)
+        opened.append(store.close)
+    start_step, skipped, last_checkpoint = 0, [], "none"
+    restored = restore_latest(store, abstract_like(state), set_data_state, fallback=fallback,
+                              log=log) if resuming else None
+    if restored is not None:
+        kind, start_step, state, meta = restored
+        state = jax.device_put(state, replicated)
+        skipped = list(meta.get("skipped_steps", []))
+        last_checkpoint = str(store.path(kind, start_step))
+        log(f"resuming {run_dir} from the {kind} checkpoint at step {start_step} "
+            f"({format_count(meta['tokens_seen'])} tokens)")
     elif cfg.train.init_from is not None:
-        state, data_state, start_step = restore_branch_point(cfg, state)
+        state, data_state, start_step = restore_branch_point(cfg, state, cache.identity)
         state = jax.device_put(state, replicated)
         data_iter.set_state(data_state)
         log(f"branching from {cfg.train.init_from} at step {start_step}")
@@ -268,7 +500,8 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None,
             f"devices {len(mesh.devices.flat)}x {jax.devices()[0].device_kind}")
         log(f"versions: jax {jax.__version__}, python {platform.python_version()}; config hash {cfg.hash()}")
 
-    metrics_log = MetricsLog(run_dir, cfg.logging.tensorboard, start_step)
+    metrics_log = MetricsLog(run_dir, cfg.logging.tensorboard, start_step, log)
+    opened.append(metrics_log.close)
     peak = peak_flops(jax.devices()[0])
     n_dev = len(mesh.devices.flat)
     accum = cfg.train.grad_accum
@@ -279,53 +512,105 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None,
         return float(np.mean(jax.device_get(losses)))
 
     def checkpoint(kind: str, step: int, st, val_loss: float | None, target: int | None = None):
+        nonlocal last_checkpoint
         meta = {"tokens_seen": step * cfg.tokens_per_step, "target_tokens": target, "val_loss": val_loss,
                 "wall_time_s": time.time() - t_start, "config_hash": cfg.hash(), "time": time.time()}
+        if skipped:
+            meta["skipped_steps"] = list(skipped)
         store.save(kind, step, st, data_iter.get_state(), meta)
+        last_checkpoint = str(store.path(kind, step))
+
+    def settle(step: int, ok, metrics) -> bool:
+        """Read one finished step's finite flag: True if it was skipped; NonFiniteError if it may not be."""
+        if bool(ok):
+            return False
+        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        what = (f"non-finite loss/gradient at step {step} (loss {loss}, grad_norm {gnorm})"
+                if not np.isfinite([loss, gnorm]).all() else
+                f"the update of step {step} made the parameters or optimizer state non-finite")
+        if len(skipped) < skip_nonfinite:
+            skipped.append(step)
+            log(f"warning: {what}: step skipped, state unchanged ({len(skipped)} of --skip-nonfinite "
+                f"{skip_nonfinite})")
+            return True
+        spent = f" (--skip-nonfinite {skip_nonfinite} spent on steps {skipped})" if skip_nonfinite else ""
+        raise NonFiniteError(f"{what}{spent}: training halted; nothing from this step on is checkpointed "
+                             f"(newest checkpoint: {last_checkpoint}). Lower optim.lr or check the data, or "
+                             "re-run with --skip-nonfinite N to skip up to N such steps")
+
+    def log_record(step: int, metrics, val_loss: float | None, was_skipped: bool) -> None:
+        nonlocal t_window, steps_in_window, data_time
+        flat = flatten_metrics(jax.device_get(metrics))
+        elapsed = time.time() - t_window
+        tok_s = steps_in_window * cfg.tokens_per_step / max(elapsed, 1e-9)
+        record = {"step": step, "tokens": step * cfg.tokens_per_step, "lr": float(schedule(step - 1)),
+                  **flat, "tokens_per_s": tok_s, "data_time_s": data_time, "step_time_s": elapsed}
+        if peak:
+            record["mfu"] = tok_s * flops_tok / (peak * n_dev)
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        if was_skipped:
+            record["skipped"] = True
+        metrics_log.write(record)
+        result.losses[step] = flat["loss"]
+        if cfg.logging.progress:
+            log(progress_line(step, total_steps, record, t_start, start_step))
+        t_window, steps_in_window, data_time = time.time(), 0, 0.0
 
     t_start = time.time()
     t_window, steps_in_window, data_time = time.time(), 0, 0.0
     step = start_step
-    try:
+    pending = None  # (step, ok, metrics) of the last step whose finite flag was not read yet
+    with StopSignals() as stop:
         while step < total_steps:
             t0 = time.time()
             window = np.asarray(next(data_iter)).reshape(accum, batch // accum, seq_len + 1)
             data_time += time.time() - t0
             tokens_seen = jnp.asarray(step * cfg.tokens_per_step, jnp.float32)
-            state, metrics = train_step(state, jax.device_put(window, batch_sharding), tokens_seen)
+            state, metrics, ok = train_step(state, jax.device_put(window, batch_sharding), tokens_seen)
             step += 1
             steps_in_window += 1
-            val_loss = None
+            if pending is not None:
+                settle(*pending)  # the previous step: done by now, or finishing while this one is queued
+            pending = (step, ok, metrics)
+            stopping = stop.signum is not None and step < total_steps  # a signal arrived: save, leave
             is_series = step in series_at and step not in done_series
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_series or step == total_steps:
+            is_resume = not is_series and (step % cfg.checkpoint.resume_every == 0 or step == stop_at_step
+                                           or stopping)
+            want_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_series \
+                or step == total_steps
+            want_log = step % cfg.train.log_every == 0 or want_eval
+            if not (want_log or is_series or is_resume):
+                continue
+            was_skipped = settle(*pending)
+            pending = None
+            val_loss = None
+            if want_eval:
                 val_loss = evaluate(state)
                 result.val_losses[step] = val_loss
-            if step % cfg.train.log_every == 0 or step == total_steps or val_loss is not None:
-                flat = flatten_metrics(jax.device_get(metrics))
-                elapsed = time.time() - t_window
-                tok_s = steps_in_window * cfg.tokens_per_step / max(elapsed, 1e-9)
-                record = {"step": step, "tokens": step * cfg.tokens_per_step, "lr": float(schedule(step - 1)),
-                          **flat, "tokens_per_s": tok_s, "data_time_s": data_time, "step_time_s": elapsed}
-                if peak:
-                    record["mfu"] = tok_s * flops_tok / (peak * n_dev)
-                if val_loss is not None:
-                    record["val_loss"] = val_loss
-                metrics_log.write(record)
-                result.losses[step] = flat["loss"]
-                if cfg.logging.progress:
-                    log(progress_line(step, total_steps, record, t_start, start_step))
-                t_window, steps_in_window, data_time = time.time(), 0, 0.0
+            if want_log:
+                log_record(step, metrics, val_loss, was_skipped)
             if is_series:
                 checkpoint("series", step, state, val_loss, series_at[step].target_tokens)
                 done_series.add(step)
-            elif step % cfg.checkpoint.resume_every == 0 or step == stop_at_step:
+            elif is_resume:
                 checkpoint("resume", step, state, val_loss)
+            if stopping:
+                store.wait()
+                raise Interrupted(f"{stop.name} received: stopped after step {step} with the checkpoint "
+                                  f"{last_checkpoint} written; re-run the same command to resume",
+                                  stop.signum)
             if stop_at_step is not None and step >= stop_at_step:
                 break
+        if pending is not None:
+            settle(*pending)
         store.wait()
-    finally:
+    opened.clear()
+    try:
         metrics_log.close()
-        store.close()
+    except OSError as e:
+        raise write_failure(str(metrics_log.path), e) from None
+    store.close()
 
     result.steps, result.tokens_seen = step, step * cfg.tokens_per_step
     result.final_state = state
@@ -337,19 +622,22 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None,
     return result
 
 
-def restore_branch_point(cfg: Config, state):
+def restore_branch_point(cfg: Config, state, identity: dict | None = None):
     """(state, data-iterator state, step) from the series checkpoint a branch run starts at.
 
-    A branch must share the source run's architecture, data and batch size; its optimizer schedule
-    may differ from there on (e.g. a WSD cooldown starting at the branch step)."""
+    A branch must share the source run's architecture, data (and corpus identity, when given) and batch
+    size; its optimizer schedule may differ from there on (e.g. a WSD cooldown starting at the branch
+    step)."""
     src = Path(cfg.train.init_from)
     src_cfg = load_run_config(src)
     same = ("model", "data", "fp8")
     diff = [d for d in resume_blocking_diff(src_cfg, cfg) if d[0].split(".")[0] in same
             or d[0] in ("train.batch_size", "train.seed")]
     if diff:
-        lines = "\n".join(f"  {k}: {a!r} (source) -> {b!r} (branch)" for k, a, b in diff)
-        raise RunDirError(f"train.init_from={src} has a different model/data config:\n{lines}")
+        raise RunDirError(f"train.init_from={src} has a different model/data config:\n"
+                          f"{diff_lines(diff, 'source', 'branch')}")
+    if identity is not None:
+        check_corpus(src, identity, "source", "branch")
     step = cfg.train.init_from_step
     store = CheckpointStore(src, read_only=True)
     if step not in store.steps("series"):
