@@ -13,6 +13,7 @@ from efftrain.config import from_dict
 from efftrain.model.layers import Linear
 from efftrain.model.moe import Router
 from efftrain.model.transformer import build_model
+from efftrain.quant import apply as quant_apply
 from efftrain.quant import awq_model
 from efftrain.quant.apply import (QuantReport, QuantSettings, _block_pass, capture_linear_inputs, dequantize_arrays,
                                   expert_stats, observed_modules, packed_arrays, quantize_model)
@@ -205,11 +206,11 @@ def test_search_scores_the_block_output_on_16bit_inputs():
     fresh = tiny_model("dense")
     h16 = fresh.blocks[0](fresh.embed(tokens()), POSITIONS)[0]
     expected_in = _block_pass(fresh.blocks[1], h16, POSITIONS)[0]["attn/q"]
-    awq_model.quantize_block_awq = spy
+    quant_apply.quantize_block_awq = spy  # the name quantize_model calls
     try:
         quantize_model(tiny_model("dense"), np.asarray(tokens()), s)
     finally:
-        awq_model.quantize_block_awq = original
+        quant_apply.quantize_block_awq = original
     np.testing.assert_allclose(seen[1], expected_in, rtol=1e-5, atol=1e-6)
 
 

@@ -152,3 +152,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.mean(logz - picked)
+
+
+def linears_of(module: nnx.Module) -> list[tuple[str, Linear]]:
+    """(path "a/b/c", Linear) of every Linear inside `module`, in nnx's traversal order."""
+    return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(module) if isinstance(m, Linear)]

@@ -56,8 +56,9 @@ from jax import lax
 from flax import nnx
 
 from efftrain.model import layers
-from efftrain.model.layers import Linear
+from efftrain.model.layers import Linear, linears_of
 from efftrain.quant.awq import quantize_awq
+from efftrain.quant.awq_model import quantize_block_awq, quantize_head_awq
 from efftrain.quant.formats import Packed, _kernel_format, _pack_kernel, _rtn_kernel, effective_bits, make_format, \
     resolve_group_size
 from efftrain.quant.gptq import gptq_on_device, hessian_from_inputs, not_positive_definite
@@ -177,10 +178,6 @@ def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
         layers.input_observer.reset(token)
 
 
-def linears_of(module: nnx.Module) -> list[tuple[str, Linear]]:
-    return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(module) if isinstance(m, Linear)]
-
-
 def observed_modules(module: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """(path, module) of everything `capture_linear_inputs` records: Linears and MoE routers."""
     from efftrain.model.moe import Router
@@ -263,8 +260,6 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
 
     calib_tokens [n, T] int: calibration sequences (from the train split).
     """
-    from efftrain.quant.awq_model import quantize_block_awq, quantize_head_awq
-
     if s.method not in METHODS:
         raise _unknown_method(s.method)
     report = QuantReport(method=s.method)

@@ -74,6 +74,7 @@ from flax import nnx
 from jax import lax
 
 from efftrain.quant.awq import alpha_grid, awq_scale, best_scales, clip_quantize, clip_ratios, gram, weight_mean
+from efftrain.model.layers import linears_of
 from efftrain.quant.formats import Packed, _kernel_format, _rtn_kernel, make_format, resolve_group_size
 
 # Linears whose output error does not reflect the attention scores: not clipped (reference auto_clip.py)
@@ -259,8 +260,6 @@ def fold_block(block, bs: BlockScales) -> None:
 def quantize_folded_block(block, inputs: dict[str, jax.Array], bs: BlockScales, s, report, prefix: str,
                           experts=None) -> None:
     """Steps 4-5: clip and quantize the folded block's weights, on the Gram matrices of x / s."""
-    from efftrain.quant.apply import linears_of
-
     ctx = _context(s)
     row_scale = {w: (grp.name, grp.source) for grp in bs.groups for w in grp.weights}
     for name, lin in linears_of(block):

@@ -212,7 +212,7 @@ class CheckpointStore:
             out = self.managers[kind].restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise CheckpointError(
-                f"{where}: cannot restore ({type(e).__name__}: {str(e)[:300]}); "
+                f"{where}: cannot restore ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                 "the checkpoint is damaged or was written by a different model config") from None
         state, data_state, meta = out["state"], dict(out["data"]), dict(out["meta"])
         host = jax.device_get(state)
