@@ -59,7 +59,7 @@ from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from efftrain.config import ConfigError
-from efftrain.quant.apply import (METHODS, QuantSettings, count_bytes, dequantize_arrays, linears_of,
+from efftrain.quant.apply import (QuantSettings, count_bytes, dequantize_arrays, linears_of,
                                   load_dequantized, packed_arrays, quantize_model)
 from efftrain.quant.formats import make_format
 
