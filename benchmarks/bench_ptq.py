@@ -9,7 +9,8 @@ row, without its evaluation unless --eval-windows > 0). For each method, in one 
 latency (compilation included), then --repeats warm rows (median; every one starts from the unquantized
 weights, rows of other bit widths reuse the compiled programs), each ending in a device sync. Calibration
 tokens are random ids (the speed does not depend on them); with --run, the weights are the checkpoint's.
-Prints a table and writes the rows, the device and the settings as JSON to --out.
+Prints a table and writes the rows, the device and the settings as JSON to --out, with the seconds the
+first row spent compiling, per jitted function (jax.monitoring), and those spent by the warm rows.
 """
 
 from __future__ import annotations
@@ -72,6 +73,29 @@ def load(a):
     return cfg, graphdef, params, rest
 
 
+class CompileTimes:
+    """Seconds of XLA compilation per jitted function, from jax.monitoring (event durations carry the
+    function's name): where a first row's time goes."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **kwargs):
+        if event == self.EVENT:
+            name = kwargs.get("fun_name", "?")
+            self.seconds[name] = self.seconds.get(name, 0.0) + duration
+
+    def take(self, top: int = 8) -> dict:
+        """{"total_s", "by_function": [(name, s), ...]} since the last take, largest first."""
+        items = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        self.seconds = {}
+        return {"total_s": round(sum(v for _, v in items), 2),
+                "by_function": [[k, round(v, 2)] for k, v in items[:top]]}
+
+
 def one_row(graphdef, params, rest, calib, s: QuantSettings, windows=None) -> float:
     model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
@@ -105,15 +129,19 @@ def main(argv=None) -> int:
         windows = eval_set(cfg, a.eval_windows, seed=0)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     rows = []
+    compiles = CompileTimes()
     for method in methods:
         first = QuantSettings(method=method, bits=bits[0], group_size=a.group_size)
+        compiles.take()
         cold = one_row(graphdef, params, rest, calib, first, windows)
+        first_compiles = compiles.take()
         warm = [one_row(graphdef, params, rest, calib,
                         QuantSettings(method=method, bits=bits[(i + 1) % len(bits)], group_size=a.group_size), windows)
                 for i in range(a.repeats)]
         per_row = statistics.median(warm) if warm else cold
         rows.append({"method": method, "bits": bits, "group_size": a.group_size, "first_row_s": cold,
-                     "warm_row_s": per_row, "warm_rows_s": warm, "rows_per_s": 1 / per_row})
+                     "warm_row_s": per_row, "warm_rows_s": warm, "rows_per_s": 1 / per_row,
+                     "first_row_compile": first_compiles, "warm_rows_compile_s": compiles.take()["total_s"]})
     result = {"source": a.run or a.preset, "step": a.step, "params": int(n_params), "layers": cfg.model.n_layers,
               "calib_tokens": int(calib.size), "eval_windows": a.eval_windows, "device": str(jax.devices()[0]),
               "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}
@@ -122,6 +150,8 @@ def main(argv=None) -> int:
     print(f"{'method':10s} {'first row (s)':>14s} {'warm row (s)':>13s} {'rows/s':>8s}")
     for r in rows:
         print(f"{r['method']:10s} {r['first_row_s']:14.2f} {r['warm_row_s']:13.2f} {r['rows_per_s']:8.3f}")
+        top = ", ".join(f"{k} {v:.1f}s" for k, v in r["first_row_compile"]["by_function"][:4])
+        print(f"{'':10s} first row: {r['first_row_compile']['total_s']:.1f} s compiling ({top})")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -444,33 +444,3 @@ def test_unknown_cli_values_name_the_valid_ones(tmp_path, capsys, flag, value, v
     assert main(["ptq", str(tmp_path), flag, value]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {flag}: unknown value(s) '{value.split(',')[1]}'; valid: {valid}\n"
-
-
-
-def test_persistent_compilation_cache_is_opt_out(monkeypatch, tmp_path):
-    """On by default in the user cache dir, EFFTRAIN_COMPILATION_CACHE=off disables it, a path moves it,
-    and a directory already configured in JAX is kept (jax.config faked: the session's is left alone)."""
-    from types import SimpleNamespace
-
-    from efftrain.quant import sweep
-
-    class Config(SimpleNamespace):
-        def update(self, key, value):
-            setattr(self, key, value)
-
-    def run(env, preset=None):
-        cfg = Config(jax_compilation_cache_dir=preset, jax_compilation_cache_max_size=-1)
-        monkeypatch.setattr(sweep, "jax", SimpleNamespace(config=cfg))
-        if env is None:
-            monkeypatch.delenv("EFFTRAIN_COMPILATION_CACHE", raising=False)
-        else:
-            monkeypatch.setenv("EFFTRAIN_COMPILATION_CACHE", env)
-        return sweep.enable_compilation_cache(), cfg
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path, cfg = run(None)
-    assert path == cfg.jax_compilation_cache_dir == str(tmp_path / "efftrain" / "jax")
-    assert cfg.jax_compilation_cache_max_size == sweep.COMPILATION_CACHE_BYTES
-    assert run("off") == (None, Config(jax_compilation_cache_dir=None, jax_compilation_cache_max_size=-1))
-    assert run(str(tmp_path / "c"))[0] == str(tmp_path / "c")
-    assert run(None, preset="/elsewhere")[0] == "/elsewhere"

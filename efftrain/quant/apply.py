@@ -62,6 +62,7 @@ from efftrain.quant.awq_model import quantize_block_awq, quantize_head_awq
 from efftrain.quant.formats import Packed, _kernel_format, _pack_kernel, _rtn_kernel, effective_bits, make_format, \
     resolve_group_size
 from efftrain.quant.gptq import gptq_on_device, hessian_from_inputs, not_positive_definite
+from efftrain.xla import ptq_jit
 
 METHODS = ("rtn", "gptq", "awq", "awq-linear")
 EXPERT_CALIBRATION = ("routed", "all")
@@ -322,7 +323,7 @@ def _routing(moe, x2d):
     return moe.route(x2d)
 
 
-@jax.jit
+@ptq_jit
 def _expert_rows(expert_idx, gates, scores, all_tokens: bool, gate_weighted: bool):
     """(used [E, N] in {0, 1}, row weights [E, N]) from the routing (traced flags: one program)."""
     E = scores.shape[-1]
@@ -334,7 +335,7 @@ def _expert_rows(expert_idx, gates, scores, all_tokens: bool, gate_weighted: boo
     return used, jnp.where(gate_weighted, weights, used)
 
 
-@jax.jit
+@ptq_jit
 def _expert_grams(x, used, rows, w_gate, w_up):
     """Per expert (lax.map: memory N x max(D, H)): the Grams of the weighted rows of x and of the SwiGLU
     activations, and the mean |.| over the used rows."""

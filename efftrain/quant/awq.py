@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from efftrain.xla import ptq_jit
 from .formats import (
     Packed,
     QuantFormat,
@@ -98,7 +99,7 @@ def awq_scale(x_mean, alpha, w_mean=None):
     return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
 
 
-_scale = jax.jit(awq_scale)
+_scale = ptq_jit(awq_scale)
 
 
 def weight_mean(ws, g: int):
@@ -114,20 +115,20 @@ def weight_mean(ws, g: int):
     return total / count
 
 
-@jax.jit
+@ptq_jit
 def _stats(x, n_tokens):
     """mean |x| per input channel and the Gram matrix X^T X (x may carry zero padding rows)."""
     return jnp.sum(jnp.abs(x), axis=0) / n_tokens, jnp.matmul(x.T, x, precision=_HIGHEST)
 
 
-@jax.jit
+@ptq_jit
 def gram(x):
     """X^T X of x [n, in] (float32, precision HIGHEST)."""
     x = x.astype(jnp.float32)
     return jnp.matmul(x.T, x, precision=_HIGHEST)
 
 
-@jax.jit
+@ptq_jit
 def _out_err(w, w_hat, G):
     """||X (w - w_hat)||^2 = sum(D * (X^T X) D)."""
     d = w - w_hat
@@ -142,7 +143,7 @@ def _search_errors(w, G, sx, w_mean, alphas, maxq, f: QuantFormat, g: int):
     return lax.map(one, alphas)
 
 
-_search = jax.jit(_search_errors, static_argnames=("f", "g"))
+_search = ptq_jit(_search_errors, static_argnames=("f", "g"))
 
 
 def _best_scale(w, G, sx, w_mean, alphas, maxq, f: QuantFormat, g: int):
@@ -150,7 +151,7 @@ def _best_scale(w, G, sx, w_mean, alphas, maxq, f: QuantFormat, g: int):
     return awq_scale(sx, alphas[jnp.argmin(errors)], w_mean)  # first minimum: ties go to the smaller α
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g"))
+@ptq_jit(static_argnames=("f", "g"))
 def best_scales(w, G, sx, w_mean, alphas, maxq, *, f: QuantFormat, g: int):
     """The searched s of one Linear ``w[in, out]`` (Gram ``G[in, in]``, mean |x| ``sx[in]``) or of a stack
     ``w[E, in, out]`` (``G[E, in, in]``, ``sx[E, in]``, ``w_mean`` [E, in] or None), on the device."""
@@ -180,7 +181,7 @@ def _clip_core(ws, Gs, ratios, maxq, f: QuantFormat, g: int):
     return jnp.clip(wg, -mv, mv).reshape(n_in, n_out), best
 
 
-_clip_search = jax.jit(_clip_core, static_argnames=("f", "g"))
+_clip_search = ptq_jit(_clip_core, static_argnames=("f", "g"))
 
 
 def _clip_quantize_one(w, G, allow, ratios, maxq, f: QuantFormat, g: int, clip: bool):
@@ -196,7 +197,7 @@ def _clip_quantize_one(w, G, allow, ratios, maxq, f: QuantFormat, g: int, clip: 
     return _rtn_kernel(w, maxq, f=f, g=g), codes, scales, zeros, applied
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g", "clip"))
+@ptq_jit(static_argnames=("f", "g", "clip"))
 def clip_quantize(w, G, allow, ratios, maxq, *, f: QuantFormat, g: int, clip: bool):
     """RTN of the (already scaled) weight ``w[in, out]`` or stack ``w[E, in, out]``, after the clip search
     on its inputs' Gram ``G`` where ``clip`` and ``allow`` (bool, [E] for a stack) hold and the clipped

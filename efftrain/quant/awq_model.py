@@ -64,7 +64,6 @@ and checkpoints; nothing goes to the host.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -73,6 +72,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from efftrain.xla import ptq_jit
 from efftrain.quant.awq import alpha_grid, awq_scale, best_scales, clip_quantize, clip_ratios, gram, weight_mean
 from efftrain.model.layers import linears_of
 from efftrain.quant.formats import Packed, _kernel_format, _rtn_kernel, make_format, resolve_group_size
@@ -145,7 +145,7 @@ def _ffn_out(module, x):
     return y[0] if isinstance(y, tuple) else y  # MoE returns (y, stats)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "call", "paths", "f", "g"))
+@ptq_jit(static_argnames=("graphdef", "call", "paths", "f", "g"))
 def _search_block(graphdef, state, args, sx, w_mean, alphas, maxq, *, call, paths, f, g):
     """Mean squared difference of the module output, 16-bit vs the group's weights as Q(diag(s) w)/s,
     for each α (one program per module structure; lax.map keeps one α's activations alive at a time)."""

@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efftrain.xla import ptq_jit
+
 __all__ = [
     "FORMATS",
     "NF4_VALUES",
@@ -292,7 +294,7 @@ def _grouped(w, g: int):
     return w.reshape(*lead, n_in // g, g, n_out)
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g"))
+@ptq_jit(static_argnames=("f", "g"))
 def _rtn_kernel(w, maxq, f: QuantFormat, g: int):
     return _fake_quant(_grouped(w, g), f, axis=-2, maxq=maxq).reshape(w.shape)
 
@@ -303,7 +305,7 @@ def _rtn_jit(w, f: QuantFormat, g: int):
     return _rtn_kernel(w, maxq, f=fs, g=g)
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g"))
+@ptq_jit(static_argnames=("f", "g"))
 def _pack_kernel(w, maxq, f: QuantFormat, g: int):
     wg = _grouped(w, g)
     scale, zero = group_params(wg, f, axis=-2, maxq=maxq)
@@ -316,7 +318,7 @@ def _pack_jit(w, f: QuantFormat, g: int):
     return _pack_kernel(w, maxq, f=fs, g=g)
 
 
-@functools.partial(jax.jit, static_argnames=("f",))
+@ptq_jit(static_argnames=("f",))
 def _unpack_jit(codes, scales, zeros, f: QuantFormat):
     *lead, n_in, n_out = codes.shape
     ng = scales.shape[-2]

@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from efftrain.xla import ptq_jit
+
 from .formats import (
     Packed,
     QuantFormat,
@@ -81,7 +83,7 @@ def _precision_ctx(dt):
     return jax.enable_x64(True) if dt == jnp.float64 else contextlib.nullcontext()
 
 
-@functools.partial(jax.jit, static_argnames=())
+@ptq_jit
 def _xtx2(x):
     return 2 * jnp.matmul(x.T, x, precision=_HIGHEST)
 
@@ -183,7 +185,7 @@ def _sweep(W, U, rows_s, rows_z, maxq, *, f: QuantFormat, g: int, B: int, static
     return Q, C, S, Z
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g", "B", "act_order"))
+@ptq_jit(static_argnames=("f", "g", "B", "act_order"))
 def _gptq_core(W, H, damp, maxq, *, f: QuantFormat, g: int, B: int, act_order: bool):
     n_in, n_out = W.shape
     dt = W.dtype
@@ -213,7 +215,7 @@ def _gptq_core(W, H, damp, maxq, *, f: QuantFormat, g: int, B: int, act_order: b
     return Q, C.astype(jnp.uint8), S.astype(jnp.float16), Z.astype(jnp.float16), ok
 
 
-@functools.partial(jax.jit, static_argnames=("f", "g", "B", "act_order"))
+@ptq_jit(static_argnames=("f", "g", "B", "act_order"))
 def _gptq_core_stacked(Ws, Hs, damp, maxq, *, f: QuantFormat, g: int, B: int, act_order: bool):
     """``_gptq_core`` over a stack ``[E, in, out]`` of matrices with their own Hessians ``[E, in, in]``:
     one program whose row loop runs once for all E (MoE experts), not E times."""

@@ -34,10 +34,8 @@ rewritten (atomically) with the current header and empty cells in the new column
 Calibration windows (PTQSpec.calib_samples sequences, default 128) are drawn at random, with
 PTQSpec.calib_seed, from the train split, never from the val tokens the losses are measured on.
 
-Compiled programs persist across processes (`enable_compilation_cache`): the sweep turns on JAX's
-persistent compilation cache in $EFFTRAIN_COMPILATION_CACHE, by default $XDG_CACHE_HOME/efftrain/jax
-(~/.cache/efftrain/jax), capped at COMPILATION_CACHE_BYTES; EFFTRAIN_COMPILATION_CACHE=off (or 0) opts
-out, and a cache directory already configured in JAX is left alone.
+Compiled programs persist across processes: the sweep turns on JAX's persistent compilation cache
+(efftrain.xla.enable_compilation_cache: ~/.cache/efftrain/jax, EFFTRAIN_COMPILATION_CACHE=off opts out).
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ from efftrain.config import ConfigError
 from efftrain.quant.apply import (QuantSettings, count_bytes, dequantize_arrays, linears_of,
                                   load_dequantized, packed_arrays, quantize_model)
 from efftrain.quant.formats import make_format
+from efftrain.xla import enable_compilation_cache
 
 CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_active", "params_nonembed",
                "params_quantized", "method", "bits", "group_size", "format", "loss_16", "loss_q", "qid", "qid_se",
@@ -70,8 +69,6 @@ CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_act
                "warmup_steps", "seed", "data_seed", "seconds", "method_label"]
 KEY_COLUMNS = ("step", "method", "bits", "group_size", "format")
 CALIB_SEED = 1234  # PTQSpec.calib_seed's default
-COMPILATION_CACHE_ENV = "EFFTRAIN_COMPILATION_CACHE"
-COMPILATION_CACHE_BYTES = 4 << 30
 
 
 class PTQError(ValueError):
@@ -173,23 +170,6 @@ def calibration_windows(train_tokens: np.ndarray, n: int, seq_len: int, seed: in
                        f"has {windows} windows of {seq_len}")
     rng = np.random.default_rng(seed)
     return read_windows(train_tokens, np.sort(rng.choice(windows, size=n, replace=False)) * seq_len, seq_len)
-
-
-def enable_compilation_cache() -> str | None:
-    """Turn on JAX's persistent compilation cache for this process (see the module docstring); returns
-    the directory in use, or None when opted out."""
-    current = jax.config.jax_compilation_cache_dir
-    if current:
-        return current
-    value = os.environ.get(COMPILATION_CACHE_ENV)
-    if value is not None and value.strip().lower() in ("", "0", "off", "false", "no"):
-        return None
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "efftrain" / "jax"
-    path = Path(value).expanduser() if value else base
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    if jax.config.jax_compilation_cache_max_size == -1:
-        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
-    return str(path)
 
 
 def eval_windows_wanted(spec: PTQSpec, seq_len: int, batch_size: int) -> int:

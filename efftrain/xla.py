@@ -1,0 +1,160 @@
+"""What efftrain asks of the XLA compiler: persistent caches and per-program compile options.
+
+efftrain never edits `XLA_FLAGS`: every setting it needs is passed to the one program that needs it, as
+`jax.jit(..., compiler_options=...)` (XLA DebugOptions fields, checked by XLA at compile time), so a
+deterministic training step and a fast-compiling PTQ program can live in one process, and a user's own
+`XLA_FLAGS` keep working for everything else.
+
+Caches (all under $XDG_CACHE_HOME/efftrain, i.e. ~/.cache/efftrain):
+
+  jax/        JAX's persistent compilation cache (`enable_compilation_cache`): a program compiled once
+              on a machine is loaded, not compiled, by later processes. $EFFTRAIN_COMPILATION_CACHE
+              moves it; `off` (or 0) opts out; a cache directory already set in JAX is left alone.
+  autotune/   XLA's per-fusion autotuning results on GPUs (`autotune_cache_dir`): which GEMM/fusion
+              kernel XLA picked for each fusion, kept across processes. XLA's own determinism notes
+              (openxla docs/determinism.md) say compilation is deterministic only with persisted
+              autotuning - without it, timing noise picks different kernels, with different rounding,
+              in different processes. $EFFTRAIN_AUTOTUNE_CACHE moves it; `off` opts out.
+
+Programs:
+
+  `step_options(deterministic)`  the training step (efftrain.train.step): the autotune cache. The step
+      needs no XLA option for determinism: train.deterministic changes the step's formulation instead
+      (docs/REPRODUCIBILITY.md). XLA's own switch, `xla_gpu_exclude_nondeterministic_ops`, makes cuDNN's
+      attention backward deterministic for one attention layer, but compiling a step with two or more
+      crashes inside XLA 0.11.2 (IndexError: raw_hash_map::at; docs/BENCHMARKS.md has the bisection).
+  `ptq_options()`  the PTQ programs (GPTQ/AWQ/RTN kernels and Hessians, efftrain.quant): float32
+      HIGHEST-precision matrix algebra, for which cuBLAS is the right kernel anyway; Triton GEMM
+      fusions are switched off for them (`xla_gpu_enable_triton_gemm=false`) because autotuning
+      their tile configurations cost 10-20 s per new shape: the first GPTQ row of dense-25m compiled
+      for 72 s with them and 6 s without (H200, docs/BENCHMARKS.md).
+
+On other backends (CPU, TPU) the options are empty: XLA:CPU runs the same program the same way every
+time, so a CPU run is bitwise reproducible without help (tests/test_train.py asserts it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import jax
+
+COMPILATION_CACHE_ENV = "EFFTRAIN_COMPILATION_CACHE"
+AUTOTUNE_CACHE_ENV = "EFFTRAIN_AUTOTUNE_CACHE"
+COMPILATION_CACHE_BYTES = 4 << 30
+_OFF = ("", "0", "off", "false", "no")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "efftrain"
+
+
+def _cache_dir(env: str, default: str) -> Path | None:
+    """The directory named by `env`, or cache_root()/default; None when `env` says off."""
+    value = os.environ.get(env)
+    if value is not None and value.strip().lower() in _OFF:
+        return None
+    return Path(value).expanduser() if value else cache_root() / default
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache for this process; returns the directory in use, or
+    None when opted out."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = _cache_dir(COMPILATION_CACHE_ENV, "jax")
+    if path is None:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    if jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    return str(path)
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def autotune_cache_dir() -> str | None:
+    """The per-fusion autotune cache directory for GPU programs (created), or None (off / not a GPU)."""
+    path = _cache_dir(AUTOTUNE_CACHE_ENV, "autotune") if on_gpu() else None
+    if path is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _with_autotune_cache(options: dict) -> dict:
+    path = autotune_cache_dir()
+    return {**options, "xla_gpu_per_fusion_autotune_cache_dir": path} if path else options
+
+
+def step_options(deterministic: bool) -> dict:
+    """compiler_options of the training step."""
+    if not on_gpu():
+        return {}
+    return _with_autotune_cache({})
+
+
+def ptq_options() -> dict:
+    """compiler_options of the PTQ programs (float32 matrix algebra)."""
+    if not on_gpu():
+        return {}
+    return _with_autotune_cache({"xla_gpu_enable_triton_gemm": False})
+
+
+def describe(options: dict) -> str:
+    """`key=value ...` of compile options, for run.json and error messages."""
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()) or "none"
+
+
+def ptq_jit(fn=None, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with `ptq_options()`, decided at the first call (so that
+    importing efftrain.quant does not initialise a JAX backend). Usable as `@ptq_jit` or
+    `@ptq_jit(static_argnames=...)`; a call inside another jitted function is inlined into it, as with
+    jax.jit."""
+    if fn is None:
+        return functools.partial(ptq_jit, **jit_kwargs)
+    jitted = None
+
+    plain = jax.jit(fn, **jit_kwargs)  # inside another jitted function (which carries the options)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal jitted
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return plain(*args, **kwargs)
+        if jitted is None:
+            jitted = jax.jit(fn, compiler_options=ptq_options() or None, **jit_kwargs)
+        return jitted(*args, **kwargs)
+
+    return call
+
+
+def guard_first_compile(fn, options: dict, setting: str):
+    """`fn` whose first call - where jax compiles it - turns a compiler failure under `options` into a
+    ValueError naming `setting` (XLA reports rejected or crashing options with assorted exception
+    types and multi-line messages). Out-of-memory and later calls pass through unchanged."""
+    if not options:
+        return fn
+    compiled = False
+
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled:
+            return fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if "RESOURCE_EXHAUSTED" in str(e):
+                raise
+            raise ValueError(f"{setting}: XLA could not compile the program with {describe(options)} "
+                             f"({type(e).__name__}: {text[:300]})") from None
+        compiled = True
+        return out
+
+    return call
