@@ -130,8 +130,9 @@ class ModelConfig(_Section):
     param_dtype: DType = "float32"
     compute_dtype: DType = "bfloat16"
     attention: Literal["mha", "mla"] = "mha"
-    attention_impl: Literal["auto", "xla", "cudnn"] = Field(
-        "auto", description="jax.nn.dot_product_attention implementation; auto = cuDNN where available"
+    attention_impl: Literal["auto", "xla", "cudnn", "pallas"] = Field(
+        "auto", description="causal attention kernel: auto = cuDNN on GPUs (the Pallas kernel with "
+        "train.deterministic), XLA elsewhere; pallas = Pallas' Triton flash attention (GPU)"
     )
     mla: MLAConfig = MLAConfig()
     moe: MoEConfig = MoEConfig()
@@ -219,6 +220,7 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
     data_parallel: int = Field(-1, description="devices on the data axis; -1 = all")
+    deterministic: bool = Field(True, description="bitwise-reproducible steps on GPUs (docs/REPRODUCIBILITY.md)")
     init_from: str | None = Field(None, description="start from another run's series checkpoint (a branch): RUN_DIR")
     init_from_step: int | None = Field(None, ge=1, description="the series step of train.init_from to start at")
 
@@ -498,6 +500,7 @@ RESUME_MUTABLE = (
     "train.eval_batches",
     "train.log_every",
     "train.data_parallel",
+    "train.deterministic",
     "checkpoint.",
     "data.cache_dir",
     "data.paths",

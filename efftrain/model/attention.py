@@ -13,33 +13,59 @@ from einops import rearrange
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
-from efftrain.model.layers import Linear, apply_rope, apply_shared_input
+from efftrain.model.layers import Linear, apply_rope, apply_shared_input, deterministic_gradients
+from efftrain.xla import on_gpu
 
 
-def attention_implementation(cfg: ModelConfig, dtype) -> str | None:
-    """The `implementation` argument for jax.nn.dot_product_attention."""
+def attention_implementation(cfg: ModelConfig, dtype) -> str:
+    """The kernel of `causal_attention`: cfg.attention_impl, or for `auto` cuDNN on a GPU in 16-bit
+    (Pallas' flash attention when the step is traced for train.deterministic: cuDNN's backward
+    accumulates dQ with atomics), XLA elsewhere."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    if not (on_gpu() and dtype in (jnp.bfloat16, jnp.float16)):
+        return "xla"
+    return "pallas" if deterministic_gradients.get() else "cudnn"
 
 
-CUDNN_SEQ_MULTIPLE = 64  # cuDNN flash attention rejects other sequence lengths (e.g. MTP's T - k)
+def padding_for(impl: str, T: int) -> int:
+    """Zero rows to append to a length-T sequence for the kernel: cuDNN takes multiples of 64, Pallas
+    blocks of 128 rows (or one power-of-two block when T <= 128); XLA any length (e.g. MTP's T - k)."""
+    if impl == "cudnn":
+        return -T % 64
+    if impl == "pallas":
+        return -T % 128 if T > 128 else (1 << (T - 1).bit_length()) - T
+    return 0
+
+
+def _pallas_attention(q, k, v, scale: float, interpret: bool = False):
+    """Pallas' Triton flash attention (jax.experimental.pallas.ops.gpu.attention.mha): its backward
+    computes dK/dV and dQ in separate loops, without atomics, so it is bitwise repeatable. It wants one
+    head count: GQA's k/v heads are repeated (their gradient is a sum over the copies)."""
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = (jnp.repeat(a, groups, axis=2) for a in (k, v))
+    return mha(q, k, v, segment_ids=None, sm_scale=scale, causal=True, interpret=interpret)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                      cfg: ModelConfig) -> jax.Array:
     """q [B,T,N,H], k/v [B,T,K,H] (K divides N) -> [B,T,N,H] with a causal mask.
 
-    For cuDNN, T is zero-padded at the end to a multiple of 64 and the output sliced back: exact,
+    For cuDNN and Pallas, T is zero-padded at the end (`padding_for`) and the output sliced back: exact,
     since under the causal mask no real query attends to a padded key."""
     impl = attention_implementation(cfg, q.dtype)
     T = q.shape[1]
-    pad = -T % CUDNN_SEQ_MULTIPLE if impl == "cudnn" else 0
+    pad = padding_for(impl, T)
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=impl)
+    if impl == "pallas":
+        out = _pallas_attention(q, k, v, scale)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=impl)
     return out[:, :T] if pad else out
 
 

@@ -12,12 +12,14 @@ Conventions used across efftrain:
 from __future__ import annotations
 
 import contextvars
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
+from efftrain.xla import on_gpu
 
 
 def dtype_of(name: str):
@@ -131,6 +133,51 @@ class MLP(nnx.Module):
         return self.down(jax.nn.silu(gate) * up)
 
 
+# Set by the training step (efftrain.train.step) for `train.deterministic`: layers whose plain autodiff
+# gradient is a scatter-add with repeated indices - which GPUs accumulate with atomics, in a different
+# order every run - use a formulation with a fixed summation order instead (the embedding below; MoE
+# routing in efftrain.model.moe). Read at trace time; changes nothing on CPUs, which scatter in order.
+deterministic_gradients: contextvars.ContextVar[bool] = contextvars.ContextVar("deterministic_gradients",
+                                                                                default=False)
+EMBED_GRAD_CHUNK = 8192  # tokens per one-hot matmul of the deterministic embedding gradient
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_onehot_grad(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """table[tokens] cast to `dtype`, whose gradient is Σ_t onehot(token_t)ᵀ g_t: a one-hot matmul
+    over chunks of EMBED_GRAD_CHUNK tokens, summed in fp32 in a fixed order (autodiff of the gather is a
+    scatter-add, nondeterministic on GPUs). The cotangent g arrives in `dtype` (bf16 on GPUs), so every
+    product is exact and only the fp32 summation order differs from the scatter's."""
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def _embed_fwd(table, tokens, dtype):
+    return embed_onehot_grad(table, tokens, dtype), (table, tokens)
+
+
+def _embed_bwd(dtype, res, g):
+    table, tokens = res
+    V, D = table.shape
+    ids, g = tokens.reshape(-1), g.reshape(-1, D)
+    chunk = min(EMBED_GRAD_CHUNK, ids.shape[0])
+    pad = -ids.shape[0] % chunk
+    ids = jnp.pad(ids, (0, pad), constant_values=V).reshape(-1, chunk)  # id V: an all-zero one-hot row
+    g = jnp.pad(g, ((0, pad), (0, 0))).reshape(-1, chunk, D)
+    precision = jax.lax.Precision.HIGHEST if g.dtype == jnp.float32 else None
+
+    def add(acc, xs):
+        ids_c, g_c = xs
+        onehot = (ids_c[:, None] == jnp.arange(V, dtype=ids_c.dtype)).astype(g_c.dtype)
+        return acc + jnp.einsum("nv,nd->vd", onehot, g_c, precision=precision,
+                                preferred_element_type=jnp.float32), None
+
+    grad, _ = jax.lax.scan(add, jnp.zeros((V, D), jnp.float32), (ids, g))
+    return grad.astype(table.dtype), None
+
+
+embed_onehot_grad.defvjp(_embed_fwd, _embed_bwd)
+
+
 class Embedding(nnx.Module):
     """Token embedding table [vocab, d_model]; `attend` gives tied output logits."""
 
@@ -140,6 +187,8 @@ class Embedding(nnx.Module):
         self.compute_dtype = dtype_of(cfg.compute_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        if deterministic_gradients.get() and on_gpu():
+            return embed_onehot_grad(self.embedding[...], tokens, self.compute_dtype)
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.compute_dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
@@ -150,8 +199,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean token cross-entropy in fp32 (nats); logits [..., V], targets [...] int."""
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - picked)
+    return jnp.mean(logz - pick(logits, targets))
+
+
+def pick(values: jax.Array, idx: jax.Array) -> jax.Array:
+    """values[..., idx] per position (values [..., V], idx [...] or [..., K] -> [...] or [..., K]) as a
+    masked sum: the same numbers as take_along_axis (one term plus exact zeros), but its gradient is a
+    select instead of a scatter-add, which GPUs run with atomics (see deterministic_gradients)."""
+    squeeze = idx.ndim == values.ndim - 1
+    idx = idx[..., None] if squeeze else idx
+    hit = idx[..., None] == jnp.arange(values.shape[-1], dtype=idx.dtype)  # [..., K, V]
+    out = jnp.sum(jnp.where(hit, values[..., None, :], 0), axis=-1)
+    return out[..., 0] if squeeze else out
 
 
 def linears_of(module: nnx.Module) -> list[tuple[str, Linear]]:

@@ -71,7 +71,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
-from efftrain.model.layers import MLP, dtype_of, fp8_for, observe_input
+from efftrain.model.layers import MLP, dtype_of, fp8_for, observe_input, pick
 
 DROPLESS_IMPLS = ("tiles", "ragged")
 DEFAULT_DROPLESS_IMPL = "tiles"
@@ -126,7 +126,7 @@ def select_experts(scores: jax.Array, bias: jax.Array | None, top_k: int, *, nor
     """scores [N, E] -> (expert_idx [N, K], gates [N, K]); the bias moves the selection, not the gates."""
     selection = scores if bias is None else scores + jax.lax.stop_gradient(bias).astype(scores.dtype)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(selection), top_k)
-    gates = jnp.take_along_axis(scores, idx, axis=-1)
+    gates = pick(scores, idx)  # no scatter-add in the gradient
     if normalize:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return idx.astype(jnp.int32), gates * scaling
@@ -156,10 +156,8 @@ def switch_aux_loss(logits: jax.Array, load: jax.Array) -> jax.Array:
 
 def per_sequence_counts(expert_idx: jax.Array, n_experts: int) -> jax.Array:
     """expert_idx [B, T, K] -> how many of each sequence's T·K slots chose each expert, [B, E] fp32."""
-    B = expert_idx.shape[0]
-    seg = (jnp.arange(B, dtype=jnp.int32)[:, None, None] * n_experts + expert_idx).reshape(-1)
-    ones = jnp.ones(seg.shape, jnp.float32)
-    return jax.ops.segment_sum(ones, seg, num_segments=B * n_experts).reshape(B, n_experts)
+    onehot = expert_idx[..., None] == jnp.arange(n_experts, dtype=expert_idx.dtype)  # [B, T, K, E]
+    return jnp.sum(onehot, axis=(1, 2), dtype=jnp.float32)  # exact counts, no scatter
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from efftrain.train.checkpoint import (CheckpointError, CheckpointStore, NonFini
 from efftrain.train.optimizer import lr_schedule, make_optimizer
 from efftrain.train.series import series_points
 from efftrain.train.step import init_state, make_eval_step, make_train_step
+from efftrain.xla import guard_first_compile, step_options
 
 
 class RunDirError(ValueError):
@@ -329,7 +330,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(flags).all() if flags else jnp.asarray(True)
 
 
-def guarded_step(train_step, *, skip: bool):
+def guarded_step(train_step, *, skip: bool, compiler_options: dict | None = None):
     """step(state, batch, tokens_seen) -> (state, metrics, ok), where `ok` is a device-side bool: the
     loss, the gradient norm and every float of the new state are finite. The loop reads it one step
     late (while the next step runs) or where it syncs anyway, so it adds no stall. With `skip`, a step
@@ -353,7 +354,7 @@ def guarded_step(train_step, *, skip: bool):
         ok = finite(metrics, new)
         return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state), metrics, ok
 
-    return jax.jit(skipping, donate_argnums=(0,))
+    return jax.jit(skipping, donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
 def restore_latest(store: CheckpointStore, abstract, accept: Callable[[Any, dict, dict], None], *,
@@ -447,7 +448,10 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data", None))
     state = jax.device_put(state, replicated)
-    train_step = guarded_step(make_train_step(graphdef, cfg, tx), skip=skip_nonfinite > 0)
+    step_xla = step_options(cfg.train.deterministic)
+    train_step = guarded_step(make_train_step(graphdef, cfg, tx, step_xla), skip=skip_nonfinite > 0,
+                              compiler_options=step_xla)
+    train_step = guard_first_compile(train_step, step_xla, f"train.deterministic={str(cfg.train.deterministic).lower()}")
     eval_step = make_eval_step(graphdef, cfg)
     schedule = lr_schedule(cfg.optim, total_steps)
 
@@ -491,6 +495,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
         "total_steps": total_steps, "series_steps": [p.step for p in points],
         "train_tokens_available": int(len(cache.train)), "val_tokens": int(len(cache.val)),
         "kv_cache_bytes_per_token_per_layer_bf16": kv_cache_bytes_per_token(cfg.model),
+        "deterministic": cfg.train.deterministic, "xla_step_options": step_xla,
     }
     write_json_atomic(run_dir / "run.json", run_info)
     if start_step == 0:

@@ -27,8 +27,9 @@ import optax
 from flax import nnx
 
 from efftrain.config import Config
-from efftrain.model.layers import cross_entropy
+from efftrain.model.layers import cross_entropy, deterministic_gradients
 from efftrain.model.transformer import Transformer
+from efftrain.xla import step_options
 
 TrainState = dict[str, Any]  # {"params": State, "rest": State, "opt": optax state}
 
@@ -70,14 +71,20 @@ def forward_losses(model: Transformer, window: jax.Array, tokens_seen: jax.Array
     return loss, metrics
 
 
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, compiler_options: dict | None = None):
     """Returns step(state, batch [accum, micro, T+1], tokens_seen) -> (state, metrics), jitted,
-    with the state donated."""
+    with the state donated and compiled with `compiler_options` (default efftrain.xla.step_options).
+    With `train.deterministic` the gradients avoid scatter-adds and GPU attention uses a kernel without
+    atomics (`deterministic_gradients`, read while tracing; docs/REPRODUCIBILITY.md)."""
 
     def micro_grads(params, rest, window, tokens_seen):
         def loss_of(p):
             model = nnx.merge(graphdef, p, rest)
-            return forward_losses(model, window, tokens_seen, cfg)
+            token = deterministic_gradients.set(cfg.train.deterministic)
+            try:
+                return forward_losses(model, window, tokens_seen, cfg)
+            finally:
+                deterministic_gradients.reset(token)
 
         (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return grads, metrics
@@ -111,7 +118,9 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
             _, _, rest = split_model(model)
         return {"params": params, "rest": rest, "opt": opt}, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if compiler_options is None:
+        compiler_options = step_options(cfg.train.deterministic)
+    return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
 def make_eval_step(graphdef, cfg: Config):

@@ -1,0 +1,123 @@
+"""Causal attention forward+backward: speed and run-to-run determinism of each implementation.
+
+    python benchmarks/bench_attention.py --shape 64,512,6,64 --out attention.json
+    python benchmarks/bench_attention.py --small --out /tmp/attention.json       # CPU smoke test
+
+Cases (`CASES`): jax.nn.dot_product_attention with cuDNN or XLA, cuDNN under XLA's determinism options
+(compiled per program), and Pallas' Triton flash attention (jax.experimental.pallas.ops.gpu.attention),
+whose backward computes dK/dV and dQ in separate loops without atomics. Each case runs in its own
+process (a compiler crash ends only that case). Per case: compile seconds, median milliseconds of one
+jitted forward+backward ([B, T, N, H] bf16 q/k/v, loss = sum(out * cotangent)), and whether --repeats
+gradient evaluations on the same inputs are bitwise identical. One JSON object per case in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {
+    "cudnn": ("cudnn", {}),
+    "cudnn+exclude_nondeterministic": ("cudnn", {"xla_gpu_exclude_nondeterministic_ops": True}),
+    "cudnn+deterministic_ops": ("cudnn", {"xla_gpu_deterministic_ops": True}),
+    "cudnn+exclude+autotune0": ("cudnn", {"xla_gpu_exclude_nondeterministic_ops": True, "xla_gpu_autotune_level": 0}),
+    "xla": ("xla", {}),
+    "pallas": ("pallas", {}),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="64,512,6,64", help="B,T,N,H")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5, help="gradient evaluations compared bitwise")
+    p.add_argument("--small", action="store_true", help="2,64,2,32 and the XLA case only (CPU)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--case", help=argparse.SUPPRESS)  # worker: run one case, print its JSON
+    a = p.parse_args(argv)
+    if a.small:
+        a.shape, a.cases, a.iters, a.repeats = "2,64,2,32", "xla", 2, 2
+    return a
+
+
+def attention_fn(impl: str):
+    import jax
+
+    if impl == "pallas":
+        from jax.experimental.pallas.ops.gpu.attention import mha
+
+        return lambda q, k, v: mha(q, k, v, segment_ids=None, sm_scale=q.shape[-1] ** -0.5, causal=True)
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+
+def run_case(a) -> dict:
+    import hashlib
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    impl, options = CASES[a.case]
+    B, T, N, H = map(int, a.shape.split(","))
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, ct = (jax.random.normal(kk, (B, T, N, H), jnp.bfloat16) for kk in keys)
+    attn = attention_fn(impl)
+
+    def loss(q, k, v):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=options or None)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(grad(q, k, v))
+    compile_s = time.perf_counter() - t0
+    digests = {hashlib.sha256(b"".join(np.asarray(g.astype(jnp.float32)).tobytes() for g in out)).hexdigest()}
+    for _ in range(a.repeats - 1):
+        digests.add(hashlib.sha256(b"".join(np.asarray(g.astype(jnp.float32)).tobytes()
+                                            for g in grad(q, k, v))).hexdigest())
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            out = grad(q, k, v)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / a.iters * 1e3)
+    return {"case": a.case, "shape": [B, T, N, H], "compile_s": round(compile_s, 2),
+            "fwd_bwd_ms": round(statistics.median(times), 3), "bitwise_repeatable": len(digests) == 1,
+            "device": str(jax.devices()[0]), "jax": jax.__version__}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.case:
+        print(json.dumps(run_case(a)))
+        return 0
+    names = [c.strip() for c in a.cases.split(",") if c.strip()]
+    bad = [c for c in names if c not in CASES]
+    if bad:
+        print(f"error: --cases: unknown value(s) {', '.join(map(repr, bad))}; valid: {', '.join(CASES)}",
+              file=sys.stderr)
+        return 2
+    results = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--case", name, "--shape", a.shape, "--iters", str(a.iters),
+               "--repeats", str(a.repeats), "--out", a.out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            row = {"case": name, "error": f"exit {proc.returncode}", "stderr_tail": tail}
+        else:
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""train.deterministic: the scatter-free gradient formulations, the attention choice, and run.json.
+
+The GPU check itself (two processes, bitwise) is benchmarks/check_determinism.py, run on an H200
+(docs/BENCHMARKS.md); these tests pin down, on CPU, that every formulation computes the same numbers
+as the plain one, against independent references.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efftrain.config import load_config
+from efftrain.model import attention, layers, moe
+from efftrain.model.transformer import build_model
+from efftrain.train.optimizer import make_optimizer
+from efftrain.train.step import init_state, make_train_step
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_onehot_embedding_gradient_matches_a_float64_scatter(monkeypatch, dtype):
+    """Forward = table[tokens]; gradient = np.add.at in float64 (repeated tokens, a chunk size that
+    does not divide the token count, so the padding rows are exercised)."""
+    monkeypatch.setattr(layers, "EMBED_GRAD_CHUNK", 5)
+    rng = np.random.default_rng(0)
+    V, D = 11, 6
+    table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 4, (3, 7)), jnp.int32)  # 21 tokens over 4 ids: many repeats
+    g = jnp.asarray(rng.normal(size=(3, 7, D)), dtype)
+
+    out, vjp = jax.vjp(lambda t: layers.embed_onehot_grad(t, tokens, dtype), table)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.take(table, tokens, axis=0).astype(dtype)))
+    (grad,) = vjp(g)
+    ref = np.zeros((V, D))
+    np.add.at(ref, np.asarray(tokens).reshape(-1), np.asarray(g, np.float64).reshape(-1, D))
+    assert grad.dtype == table.dtype
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref, rtol=1e-6, atol=1e-6)
+    assert not np.asarray(grad)[4:].any()  # ids never seen get exactly zero
+
+
+def test_pick_equals_take_along_axis_bitwise_with_the_same_gradient():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 5, 9)), jnp.float32)
+    idx1 = jnp.asarray(rng.integers(0, 9, (2, 5)), jnp.int32)
+    idx3 = jnp.asarray(np.stack([rng.permutation(9)[:3] for _ in range(10)]).reshape(2, 5, 3), jnp.int32)
+    for idx, ref in ((idx1, lambda v: jnp.take_along_axis(v, idx1[..., None], -1)[..., 0]),
+                     (idx3, lambda v: jnp.take_along_axis(v, idx3, -1))):
+        np.testing.assert_array_equal(np.asarray(layers.pick(x, idx)), np.asarray(ref(x)))
+        w = jnp.asarray(rng.normal(size=idx.shape), jnp.float32)
+        g_pick = jax.grad(lambda v: jnp.sum(layers.pick(v, idx) * w))(x)
+        g_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
+        np.testing.assert_array_equal(np.asarray(g_pick), np.asarray(g_ref))
+
+
+def test_per_sequence_counts_are_bincounts():
+    rng = np.random.default_rng(2)
+    idx = rng.integers(0, 6, (3, 8, 2)).astype(np.int32)
+    got = np.asarray(moe.per_sequence_counts(jnp.asarray(idx), 6))
+    ref = np.stack([np.bincount(idx[b].reshape(-1), minlength=6) for b in range(3)]).astype(np.float32)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_auto_attention_is_pallas_only_for_a_deterministic_step_on_gpu(monkeypatch):
+    cfg = load_config("dense-tiny").model
+    monkeypatch.setattr(attention, "on_gpu", lambda: True)
+    assert attention.attention_implementation(cfg, jnp.bfloat16) == "cudnn"
+    token = layers.deterministic_gradients.set(True)
+    try:
+        assert attention.attention_implementation(cfg, jnp.bfloat16) == "pallas"
+        assert attention.attention_implementation(cfg, jnp.float32) == "xla"
+        forced = cfg.model_copy(update={"attention_impl": "cudnn"})
+        assert attention.attention_implementation(forced, jnp.bfloat16) == "cudnn"
+    finally:
+        layers.deterministic_gradients.reset(token)
+    monkeypatch.setattr(attention, "on_gpu", lambda: False)
+    assert attention.attention_implementation(cfg, jnp.bfloat16) == "xla"
+
+
+def test_kernel_paddings():
+    assert [attention.padding_for("pallas", t) for t in (63, 64, 100, 128, 129, 511, 512)] == [1, 0, 28, 0, 127, 1, 0]
+    assert [attention.padding_for("cudnn", t) for t in (63, 511, 512)] == [1, 1, 0]
+    assert attention.padding_for("xla", 511) == 0
+
+
+def test_pallas_attention_matches_xla_with_gqa_and_its_gradients():
+    """The Pallas kernel (interpreted on CPU) against jax's XLA attention: GQA with 4 query heads over 2
+    kv heads, forward and the gradients of q, k and v."""
+    q = jax.random.normal(jax.random.key(0), (1, 64, 4, 16))
+    k, v = (jax.random.normal(jax.random.key(i), (1, 64, 2, 16)) for i in (1, 2))
+    w = jax.random.normal(jax.random.key(3), (1, 64, 4, 16))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+
+    def pallas(q, k, v):
+        return attention._pallas_attention(q, k, v, 0.25, interpret=True)
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=0.25, is_causal=True, implementation="xla")
+
+    np.testing.assert_allclose(pallas(q, k, v), xla(q, k, v), atol=2e-6)
+    for a, b in zip(jax.grad(loss(pallas), (0, 1, 2))(q, k, v), jax.grad(loss(xla), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def _three_steps(preset: str, deterministic: bool):
+    cfg = load_config(preset, [f"train.deterministic={str(deterministic).lower()}"])
+    model = build_model(cfg.model, cfg.fp8, seed=0)
+    tx = make_optimizer(cfg.optim, 10)
+    graphdef, state = init_state(model, tx)
+    step = make_train_step(graphdef, cfg, tx)
+    shape = (cfg.train.grad_accum, cfg.train.batch_size // cfg.train.grad_accum, cfg.data.seq_len + 1)
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, shape), jnp.int32)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, batch, jnp.float32(0))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.tree.leaves(state["params"])
+
+
+def test_deterministic_step_computes_the_same_training(monkeypatch):
+    """The deterministic formulations traced as on a GPU (one-hot embedding gradient; MoE, MTP, router
+    bias all on in deepseek-tiny) give the default step's losses and parameters up to fp32 summation
+    order; attention stays XLA's on CPU."""
+    base_losses, base_params = _three_steps("deepseek-tiny", False)
+    monkeypatch.setattr(layers, "on_gpu", lambda: True)
+    det_losses, det_params = _three_steps("deepseek-tiny", True)
+    np.testing.assert_allclose(det_losses, base_losses, rtol=1e-6)
+    for a, b in zip(det_params, base_params):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_run_json_records_the_mode(tiny_config, tmp_path):
+    from efftrain.train.loop import train
+
+    cfg = tiny_config(train__deterministic=False, train__max_steps=2)
+    train(cfg, tmp_path / "run", log=lambda _: None)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["deterministic"] is False and info["xla_step_options"] == {}  # CPU: no options needed
