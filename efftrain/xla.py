@@ -128,9 +128,19 @@ def ptq_jit(fn=None, **jit_kwargs):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return plain(*args, **kwargs)
         if jitted is None:
-            jitted = jax.jit(fn, compiler_options=ptq_options() or None, **jit_kwargs)
+            options = ptq_options()
+            jitted = jax.jit(fn, compiler_options=options, **jit_kwargs) if options else plain
         return jitted(*args, **kwargs)
 
+    def cache_size() -> int:  # compiled programs, as jax.jit's _cache_size (tests count them)
+        return plain._cache_size() + (jitted._cache_size() if jitted not in (None, plain) else 0)
+
+    def clear_cache() -> None:
+        plain.clear_cache()
+        if jitted is not None and jitted is not plain:
+            jitted.clear_cache()
+
+    call._cache_size, call.clear_cache = cache_size, clear_cache
     return call
 
 
