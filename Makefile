@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m efftrain.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""Time the simulated FP8 GEMMs of efftrain/fp8.py against plain matmuls, on whatever device JAX has.
+"""Time the simulated FP8 GEMMs of efftrain/fp8/ against plain matmuls, on whatever device JAX has.
 
     python benchmarks/bench_fp8.py            # GPU-sized shapes (GPT-2-small-like linears, 8192 tokens)
     python benchmarks/bench_fp8.py --small    # tiny shapes, runs on a CPU in seconds
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efftrain.fp8 import fake_quantize_many, fp8_linear, fp8_matmul
+from efftrain.fp8 import KernelChoice, fake_quantize_many, fp8_linear, fp8_matmul
 
 GPU_SHAPES = [(8192, 768, 2304), (8192, 768, 3072), (8192, 3072, 768), (4096, 4096, 4096)]
 SMALL_SHAPES = [(256, 256, 384), (512, 384, 256)]
@@ -36,9 +36,11 @@ def fp8_config(**overrides):
 
         return FP8Config(enabled=True, **overrides)
     except ImportError:
-        fields = dict(fmt="e4m3", grad_fmt="e4m3", act_block=(1, 128), weight_block=(128, 128), pow2_scales=False,
-                      accum_bits=14, accum_rounding="truncate", k_step=32, promote_every=128, forward=True,
-                      input_grad=True, weight_grad=True)
+        fields = dict(enabled=True, fmt="e4m3", grad_fmt="e4m3", act_block=(1, 128), weight_block=(128, 128),
+                      pow2_scales=False, accum_bits=14, accum_rounding="truncate", k_step=32, promote_every=128,
+                      forward=True, input_grad=True, weight_grad=True, quantize_impl="auto", native_casts=True,
+                      accumulate_impl="auto", pallas_block_m=64, pallas_block_n=128, pallas_num_warps=4,
+                      pallas_num_stages=2, pallas_unroll=1, pallas_window_unroll=8, v3_fast_path=True)
         return types.SimpleNamespace(**{**fields, **overrides})
 
 
@@ -116,9 +118,9 @@ def bench_linear(shapes, args):
 
 def _gpu_accumulation_impls():
     """The fused accumulator kernels this device runs: the Triton kernel, and on Hopper the Mosaic one."""
-    from efftrain import fp8
+    from efftrain.fp8.matmul import auto_accumulation_impl
 
-    return ("pallas", "mosaic") if fp8._auto_accumulation_impl(True, True) == "mosaic" else ("pallas",)
+    return ("pallas", "mosaic") if auto_accumulation_impl(True, True) == "mosaic" else ("pallas",)
 
 
 def check_pallas(shapes, args):
@@ -151,7 +153,7 @@ def check_pallas(shapes, args):
 def bench_kernels(shapes, args):
     """The accumulator kernels alone (operands already quantized, V3 scales per window, bf16 output)
     against a bf16 matmul of the same operands; a_transposed: A read as [K, M], the Wgrad layout."""
-    from efftrain import fp8
+    from efftrain.fp8.matmul import accumulate_windows
 
     rng = np.random.default_rng(4)
     model = dict(k_step=32, steps_per_window=4, accum_bits=14, rounding="truncate", out_dtype=jnp.bfloat16)
@@ -163,7 +165,7 @@ def bench_kernels(shapes, args):
             base = time_fn(jax.jit(lambda a, b, t=a_transposed: jnp.dot(a.T if t else a, b)), qa, qb,
                            warmup=args.warmup, iters=args.iters)
             for impl in _gpu_accumulation_impls():
-                fn = jax.jit(functools.partial(fp8._accumulate_windows, impl=impl, a_transposed=a_transposed, **model))
+                fn = jax.jit(functools.partial(accumulate_windows, impl=impl, a_transposed=a_transposed, **model))
                 ms = time_fn(fn, qa, qb, sa, sb, warmup=args.warmup, iters=args.iters)
                 emit(bench="kernel", impl=impl, shape=[m, k, n], a_transposed=a_transposed,
                      median_ms=round(ms, 4), bf16_ms=round(base, 4), ratio_vs_bf16=round(ms / base, 3))
@@ -173,30 +175,27 @@ def bench_quantize(shapes, args):
     """The fake-quantization pass alone: dy [M, N] tiled 1×128 and 128×1 (two outputs), XLA vs the Pallas
     kernel (bit arithmetic or Triton float8 converts), against a plain elementwise pass (read once, write
     twice) as the bandwidth floor; each variant's results are compared with XLA's bit for bit."""
-    from efftrain import fp8
-
     chains = ((("e4m3", (1, 128)),), (("e4m3", (128, 1)),))
-    default = fp8.KERNEL_NATIVE_CASTS
     for m, _, n in shapes:
         dy = jnp.asarray(np.random.default_rng(4).standard_normal((m, n)), jnp.bfloat16)
         floor = time_fn(jax.jit(lambda v: (v * 2, v * 3)), dy, warmup=args.warmup, iters=args.iters)
         variants = {"xla": ("xla", False), "pallas_generic_cast": ("pallas", False),
                     "pallas_native_cast": ("pallas", True)}
         outs = {}
-        for name, (impl, kernel_native) in variants.items():
-            fp8.KERNEL_NATIVE_CASTS = kernel_native
+        for name, (impl, native_casts) in variants.items():
+            kernels = KernelChoice.of(fp8_config(native_casts=native_casts))
             try:
-                fn = jax.jit(functools.partial(fake_quantize_many, chains=chains, dtype=jnp.bfloat16, impl=impl))
+                fn = jax.jit(functools.partial(fake_quantize_many, chains=chains, dtype=jnp.bfloat16, impl=impl,
+                                               kernels=kernels))
                 ms = time_fn(fn, dy, warmup=args.warmup, iters=args.iters)
                 outs[name] = [np.asarray(o) for o in jax.jit(functools.partial(
-                    fake_quantize_many, chains=chains, dtype=jnp.float32, impl=impl))(dy)]
+                    fake_quantize_many, chains=chains, dtype=jnp.float32, impl=impl, kernels=kernels))(dy)]
                 emit(bench="fake_quantize_dy_two_tilings", shape=[m, n], variant=name, median_ms=round(ms, 4),
                      ratio_vs_elementwise_floor=round(ms / floor, 3),
                      gbytes_per_s=round(3 * dy.nbytes / ms / 1e6, 1),
                      frac_differing_from_xla=[float(np.mean(p != q)) for p, q in zip(outs[name], outs["xla"])])
             except Exception as err:  # noqa: BLE001 - report and go on
                 emit(bench="fake_quantize_dy_two_tilings", shape=[m, n], variant=name, error=str(err)[:300])
-        fp8.KERNEL_NATIVE_CASTS = default
 
 
 def bench_dequant_gemm(shapes, args):
@@ -238,15 +237,13 @@ SWEEP_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, unroll, window_un
     *[(128, 64, 8, 3, u, wu) for u in (1, 2) for wu in (0, 8)],
     (64, 128, 4, 3, 1, 8), (64, 128, 4, 3, 2, 8), (128, 128, 8, 3, 1, 8), (128, 128, 8, 3, 2, 8),
 ]
-SWEEP_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "unroll", "window_unroll")
+SWEEP_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "unroll", "window_unroll")  # fp8.pallas_<key>
 
 
 def sweep_pallas(shapes, args, top: int = 4):
     """Time block configurations of the fused accumulation kernel: every SWEEP_CONFIGS entry on the
-    first shape, then the `top` fastest on the others too; returns the best config (summed ratio)."""
-    from efftrain import fp8
-
-    default = dict(fp8.PALLAS_BLOCK)
+    first shape, then the `top` fastest on the others too; returns the best config (summed ratio), as the
+    values of the fp8.pallas_* config fields."""
     rng = np.random.default_rng(3)
 
     def run(shape, configs):
@@ -257,9 +254,9 @@ def sweep_pallas(shapes, args, top: int = 4):
                        warmup=args.warmup, iters=args.iters)
         ratios = {}
         for cfg in configs:
-            fp8.PALLAS_BLOCK.update(dict(zip(SWEEP_KEYS, cfg)))
             try:
-                ms = time_fn(jax.jit(functools.partial(fp8_matmul, impl="pallas")), a, b,
+                kernels = KernelChoice.of(fp8_config(**{f"pallas_{k}": v for k, v in zip(SWEEP_KEYS, cfg)}))
+                ms = time_fn(jax.jit(functools.partial(fp8_matmul, impl="pallas", kernels=kernels)), a, b,
                              warmup=args.warmup, iters=args.iters)
                 ratios[cfg] = ms / base
                 emit(bench="pallas_sweep", shape=list(shape), config=dict(zip(SWEEP_KEYS, cfg)),
@@ -269,16 +266,13 @@ def sweep_pallas(shapes, args, top: int = 4):
                      error=str(err)[:300])
         return ratios
 
-    try:
-        first = run(shapes[0], SWEEP_CONFIGS)
-        if not first:
-            return default
-        totals = {cfg: first[cfg] for cfg in sorted(first, key=first.get)[:top]}
-        for shape in shapes[1:]:
-            for cfg, r in run(shape, list(totals)).items():
-                totals[cfg] += r
-    finally:
-        fp8.PALLAS_BLOCK.update(default)
+    first = run(shapes[0], SWEEP_CONFIGS)
+    if not first:
+        return {key: getattr(fp8_config(), f"pallas_{key}") for key in SWEEP_KEYS}
+    totals = {cfg: first[cfg] for cfg in sorted(first, key=first.get)[:top]}
+    for shape in shapes[1:]:
+        for cfg, r in run(shape, list(totals)).items():
+            totals[cfg] += r
     winner = min(totals, key=totals.get)
     emit(bench="pallas_sweep_best", config=dict(zip(SWEEP_KEYS, winner)),
          mean_ratio=round(totals[winner] / len(shapes), 3))

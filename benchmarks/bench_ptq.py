@@ -56,7 +56,7 @@ def parse_args(argv=None):
 def load(a):
     """(cfg, graphdef, params, rest) of the checkpoint or the random preset."""
     if a.run:
-        from efftrain.eval import load_model
+        from efftrain.train.rundir import load_model
 
         from efftrain.train.checkpoint import CheckpointStore
 

@@ -67,7 +67,7 @@ def worker(a) -> int:
 
     from efftrain.config import load_config
     from efftrain.model.transformer import build_model
-    from efftrain.train.loop import total_steps_of
+    from efftrain.train.rundir import total_steps_of
     from efftrain.train.optimizer import make_optimizer
     from efftrain.train.step import init_state, make_train_step
 

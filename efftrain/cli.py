@@ -13,6 +13,11 @@ Every command exits non-zero with a one-line `error:` cause on bad input. Exit c
 0 done; 1 failure (data, checkpoint, disk full, non-finite training); 2 bad config/arguments or an
 unusable run directory (incl. one locked by another trainer); 75 interrupted by SIGTERM/SIGINT after
 writing a resume checkpoint (requeue and re-run the same command); 130 Ctrl-C outside training.
+
+All argument parsing is here: each `cmd_*` turns its arguments into typed values, calls the plain
+function that does the work (train, eval_run, run_ptq_sweep, run_grid, run_fit, build_report, ...) and
+prints. Those modules are imported when a command runs, not with this one ("lazy" below), so that
+`efftrain --help` and argument errors answer at once instead of after loading JAX, orbax and matplotlib.
 """
 
 from __future__ import annotations
@@ -22,27 +27,74 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+from efftrain.config import ConfigError, list_presets, load_config, yaml_load
+from efftrain.files import is_disk_full
+from efftrain.formatting import text_table
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal with a resume checkpoint written; run again
 
 
+# ---- argument values ------------------------------------------------------------------------
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated integers, got '{text}'") from None
+
+
+def parse_choice_list(text: str, what: str, valid: tuple[str, ...], single: bool = False) -> list[str]:
+    """Comma-separated names, each one of `valid` (exactly one if `single`); ConfigError naming the valid
+    ones otherwise."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in valid]
+    if bad or not items or (single and len(items) > 1):
+        got = (f"unknown value(s) {', '.join(map(repr, bad))}" if bad else "no value given" if not items
+               else "one value expected")
+        raise ConfigError(f"{what}: {got}; valid: {', '.join(valid)}")
+    return items
+
+
+def parse_numbers(text: str, n: int, what: str) -> list[float]:
+    """Exactly n comma-separated numbers (e.g. --predict N,D,P)."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if len(parts) != n:
+        raise ConfigError(f"{what} expects {n} comma-separated numbers, got '{text}'")
+    numbers = []
+    for p in parts:
+        try:
+            numbers.append(float(p))
+        except ValueError:
+            raise ConfigError(f"'{p}' is not a number") from None
+    return numbers
+
+
+def parse_assignments(items: list[str], what: str) -> dict[str, Any]:
+    """KEY=VALUE items (--set, --fix) -> {key: value}, each value read as YAML (kept as text if it is not)."""
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} '{item}' is not of the form key=value")
+        try:
+            out[key.strip()] = yaml_load(text) if text.strip() else ""
+        except Exception:  # yaml.YAMLError: keep the text
+            out[key.strip()] = text
+    return out
+
+
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (key, header, format spec)."""
-    cells = [[h for _, h, _ in columns]]
-    for r in rows:
-        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """columns: (key, header, format spec); every column right-aligned, '-' for a missing value."""
+    cells = [[("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns] for r in rows]
+    return text_table(cells, [h for _, h, _ in columns], right=set(range(len(columns))))
 
 
-# ---- commands -------------------------------------------------------------------------------
+# ---- run commands ---------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from efftrain.config import load_config
-    from efftrain.train.loop import train
+    from efftrain.train.loop import train  # lazy (module docstring)
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
@@ -51,11 +103,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from efftrain.eval import eval_run
+    from efftrain.eval import eval_run, evaluate_model, val_set  # lazy (module docstring)
 
     if args.quantized:
-        from efftrain.eval import evaluate_model, val_set
-        from efftrain.quant.sweep import load_quantized
+        from efftrain.quant.sweep import load_quantized  # lazy (module docstring)
 
         cfg, model, meta = load_quantized(args.run_dir, args.quantized)
         row = {"checkpoint": args.quantized, "step": meta["step"], "tokens": meta["tokens"],
@@ -85,9 +136,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ptq(args) -> int:
-    from efftrain.quant.apply import EXPERT_CALIBRATION, METHODS
+    from efftrain.quant.apply import EXPERT_CALIBRATION, METHODS  # lazy (module docstring)
     from efftrain.quant.formats import FORMATS
-    from efftrain.quant.sweep import make_spec, parse_choice_list, parse_int_list, run_ptq_sweep
+    from efftrain.quant.sweep import make_spec, run_ptq_sweep
 
     fields = {"methods": parse_choice_list(args.methods, "--methods", METHODS),
               "bits": parse_int_list(args.bits, "--bits"),
@@ -111,17 +162,13 @@ def cmd_ptq(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from efftrain.train.checkpoint import CheckpointStore
-    from efftrain.train.loop import load_run_config
+    from efftrain.train.rundir import finalized, load_run_config, read_run_info  # lazy (module docstring)
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
-    info_path = run_dir / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    store = CheckpointStore(run_dir, read_only=True)
-    series = store.series()
-    resume = [store.meta("resume", s) for s in store.steps("resume")]
-    store.close()
+    info = read_run_info(run_dir)
+    series = finalized(run_dir, "series")
+    resume = finalized(run_dir, "resume")
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "run": info, "series": series, "resume": resume}, indent=2))
         return 0
@@ -146,8 +193,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from efftrain.config import list_presets, load_config
-
     for name in list_presets():
         c = load_config(name)
         m = c.model
@@ -155,6 +200,93 @@ def cmd_presets(args) -> int:
                                       (f"mtp{m.mtp.depth}", m.mtp.depth > 0), ("fp8", c.fp8.enabled)) if on]
         print(f"{name:18s} d{m.d_model} L{m.n_layers} vocab {m.vocab_size} seq {c.data.seq_len}  "
               f"{'+'.join(techniques) or 'dense'}")
+    return 0
+
+
+# ---- grid commands --------------------------------------------------------------------------
+def _grid_spec(args):
+    from efftrain.grid.spec import load_spec  # lazy (module docstring)
+
+    return load_spec(args.spec, set_overrides=parse_assignments(args.set, "--set") or None, runs_dir=args.runs_dir)
+
+
+def cmd_grid_run(args) -> int:
+    from efftrain.grid.runner import run_grid  # lazy (module docstring)
+
+    only = [k for item in args.only or [] for k in item.split(",") if k]
+    results = run_grid(args.spec, workers=args.workers, retry_failed=args.retry_failed, only=only or None,
+                       set_overrides=parse_assignments(args.set, "--set") or None, runs_dir=args.runs_dir,
+                       slurm=args.slurm)
+    failed = [k for k, s in results.items() if s == "failed"]
+    if failed:
+        print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see `efftrain grid status "
+              f"{args.spec}`; rerun with --retry-failed)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_grid_status(args) -> int:
+    from efftrain.grid.runner import grid_status  # lazy (module docstring)
+
+    spec = _grid_spec(args)
+    rows = grid_status(spec)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [[r["key"], r["name"], f"{r['seed']}/{r['data_seed']}", r["kind"], r["status"],
+              f"{r['checkpoints']}/{r['checkpoints_expected']}", f"{r['ptq_rows']}/{r['ptq_expected']}",
+              (r["error"] or "")[:60]] for r in rows]
+    print(f"grid {spec.name} ({spec.path}): results in {spec.db_path}")
+    print(text_table(table, ["key", "name", "seed", "kind", "status", "checkpoints", "ptq rows", "error"],
+                     right={5, 6}))
+    by = {s: sum(r["status"] == s for r in rows) for s in ("done", "running", "pending", "failed")}
+    rows_done, rows_expected = sum(r["ptq_rows"] for r in rows), sum(r["ptq_expected"] for r in rows)
+    print(f"{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in by.items() if n) +
+          f"; PTQ rows {rows_done}/{rows_expected}")
+    return 0
+
+
+def cmd_grid_export(args) -> int:
+    from efftrain.grid.store import ResultsStore, export_table  # lazy (module docstring)
+
+    spec = _grid_spec(args)
+    out = Path(args.out) if args.out else spec.runs_dir / f"{args.table}.{args.format}"
+    with ResultsStore(spec.db_path, read_only=True) as store:
+        path = export_table(store, out, args.format, args.table)
+        n = len(store.table(args.table)[1])
+    print(f"{n} {args.table} rows -> {path}")
+    return 0
+
+
+# ---- analysis commands ----------------------------------------------------------------------
+def cmd_fit(args) -> int:
+    from efftrain.analysis.commands import run_fit  # lazy: scipy (module docstring)
+
+    fixed = {k: float(v) for k, v in parse_assignments(args.fix, "--fix").items()} or None
+    predict = [tuple(parse_numbers(text, 3, "--predict")) for text in args.predict or []]
+    at = tuple(parse_numbers(args.at, 2, "--at")) if args.threshold is not None and args.at else None
+    res = run_fit(args.table, law=args.law, group_by=[g for g in (args.group_by or "").split(",") if g],
+                  filters=args.filter, n_boot=args.n_boot, seed=args.seed, fixed=fixed, predict=predict,
+                  threshold=args.threshold, at=at)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2, default=lambda x: None))
+        return 0
+    print(res.fits_text())
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if res.predictions:
+        print(res.predictions_text())
+    if res.thresholds:
+        print(res.thresholds_text(args.at))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from efftrain.analysis.report import build_report  # lazy: matplotlib (module docstring)
+
+    path = build_report(args.source, args.out, method=args.method, bits=args.bits, baseline=args.baseline,
+                        n_boot=args.n_boot, log=lambda msg: print(msg, file=sys.stderr))
+    print(path)
     return 0
 
 
@@ -228,29 +360,92 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the config presets")
     p.set_defaults(func=cmd_presets)
 
-    from efftrain.analysis.commands import register as register_analysis
-    from efftrain.grid.commands import register as register_grid
-
-    register_grid(sub)  # grid run|status|export
-    register_analysis(sub)  # fit, report
+    _add_grid_commands(sub)  # grid run|status|export
+    _add_analysis_commands(sub)  # fit, report
     return parser
+
+
+def _spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", help="override the spec's runs_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dotted override for every cell (changes the cells' keys), repeatable")
+
+
+def _add_grid_commands(subparsers) -> None:
+    grid = subparsers.add_parser("grid", help="run an experiment grid (train, PTQ-sweep, record)",
+                                 description="Experiment grids: a YAML spec expands into cells keyed by config "
+                                             "hash; results go to RUNS_DIR/results.sqlite.")
+    gsub = grid.add_subparsers(dest="grid_command", required=True, metavar="{run,status,export}")
+
+    p = gsub.add_parser("run", help="train and PTQ-sweep every cell; rerun to resume")
+    p.add_argument("spec", help="grid spec YAML (see experiments/)")
+    p.add_argument("--workers", type=int, default=1, help="cell families run in N processes (one GPU each)")
+    p.add_argument("--retry-failed", action="store_true", help="also rerun cells that failed before")
+    p.add_argument("--only", action="append", metavar="KEY",
+                   help="only these cell keys (repeatable, or a,b); they run in the spec's order")
+    p.add_argument("--slurm", metavar="OPTS", help="submit one job per unfinished family through submitit, "
+                                                   "e.g. partition=gpu,time=2:00:00,gpus=1")
+    _spec_options(p)
+    p.set_defaults(func=cmd_grid_run)
+
+    p = gsub.add_parser("status", help="cells, their status and progress")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true")
+    _spec_options(p)
+    p.set_defaults(func=cmd_grid_status)
+
+    p = gsub.add_parser("export", help="write a results table as CSV or Parquet")
+    p.add_argument("spec")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--out", help="output file (default RUNS_DIR/<table>.<format>)")
+    p.add_argument("--table", choices=("ptq", "runs", "checkpoints"), default="ptq")
+    _spec_options(p)
+    p.set_defaults(func=cmd_grid_export)
+
+
+def _add_analysis_commands(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="fit QiD scaling laws (Ouyang, Kumar) with bootstrap CIs",
+                              description="Fit QiD = f(N, D, P) to PTQ rows. TABLE: grid spec, results.sqlite, "
+                                          "CSV or Parquet (n_params or params_nonembed, tokens, bits, qid).")
+    p.add_argument("table", help="grid spec, results.sqlite, CSV or Parquet table of PTQ rows")
+    p.add_argument("--law", choices=("ouyang", "kumar", "both"), default="ouyang")
+    p.add_argument("--group-by", default="", metavar="COLS", help="comma-separated columns, e.g. method,variant")
+    p.add_argument("--filter", action="append", default=[], metavar="EXPR",
+                   help="keep rows matching, e.g. method=gptq, bits<=4, schedule!=wsd-cooldown (repeatable)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none; "
+                                                            "default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fix", action="append", default=[], metavar="PARAM=VALUE",
+                   help="hold a parameter fixed, e.g. gamma=5.4967 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the fits as JSON")
+    p.add_argument("--predict", action="append", metavar="N,D,P", help="predicted QiD per group (repeatable)")
+    p.add_argument("--threshold", type=float, metavar="Q", help="tokens at which QiD reaches Q (needs --at)")
+    p.add_argument("--at", metavar="N,P", help="non-embedding params and bits for --threshold")
+    p.set_defaults(func=cmd_fit)
+
+    p = subparsers.add_parser("report", help="HTML + Markdown report of a grid's results",
+                              description="Writes DIR/report.html (self-contained) and DIR/report.md (+ PNGs).")
+    p.add_argument("source", help="grid spec or results.sqlite")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--method", help="PTQ method of the technique comparison (default gptq if present)")
+    p.add_argument("--bits", type=int, help="bit width of the technique comparison (default 3 if present)")
+    p.add_argument("--baseline", help="variant (cell name) the others are compared with (default: the first "
+                                      "cell with every technique off)")
+    p.add_argument("--n-boot", type=int, default=300, help="bootstrap resamples")
+    p.set_defaults(func=cmd_report)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    import absl.logging
+    import absl.logging  # lazy, as everything below (module docstring)
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings
-    from efftrain.config import ConfigError
+    from efftrain.data import DataError
     from efftrain.train.checkpoint import CheckpointError
-    from efftrain.train.checkpoint import is_disk_full
-    from efftrain.train.loop import Interrupted, RunDirError
+    from efftrain.train.loop import Interrupted
+    from efftrain.train.rundir import RunDirError
 
-    try:
-        from efftrain.data import DataError
-    except ImportError:  # pragma: no cover
-        DataError = ConfigError
     try:
         return args.func(args)
     except (ConfigError, RunDirError) as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,7 +152,11 @@ class ModelConfig(_Section):
 # FP8 simulation
 # ----------------------------------------------------------------------------------------------
 class FP8Config(_Section):
-    """Simulated FP8 GEMM numerics (V3 §3.3). See efftrain/fp8.py for the maths."""
+    """Simulated FP8 GEMM numerics (V3 §3.3). See efftrain/fp8/ for the maths.
+
+    The fields after `router` only choose kernels: the same numbers, bit for bit, except the accumulator
+    model's last bits (Mosaic, Triton and XLA sum a K-step in different orders; docs/FP8.md). run.json
+    records what they resolve to on the backend (efftrain.fp8.implementation_record)."""
 
     enabled: bool = False
     fmt: str = Field("e4m3", description="format of forward GEMM inputs: e4m3, e5m2 or eXmY")
@@ -169,11 +174,35 @@ class FP8Config(_Section):
     embedding: bool = False
     output_head: bool = False
     router: bool = False
+    quantize_impl: Literal["auto", "xla"] = Field(
+        "auto", description="quantizer: auto = the one-pass Pallas kernel on GPU where the shapes fit, else XLA; "
+                            "xla = always XLA")
+    native_casts: bool = Field(True, description="Pallas quantizer: Triton's e4m3 convert (bit-exact on an H100) "
+                                                 "instead of bit arithmetic")
+    accumulate_impl: Literal["auto", "pallas", "xla"] = Field(
+        "auto", description="accumulator-model kernel: auto = Mosaic on Hopper, else Triton, on GPUs; pallas = "
+                            "Triton on any GPU; xla = the lax.scan reference (always used off GPU)")
+    pallas_block_m: int = Field(64, description="Triton accumulator kernel: output tile rows (power of two >= 16)")
+    pallas_block_n: int = Field(128, description="Triton accumulator kernel: output tile columns (power of two >= 16)")
+    pallas_num_warps: Literal[1, 2, 4, 8, 16] = Field(4, description="Triton accumulator kernel: warps per program")
+    pallas_num_stages: int = Field(2, ge=1, le=8, description="Triton accumulator kernel: software-pipeline stages")
+    pallas_unroll: int = Field(1, ge=1, description="Triton accumulator kernel: K-steps whose MMAs issue together")
+    pallas_window_unroll: int = Field(
+        8, ge=0, description="Triton accumulator kernel: unroll promotion windows of up to this many K-steps")
+    v3_fast_path: bool = Field(True, description="linear layers: the V3 recipe on 128-aligned shapes quantizes each "
+                                                 "operand once, in the kernels' layouts")
 
     @field_validator("act_block", "weight_block", mode="before")
     @classmethod
     def _list_to_tuple(cls, v):
         return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("pallas_block_m", "pallas_block_n")
+    @classmethod
+    def _power_of_two_tile(cls, v):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"must be a power of two >= 16 (Triton block shapes), got {v}")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +308,6 @@ FP8_FORMAT_PATTERN = "e4m3, e5m2 or eXmY with 2 <= X <= 8 and 1 <= Y <= 10"
 
 
 def _fp8_format_ok(fmt: str) -> bool:
-    import re
-
     m = re.fullmatch(r"e(\d+)m(\d+)", fmt.lower())
     return bool(m) and 2 <= int(m.group(1)) <= 8 and 1 <= int(m.group(2)) <= 10
 
@@ -401,7 +428,7 @@ def _resolve_source(name_or_path: str) -> Path:
     return preset
 
 
-def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = _resolve_source(name_or_path)
     if str(path) in seen:
         raise ConfigError(f"circular 'base:' chain: {' -> '.join(seen + (str(path),))}")
@@ -409,7 +436,7 @@ def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    return deep_merge(_load_raw(str(base), seen + (str(path),)), raw)
+    return deep_merge(load_raw(str(base), seen + (str(path),)), raw)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -458,7 +485,7 @@ def apply_override(raw: dict, assignment: str) -> dict:
     return set_dotted(raw, key, value)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
@@ -477,12 +504,12 @@ def from_dict(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e)) from None
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset name or YAML path, apply dotted overrides and validate everything."""
-    raw = _load_raw(name_or_path)
+    raw = load_raw(name_or_path)
     for assignment in overrides:
         raw = apply_override(raw, assignment)
     return from_dict(raw)
@@ -504,7 +531,17 @@ RESUME_MUTABLE = (
     "checkpoint.",
     "data.cache_dir",
     "data.paths",
-    "model.attention_impl",
+    "model.attention_impl",  # kernel choices: the same function, other rounding or speed
+    "fp8.quantize_impl",
+    "fp8.native_casts",
+    "fp8.accumulate_impl",
+    "fp8.pallas_block_m",
+    "fp8.pallas_block_n",
+    "fp8.pallas_num_warps",
+    "fp8.pallas_num_stages",
+    "fp8.pallas_unroll",
+    "fp8.pallas_window_unroll",
+    "fp8.v3_fast_path",
 )
 
 

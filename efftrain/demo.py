@@ -14,15 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before JAX loads (below): quiet XLA's C++ logging
+
+from efftrain import cli  # noqa: E402
+from efftrain.grid.spec import load_spec  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
 
 
 def main() -> int:
-    from efftrain.cli import main as cli
-    from efftrain.grid.spec import load_spec
-
     started = time.time()
     spec = load_spec(SPEC)
     steps = [
@@ -33,7 +33,7 @@ def main() -> int:
     ]
     for title, argv in steps:
         print(f"\n=== {title}: efftrain {' '.join(argv)}", flush=True)
-        code = cli(argv)
+        code = cli.main(argv)
         if code:
             return code
     print(f"\ndemo finished in {time.time() - started:.0f}s. Report: {spec.runs_dir / 'report' / 'report.html'} "

@@ -33,34 +33,26 @@ import numpy as np
 from flax import nnx
 
 from efftrain.config import Config
-from efftrain.model.transformer import Transformer, build_model
-from efftrain.train.checkpoint import CheckpointError, CheckpointStore
-from efftrain.train.loop import load_run_config, total_steps_of
-from efftrain.train.optimizer import make_optimizer
-from efftrain.train.step import init_state, make_paired_eval_fn, make_window_loss_fn
+from efftrain.data import prepare_data
+from efftrain.data.pipeline import val_set_windows, val_windows
+from efftrain.model.mtp import acceptance_rate
+from efftrain.model.transformer import Transformer
+from efftrain.train.checkpoint import CheckpointError, checkpoints_dir
+from efftrain.train.rundir import finalized, load_model, load_run_config
+from efftrain.train.step import make_paired_eval_fn, make_window_loss_fn
 
 # one jitted function per model structure (GraphDefs of equal models compare equal)
 window_loss_fn = functools.lru_cache(maxsize=8)(make_window_loss_fn)
 paired_eval_fn = functools.lru_cache(maxsize=8)(make_paired_eval_fn)
 
 
-def abstract_train_state(cfg: Config):
-    """(graphdef, abstract state) of the run's train state without allocating it."""
-    tx = make_optimizer(cfg.optim, total_steps_of(cfg))
-
-    def build():
-        return init_state(build_model(cfg.model, cfg.fp8, seed=cfg.train.seed), tx)[1]
-
-    abstract = jax.eval_shape(build)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.model, cfg.fp8, seed=cfg.train.seed)))
-    return graphdef, abstract
-
-
-def select_checkpoints(store: CheckpointStore, steps: list[int] | None = None,
+def select_checkpoints(run_dir: str | Path, steps: list[int] | None = None,
                        tokens: list[int] | None = None) -> list[dict[str, Any]]:
-    series = store.series()
+    """The run's finalized series checkpoints (metadata): those at `steps`, else the nearest to each of
+    `tokens`, else all; CheckpointError if the run has none, or none at a requested step."""
+    series = finalized(run_dir)
     if not series:
-        raise CheckpointError(f"{store.root}: no finalized series checkpoints")
+        raise CheckpointError(f"{checkpoints_dir(run_dir)}: no finalized series checkpoints")
     if steps:
         chosen = [m for m in series if m["step"] in set(steps)]
         missing = set(steps) - {m["step"] for m in chosen}
@@ -74,16 +66,6 @@ def select_checkpoints(store: CheckpointStore, steps: list[int] | None = None,
             chosen.append(min(series, key=lambda m: abs(m["tokens_seen"] - t)))
         return list({m["step"]: m for m in chosen}.values())
     return series
-
-
-def load_model(run_dir: Path, step: int, kind: str = "series") -> tuple[Config, Transformer, dict]:
-    """The model of one finalized checkpoint (params and other variables restored)."""
-    cfg = load_run_config(run_dir)
-    graphdef, abstract = abstract_train_state(cfg)
-    store = CheckpointStore(run_dir, read_only=True)
-    state, _, meta = store.restore(kind, step, abstract)
-    store.close()
-    return cfg, nnx.merge(graphdef, state["params"], state["rest"]), meta
 
 
 @dataclass
@@ -131,11 +113,7 @@ def eval_batch_size(cfg: Config) -> int:
 
 def eval_set(cfg: Config, n_windows: int, *, seed: int = 0, val_tokens: np.ndarray | None = None) -> EvalSet:
     """min(n_windows, available) seeded val windows of the run (`val_window_indices`)."""
-    from efftrain.data.pipeline import val_windows
-
     if val_tokens is None:
-        from efftrain.data import prepare_data
-
         val_tokens = prepare_data(cfg).val
     windows = val_windows(val_tokens, seq_len=cfg.data.seq_len, n_windows=n_windows, seed=seed)
     return EvalSet(windows, eval_batch_size(cfg), seed=seed, requested=n_windows)
@@ -144,9 +122,6 @@ def eval_set(cfg: Config, n_windows: int, *, seed: int = 0, val_tokens: np.ndarr
 def val_set(cfg: Config, n_batches: int | None = None, *, seed: int = 0) -> EvalSet:
     """The windows of the run's training-time val loss: (n_batches or train.eval_batches) × batch_size
     windows (whole batches; `efftrain.data.pipeline.val_set_windows`), eval seed 0 by default."""
-    from efftrain.data import prepare_data
-    from efftrain.data.pipeline import val_set_windows
-
     tokens = prepare_data(cfg).val
     wanted = cfg.train.eval_batches if n_batches is None else n_batches
     n, _ = val_set_windows(len(tokens), seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, n_batches=wanted)
@@ -180,8 +155,6 @@ def evaluate_model(model: Transformer, cfg: Config, windows: EvalSet | list[np.n
     loss, se = mean_and_se(scores(window_loss_fn(graphdef), windows, params, rest))
     out = {"val_loss": loss, "val_loss_se": se, "windows": windows.n, "perplexity": math.exp(min(loss, 700))}
     if cfg.model.mtp.depth:
-        from efftrain.model.mtp import acceptance_rate
-
         chunks = [windows.windows[i:i + windows.batch_size] for i in range(0, windows.n, windows.batch_size)]
         acc = jax.device_get([acceptance_rate(model, jnp.asarray(c[:, :-1])) for c in chunks])
         out["mtp_acceptance"] = float(np.average(acc, weights=[len(c) for c in chunks]))
@@ -205,9 +178,7 @@ def eval_run(run_dir: str | Path, *, steps: list[int] | None = None, tokens: lis
              n_batches: int | None = None, progress=None) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    store = CheckpointStore(run_dir, read_only=True)
-    chosen = select_checkpoints(store, steps, tokens)
-    store.close()
+    chosen = select_checkpoints(run_dir, steps, tokens)
     windows = val_set(cfg, n_batches)
     rows = []
     for meta in chosen:

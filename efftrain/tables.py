@@ -22,7 +22,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["TEXT_COLUMNS", "load_rows", "with_n_params", "N_PARAM_COLUMNS"]
+__all__ = ["TEXT_COLUMNS", "load_rows", "with_n_params", "N_PARAM_COLUMNS", "parse_value"]
 
 # preferred first: what PTQ quantizes, then the older non-embedding count
 N_PARAM_COLUMNS = ("params_quantized", "params_nonembed")
@@ -30,7 +30,10 @@ N_PARAM_COLUMNS = ("params_quantized", "params_nonembed")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _coerce(v: Any) -> Any:
+def parse_value(v: Any) -> Any:
+    """A table cell's text as what it holds: None for an empty cell, an int for an integer ('12', '-3'),
+    a float for any other number ('0.5', '1e6', 'nan'), else the text without surrounding spaces.
+    Anything but a str is returned as it is."""
     if isinstance(v, str):
         s = v.strip()
         if s == "":
@@ -56,8 +59,8 @@ def _coerce_csv(rows: list[dict[str, str]], cols: list[str]) -> list[dict[str, A
     """Numbers for the columns whose every non-empty value is one (ints stay ints), text otherwise and
     for TEXT_COLUMNS; empty cells become None."""
     numeric = {c for c in cols if c not in TEXT_COLUMNS
-               and not any(isinstance(_coerce(r.get(c)), str) for r in rows)}
-    return [{k: (_coerce(v) if k in numeric else (v if v not in ("", None) else None)) for k, v in r.items()}
+               and not any(isinstance(parse_value(r.get(c)), str) for r in rows)}
+    return [{k: (parse_value(v) if k in numeric else (v if v not in ("", None) else None)) for k, v in r.items()}
             for r in rows]
 
 

@@ -19,7 +19,7 @@ from efftrain.quant.apply import (QuantReport, QuantSettings, _block_pass, captu
                                   expert_stats, observed_modules, packed_arrays, quantize_model)
 from efftrain.quant.awq import awq_scale, weight_mean
 from efftrain.quant.awq_model import fold, fold_block, quantize_folded_block, scale_groups, search_block_scales
-from efftrain.quant.formats import _kernel_format, make_format
+from efftrain.quant.formats import kernel_format, make_format
 
 from conftest import tiny_raw
 
@@ -179,7 +179,7 @@ def test_search_scores_the_block_output_on_16bit_inputs():
     x = captured["attn/q"]
     sx = jnp.mean(jnp.abs(x), axis=0)
     f = make_format(3)
-    fs, maxq = _kernel_format(f)
+    fs, maxq = kernel_format(f)
     alphas = jnp.asarray([0.0, 0.5, 1.0])
     graphdef, state = nnx.split(attn)
     errors = awq_model._search_block(graphdef, state, (x.reshape(B, T, -1), POSITIONS), sx, None, alphas, maxq,

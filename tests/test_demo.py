@@ -4,7 +4,7 @@ in their own files; the whole demo runs in `make demo`)."""
 import efftrain.cli
 from efftrain import demo
 from efftrain.grid.spec import load_spec
-from efftrain.train.loop import total_steps_of
+from efftrain.train.rundir import total_steps_of
 from efftrain.train.series import series_points
 
 

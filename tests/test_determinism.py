@@ -105,8 +105,12 @@ def test_pallas_attention_matches_xla_with_gqa_and_its_gradients():
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512", "data.seq_len=32",
+         "train.batch_size=4", "train.grad_accum=1"]  # still MLA + an MoE layer + MTP, compiled in seconds
+
+
 def _three_steps(preset: str, deterministic: bool):
-    cfg = load_config(preset, [f"train.deterministic={str(deterministic).lower()}"])
+    cfg = load_config(preset, [*SMALL, f"train.deterministic={str(deterministic).lower()}"])
     model = build_model(cfg.model, cfg.fp8, seed=0)
     tx = make_optimizer(cfg.optim, 10)
     graphdef, state = init_state(model, tx)
@@ -139,3 +143,4 @@ def test_run_json_records_the_mode(tiny_config, tmp_path):
     train(cfg, tmp_path / "run", log=lambda _: None)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["deterministic"] is False and info["xla_step_options"] == {}  # CPU: no options needed
+    assert info["fp8_kernels"] == {"enabled": False}

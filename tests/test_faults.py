@@ -21,10 +21,12 @@ import yaml
 
 from efftrain.cli import EXIT_REQUEUE, main
 from efftrain.config import ConfigError, config_warnings, from_dict, load_config
+from efftrain.files import is_disk_full
 from efftrain.train import checkpoint as ckpt
 from efftrain.train import loop
-from efftrain.train.checkpoint import CheckpointError, CheckpointStore, NonFiniteError, is_disk_full
-from efftrain.train.loop import Interrupted, RunDirError, RunLock, RunLockedError, train
+from efftrain.train.checkpoint import CheckpointStore, NonFiniteError
+from efftrain.train.loop import Interrupted, RunLock, RunLockedError, train
+from efftrain.train.rundir import RunDirError, load_run_config
 
 from conftest import tiny_raw
 
@@ -187,8 +189,8 @@ def poison(monkeypatch, steps):
     """Make the train step's loss and new parameters NaN at the given (1-based) steps."""
     real = loop.make_train_step
 
-    def make(graphdef, cfg, tx):
-        inner = real(graphdef, cfg, tx)
+    def make(graphdef, cfg, tx, *options):
+        inner = real(graphdef, cfg, tx, *options)
         bad = jnp.asarray([(s - 1) * cfg.tokens_per_step for s in steps], jnp.float32)
 
         def step(state, batch, tokens_seen):
@@ -299,7 +301,7 @@ def test_kills_while_writing_config_or_deleting_a_checkpoint_leave_a_usable_run(
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(), run, **QUIET)
     monkeypatch.undo()
-    assert loop.load_run_config(run) == tiny_config()  # still the whole old file
+    assert load_run_config(run) == tiny_config()  # still the whole old file
     assert train(tiny_config(), run, **QUIET).steps == 12
     assert not any((run / "checkpoints" / "resume" / ".trash").iterdir())
 

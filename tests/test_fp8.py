@@ -1,4 +1,4 @@
-"""Simulated FP8 GEMMs (efftrain/fp8.py): formats, scaling, accumulation, custom-VJP linear."""
+"""Simulated FP8 GEMMs (efftrain/fp8/): formats, scaling, accumulation, custom-VJP linear, kernel choice."""
 
 import functools
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from efftrain.config import FP8Config
-from efftrain.fp8 import (FloatFormat, cast_to_format, dequantize, fake_quantize, fake_quantize_many, float_format,
-                          fp8_linear, fp8_matmul, quantize, round_mantissa)
+from efftrain.fp8 import (FloatFormat, KernelChoice, cast_to_format, dequantize, fake_quantize, fake_quantize_many,
+                          float_format, fp8_linear, fp8_matmul, implementation_record, quantize, round_mantissa)
 
 ML_DTYPES = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
 
@@ -379,19 +379,17 @@ def test_linear_dtypes_follow_inputs():
 @pytest.mark.parametrize("promote_every,a_block,unroll,window_unroll", [
     (128, (1, 128), 1, 0), (None, (1, 128), 1, 0), (128, (1, 128), 4, 0), (None, (1, 32), 3, 0),
     (128, (1, 128), 2, 8), (128, (1, 32), 1, 8), (None, (1, 32), 3, 8)])
-def test_pallas_kernel_matches_xla_scan(promote_every, a_block, unroll, window_unroll, monkeypatch):
+def test_pallas_kernel_matches_xla_scan(promote_every, a_block, unroll, window_unroll):
     # the fused GPU kernel, run by Pallas' interpreter here: same maths as the lax.scan path, bit for bit
     # (also with several K-steps' products issued before they are accumulated in turn, and with each
     # promotion window unrolled into the body of the loop over windows)
-    from efftrain import fp8
-
-    monkeypatch.setitem(fp8.PALLAS_BLOCK, "unroll", unroll)
-    monkeypatch.setitem(fp8.PALLAS_BLOCK, "window_unroll", window_unroll)
+    kernels = KernelChoice.of(_cfg(pallas_unroll=unroll, pallas_window_unroll=window_unroll))
+    assert (kernels.pallas_block.unroll, kernels.pallas_block.window_unroll) == (unroll, window_unroll)
     rng = np.random.default_rng(10)
     a = rng.uniform(0, 1, (40, 300)).astype(np.float32)
     b = rng.standard_normal((300, 24)).astype(np.float32)
     kw = dict(a_block=a_block, promote_every=promote_every, accum_bits=12)
-    assert _same_bits(_matmul(a, b, impl="pallas", **kw), _matmul(a, b, impl="xla", **kw))
+    assert _same_bits(_matmul(a, b, impl="pallas", kernels=kernels, **kw), _matmul(a, b, impl="xla", **kw))
 
 
 @pytest.mark.parametrize("pow2_scales", [False, True])
@@ -431,27 +429,28 @@ def test_linear_v3_fast_path_equals_generic_path(pow2_scales, monkeypatch):
     # 128-aligned shapes with the default recipe take the fast path (one quantization pass per operand
     # in the kernels' layouts, x's Wgrad tiling kept from the forward, Wgrad on x's stored layout): the
     # same numbers, bit for bit, as the generic path (fp8_matmul per GEMM, x re-quantized in backward)
-    from efftrain import fp8
+    from efftrain.fp8 import linear
 
-    cfg = _cfg(pow2_scales=pow2_scales)
     rng = np.random.default_rng(15)
     x = jnp.asarray(rng.standard_normal((2, 128, 256)), jnp.bfloat16)
     ws = tuple(jnp.asarray(rng.standard_normal((256, n)) / 16, jnp.bfloat16) for n in (128, 384))
     rs = tuple(jnp.asarray(rng.standard_normal((2, 128, n)), jnp.float32) for n in (128, 384))
 
-    def values_and_grads(x, ws):
+    def values_and_grads(cfg, x, ws):
         def loss(x, ws):
-            ys = fp8.fp8_linear_shared(x, ws, cfg)
+            ys = linear.fp8_linear_shared(x, ws, cfg)
             return sum(jnp.sum(y.astype(jnp.float32) * r) for y, r in zip(ys, rs)), ys
         return jax.value_and_grad(loss, (0, 1), has_aux=True)(x, ws)
 
     calls = []
-    backward = fp8._backward_v3
-    monkeypatch.setattr(fp8, "_backward_v3", lambda *a: calls.append(1) or backward(*a))
-    fast = jax.tree.leaves(jax.jit(values_and_grads)(x, ws))
+    backward = linear._backward_v3
+    monkeypatch.setattr(linear, "_backward_v3", lambda *a: calls.append(1) or backward(*a))
+    fast = jax.tree.leaves(jax.jit(functools.partial(values_and_grads, _cfg(pow2_scales=pow2_scales)))(x, ws))
     assert calls, "the fast path was not taken"
-    monkeypatch.setattr(fp8, "V3_FAST_PATH", False)
-    generic = jax.tree.leaves(jax.jit(values_and_grads)(x, ws))
+    calls.clear()
+    generic_cfg = _cfg(pow2_scales=pow2_scales, v3_fast_path=False)  # the config field turns it off
+    generic = jax.tree.leaves(jax.jit(functools.partial(values_and_grads, generic_cfg))(x, ws))
+    assert not calls, "fp8.v3_fast_path=false still took the fast path"
     assert len(fast) == len(generic) == 6
     for got, want in zip(fast, generic):
         assert got.dtype == want.dtype and _same_bits(np.asarray(got, np.float32), np.asarray(want, np.float32))
@@ -462,13 +461,13 @@ def test_mosaic_kernel_lowers_for_cuda_one_kernel_per_shape():
     # H100 `benchmarks/bench_fp8.py --only check` compares it with the XLA reference). Here: it lowers
     # for CUDA in both A layouts, and call sites of one kernel shape share one lowered kernel (a
     # dense-125m step has 252 call sites and 9 kernels; compiling each site cost ~1 s on the H100)
-    from efftrain import fp8_mosaic
+    from efftrain.fp8 import mosaic
 
     kw = dict(k_step=32, steps_per_window=4, accum_bits=14, rounding="truncate", out_dtype=jnp.bfloat16)
 
     def layers(qa, qa_t, qb, sa, sb):
-        return [fp8_mosaic.accumulate(qa, qb, sa, sb, **kw), fp8_mosaic.accumulate(qa * 2, qb, sa, sb, **kw),
-                fp8_mosaic.accumulate(qa_t, qb, sa, sb, a_transposed=True, **kw)]
+        return [mosaic.accumulate(qa, qb, sa, sb, **kw), mosaic.accumulate(qa * 2, qb, sa, sb, **kw),
+                mosaic.accumulate(qa_t, qb, sa, sb, a_transposed=True, **kw)]
 
     m, k, n = 128, 256, 192
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, m), (k, n))]
@@ -483,7 +482,7 @@ def test_mosaic_kernel_lowers_for_cuda_one_kernel_per_shape():
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_native_float8_converts_match_cast_to_format(fmt):
     # the GPU quantizer kernel uses hardware float8 converts (here: XLA's CPU ones, via the interpreter)
-    from efftrain.fp8 import _native_cast as native_cast
+    from efftrain.fp8.formats import native_cast
 
     f, rng = float_format(fmt), np.random.default_rng(12)
     vals = _finite_values(ML_DTYPES[fmt])
@@ -493,6 +492,58 @@ def test_native_float8_converts_match_cast_to_format(fmt):
     x = np.concatenate([x, -x]).astype(np.float32)
     native = np.asarray(jax.jit(lambda v: native_cast(v, f))(x))
     assert _same_bits(native, _cast_generic(x, fmt))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel choice: FP8Config fields, resolved per backend
+# ----------------------------------------------------------------------------------------------
+def test_kernel_choice_defaults_are_the_configs():
+    # direct calls (fp8_matmul, fake_quantize_many without `kernels`) use what a default config chooses
+    assert KernelChoice.of(FP8Config()) == KernelChoice()
+    with pytest.raises(ValueError, match="accumulate_impl"):
+        KernelChoice(accumulate_impl="mosaic")
+    for bad in (dict(pallas_block_m=48), dict(pallas_num_warps=3), dict(accumulate_impl="mosaic"),
+                dict(quantize_impl="pallas"), dict(pallas_unroll=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FP8Config(**bad)
+
+
+def test_implementation_record_on_this_backend():
+    import json
+
+    assert implementation_record(FP8Config()) == {"enabled": False}
+    record = implementation_record(_cfg())
+    assert json.loads(json.dumps(record)) == record and record["backend"] == jax.default_backend()
+    assert record["v3_fast_path"] and not implementation_record(_cfg(v3_fast_path=False))["v3_fast_path"]
+    assert implementation_record(_cfg(accum_bits=None))["accumulate"] is None
+    if jax.default_backend() != "gpu":  # no kernel off a GPU, whatever the config asks for
+        for cfg in (_cfg(), _cfg(accumulate_impl="pallas")):
+            assert {k: implementation_record(cfg)[k] for k in ("quantize", "native_casts", "accumulate")} == {
+                "quantize": "xla", "native_casts": False, "accumulate": "xla"}
+
+
+def test_kernel_fields_resolve_on_a_gpu(monkeypatch):
+    # what the config fields choose on a GPU (the backend faked: only the resolution runs, no kernel)
+    from efftrain.fp8 import matmul
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+    assert matmul.auto_accumulation_impl(True, True, KernelChoice()) == ("mosaic" if hopper else "pallas")
+    assert matmul.auto_accumulation_impl(True, True, KernelChoice(accumulate_impl="pallas")) == "pallas"
+    assert matmul.auto_accumulation_impl(True, True, KernelChoice(accumulate_impl="xla")) == "xla"
+    assert matmul.auto_accumulation_impl(False, True, KernelChoice()) == "xla"  # not exact in bf16
+    record = implementation_record(_cfg(accumulate_impl="pallas", pallas_block_m=128))
+    assert (record["quantize"], record["native_casts"], record["accumulate"]) == ("pallas", True, "pallas")
+    assert record["pallas_block"] == {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 2,
+                                      "unroll": 1, "window_unroll": 8}
+    record = implementation_record(_cfg(quantize_impl="xla", native_casts=True, fmt="e5m2", grad_fmt="e5m2"))
+    assert (record["quantize"], record["native_casts"]) == ("xla", False)
+    assert implementation_record(_cfg(fmt="e5m8", grad_fmt="e5m8"))["accumulate"] == "xla"  # not exact in bf16
+    x = jnp.zeros((128, 256), jnp.float32)
+    chains = ((("e4m3", (1, 128)),),)
+    assert matmul._pallas_quantizer_fits(x, chains, "auto", KernelChoice())
+    assert not matmul._pallas_quantizer_fits(x, chains, "auto", KernelChoice(quantize_impl="xla"))
+    assert not matmul._pallas_quantizer_fits(x[:, :200], chains, "auto", KernelChoice())
 
 
 def test_model_linear_uses_fp8_linear():

@@ -445,7 +445,7 @@ def test_cooldown_branch_continues_the_stable_run_then_decays(schedule_grid):
 def test_average_cell_holds_the_mean_of_the_parent_checkpoints(schedule_grid):
     import jax
 
-    from efftrain.eval import load_model
+    from efftrain.train.rundir import load_model
     from flax import nnx
 
     _, spec, _ = schedule_grid

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from efftrain.config import from_dict
-from efftrain.model.attention import kv_cache_bytes_per_token
+from efftrain.model.block import kv_cache_bytes_per_token
 from efftrain.model.mla import MLAttention, mla_cache_elements_per_token, mla_param_count
 from efftrain.model.transformer import build_model
 

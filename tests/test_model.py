@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from efftrain.config import from_dict
-from efftrain.model.attention import Attention, kv_cache_bytes_per_token
+from efftrain.model.attention import Attention
+from efftrain.model.block import kv_cache_bytes_per_token
 from efftrain.model.layers import RMSNorm, apply_rope, cross_entropy
 from efftrain.model.transformer import build_model, flops_per_token, parameter_counts
 

@@ -108,7 +108,7 @@ def test_awq_and_gptq_lower_every_layers_output_error_on_the_trained_model(train
     is RTN, and a clip is kept only if it helps) and GPTQ's is clearly lower. (At this size the model has
     no strongly salient activation channels, so AWQ's scales gain little per layer; GPTQ gains 30-70 %.)"""
     from efftrain.data import prepare_data
-    from efftrain.eval import load_model
+    from efftrain.train.rundir import load_model
     from efftrain.quant import quantize_awq, quantize_gptq, quantize_rtn
     from efftrain.quant.sweep import calibration_windows
 
@@ -132,7 +132,7 @@ def test_awq_lowers_every_blocks_output_error_on_the_trained_model(trained_run):
     """Block level, 16-bit inputs (as AWQ calibrates): the folded, clipped, quantized block's output error
     is below RTN's in every block at 3 and 4 bits (0.80-0.86 x RTN's here)."""
     from efftrain.data import prepare_data
-    from efftrain.eval import load_model
+    from efftrain.train.rundir import load_model
     from efftrain.quant import quantize_rtn
     from efftrain.quant.apply import QuantReport, _block_pass
     from efftrain.quant.awq_model import quantize_block_awq
@@ -313,7 +313,7 @@ def test_ptq_cli_writes_csv(trained_run, capsys):
     # the defaults: 1M tokens requested, which is more than the val split has, so every val window
     from efftrain.data import prepare_data
     from efftrain.data.pipeline import val_window_count
-    from efftrain.train.loop import load_run_config
+    from efftrain.train.rundir import load_run_config
 
     cfg = load_run_config(trained_run)
     every = val_window_count(len(prepare_data(cfg).val), cfg.data.seq_len)
@@ -371,7 +371,7 @@ def test_rows_carry_uncertainty_and_provenance(trained_run, tmp_path):
     provenance columns hold the run's and the request's values; the log line shows QiD ± se, KL, top1."""
     from efftrain.data import prepare_data
     from efftrain.data.pipeline import val_windows
-    from efftrain.eval import load_model
+    from efftrain.train.rundir import load_model
     from efftrain.train.step import make_eval_step
 
     lines = []

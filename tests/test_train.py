@@ -12,7 +12,8 @@ import yaml
 from efftrain.cli import main
 from efftrain.config import from_dict
 from efftrain.train.checkpoint import CheckpointError, CheckpointStore
-from efftrain.train.loop import RunDirError, train
+from efftrain.train.loop import train
+from efftrain.train.rundir import RunDirError
 
 from conftest import tiny_raw
 

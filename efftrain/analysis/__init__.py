@@ -1,7 +1,8 @@
 """QiD analysis: scaling-law fits (``fits``), the statistics behind every interval (``stats``), plots
 (``plots``) and the grid report (``report``).
 
-Independent of the training code: only numpy, scipy and matplotlib are needed.
+The fits, statistics and plots need only numpy, scipy and matplotlib; the report also reads the runs'
+directories (efftrain.train.rundir) for their metrics.
 """
 
 from . import stats

@@ -1,77 +1,56 @@
-"""The `fit` and `report` commands: what the analysis makes of a grid's (or any) table of QiD rows.
+"""The work of the `fit` command, as plain functions of typed arguments (efftrain.cli parses the
+command line and prints what these return; the `report` command is analysis.report.build_report).
 
-  efftrain fit TABLE [--law ouyang|kumar|both] [--group-by method,variant] [--filter 'method=gptq']
-                     [--n-boot N] [--json] [--predict N,D,P] [--threshold Q --at N,P] [--fix gamma=5.5]
-  efftrain report SPEC_OR_DB --out DIR [--method gptq] [--bits 3] [--baseline VARIANT]
+  run_fit(table, law=..., group_by=..., filters=..., n_boot=..., fixed=..., predict=..., threshold=..., at=...)
+      -> FitOutput: the fitted laws per group, the predicted QiD at given (N, D, P), the tokens at
+         which QiD reaches a threshold at given (N, P); as JSON (`to_json`) or text tables
 
 TABLE is a grid spec (its results.sqlite), a results.sqlite, or a CSV/Parquet table with columns
 n_params (or params_quantized / params_nonembed), tokens, bits, qid (qid_se and run_id when present).
-Errors are GridError (a ConfigError): the CLI prints them as one `error:` line and exits 2.
+A filter is COLUMN OP VALUE (`parse_filter`). Errors are GridError (a ConfigError): the CLI prints
+them as one `error:` line and exits 2.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import re
-import sys
 import warnings
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
-from efftrain.analysis.fits import fit_table, format_table, table_to_dict, tokens_to_reach, tokens_to_reach_ci
-from efftrain.grid.commands import parse_assignments, text_table
+from efftrain.analysis.fits import (FitResult, fit_table, format_table, table_to_dict, tokens_to_reach,
+                                    tokens_to_reach_ci)
+from efftrain.formatting import text_table
 from efftrain.grid.spec import GridError
 from efftrain.grid.store import load_results
+from efftrain.tables import parse_value
 
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise GridError(f"'{text}' is not a number") from None
-
-
-def _numbers(text: str, n: int, what: str) -> list[float]:
-    parts = [p for p in text.split(",") if p.strip()]
-    if len(parts) != n:
-        raise GridError(f"{what} expects {n} comma-separated numbers, got '{text}'")
-    return [_number(p) for p in parts]
-
-
-# ----------------------------------------------------------------------------------------------
-# fit
-# ----------------------------------------------------------------------------------------------
 _OPS = {"<=": operator.le, ">=": operator.ge, "!=": operator.ne, "=": operator.eq, "<": operator.lt,
         ">": operator.gt}
 _FILTER = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
 
 
-def _coerce(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            f = float(v)
-        except ValueError:
-            return v
-        return int(f) if f.is_integer() and re.fullmatch(r"[+-]?\d+", v.strip()) else f
-    return v
-
-
 def parse_filter(text: str):
-    """'method=gptq', 'method=gptq,awq' (any of), 'bits<=4', 'schedule!=wsd-cooldown' -> predicate."""
+    """'method=gptq', 'method=gptq,awq' (any of), 'bits<=4', 'schedule!=wsd-cooldown' -> (column, predicate)."""
     m = _FILTER.match(text)
     if not m:
         raise GridError(f"--filter '{text}' is not COLUMN=VALUE (operators: = != < <= > >=; "
                         "'=' and '!=' take comma-separated alternatives)")
     col, op, value = m.group(1), m.group(2).replace("==", "="), m.group(3)
     if op in ("=", "!="):
-        wanted = {str(_coerce(v)) for v in value.split(",")}
-        return col, (lambda x: (str(_coerce(x)) in wanted) == (op == "="))
-    target = _number(value)
+        wanted = {str(parse_value(v)) for v in value.split(",")}
+        return col, (lambda x: (str(parse_value(x)) in wanted) == (op == "="))
+    try:
+        target = float(value)
+    except ValueError:
+        raise GridError(f"'{value}' is not a number") from None
     return col, (lambda x: x is not None and _OPS[op](float(x), target))
 
 
-def apply_filters(rows: list[dict], filters: list[str]) -> list[dict]:
+def apply_filters(rows: list[dict], filters: Sequence[str]) -> list[dict]:
     for text in filters or []:
         col, pred = parse_filter(text)
         if rows and col not in rows[0]:
@@ -96,110 +75,81 @@ def fit_rows(rows: list[dict], law: str, group_by: tuple[str, ...], *, n_boot: i
     return results, notes
 
 
-def cmd_fit(args) -> int:
-    rows = apply_filters(load_results(args.table), args.filter)
-    group_by = tuple(g for g in (args.group_by or "").split(",") if g)
-    missing = [g for g in group_by if g not in rows[0]]
-    if missing:
-        raise GridError(f"--group-by: no column(s) {missing} (columns: {', '.join(sorted(rows[0]))})")
-    laws = ["ouyang", "kumar"] if args.law == "both" else [args.law]
-    fixed = {k: float(v) for k, v in parse_assignments(args.fix, "--fix").items()} or None
-    tables, notes = {}, []
-    for law in laws:
-        tables[law], n = fit_rows(rows, law, group_by, n_boot=args.n_boot, seed=args.seed, fixed=fixed)
-        notes += [f"{law}: {x}" for x in n]
+@dataclass
+class FitOutput:
+    """What `run_fit` found: per law, {group: FitResult}; predictions and thresholds as rows."""
 
-    predictions, thresholds = [], []
-    for text in args.predict or []:
-        n, d, p = _numbers(text, 3, "--predict")
-        for law, res in tables.items():
-            for key, fr in res.items():
-                predictions.append({"law": law, "group": fr.label, "n_params": n, "tokens": d, "bits": p,
-                                    "qid": fr.predict(n, d, p)})
-    if args.threshold is not None:
-        if not args.at:
-            raise GridError("--threshold needs --at N,P (non-embedding params, bits)")
-        n, p = _numbers(args.at, 2, "--at")
-        for law, res in tables.items():
-            for key, fr in res.items():
-                row = {"law": law, "group": fr.label, "qid": args.threshold, "n_params": n, "bits": p}
-                try:
-                    est, lo, hi = (tokens_to_reach_ci(fr, args.threshold, n, p) if fr.n_boot
-                                   else (tokens_to_reach(fr, args.threshold, n, p), math.nan, math.nan))
-                    row.update(tokens=est, tokens_lo=lo, tokens_hi=hi)
-                except ValueError as e:
-                    row.update(tokens=None, note=str(e))
-                thresholds.append(row)
+    source: str
+    filters: list[str]
+    n_rows: int
+    tables: dict[str, dict[Any, FitResult]]
+    notes: list[str] = field(default_factory=list)  # groups skipped, fit warnings: "law: message"
+    predictions: list[dict] = field(default_factory=list)
+    thresholds: list[dict] = field(default_factory=list)
+    threshold: float | None = None
 
-    if args.json:
-        fits = {law: table_to_dict(res) for law, res in tables.items()}
-        out: Any = fits[laws[0]] if len(laws) == 1 else fits
-        if predictions or thresholds or notes:
-            out = {"fits": out, "predictions": predictions, "thresholds": thresholds, "notes": notes}
-        print(json.dumps(out, indent=2, default=lambda x: None))
-        return 0
-    print(f"{len(rows)} rows from {args.table}" + (f" (filter: {' and '.join(args.filter)})" if args.filter else ""))
-    for law in laws:
-        print(format_table(tables[law]))
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    if predictions:
-        print(text_table([[r["law"], r["group"], f"{r['n_params']:.4g}", f"{r['tokens']:.4g}", f"{r['bits']:g}",
-                            f"{r['qid']:.4g}"] for r in predictions],
-                          ["law", "group", "N", "D", "P", "predicted QiD"], right={2, 3, 4, 5}))
-    if thresholds:
+    def to_json(self) -> Any:
+        """The fits (the one law's, or {law: ...}), with predictions, thresholds and notes when any."""
+        fits = {law: table_to_dict(res) for law, res in self.tables.items()}
+        out: Any = next(iter(fits.values())) if len(fits) == 1 else fits
+        if self.predictions or self.thresholds or self.notes:
+            out = {"fits": out, "predictions": self.predictions, "thresholds": self.thresholds, "notes": self.notes}
+        return out
+
+    def fits_text(self) -> str:
+        head = f"{self.n_rows} rows from {self.source}" + (
+            f" (filter: {' and '.join(self.filters)})" if self.filters else "")
+        return "\n".join([head] + [format_table(res) for res in self.tables.values()])
+
+    def predictions_text(self) -> str:
+        return text_table([[r["law"], r["group"], f"{r['n_params']:.4g}", f"{r['tokens']:.4g}", f"{r['bits']:g}",
+                            f"{r['qid']:.4g}"] for r in self.predictions],
+                          ["law", "group", "N", "D", "P", "predicted QiD"], right={2, 3, 4, 5})
+
+    def thresholds_text(self, at_label: str) -> str:
+        """The thresholds table; `at_label` names the (N, P) in its header as the user wrote it."""
         def t(x):
             return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
-        print(text_table([[r["law"], r["group"], t(r["tokens"]), f"[{t(r.get('tokens_lo'))}, {t(r.get('tokens_hi'))}]",
-                            r.get("note", "")] for r in thresholds],
-                          ["law", "group", f"tokens to QiD {args.threshold:g} at N={args.at}", "95% CI", "note"]))
-    return 0
+        return text_table([[r["law"], r["group"], t(r["tokens"]), f"[{t(r.get('tokens_lo'))}, {t(r.get('tokens_hi'))}]",
+                            r.get("note", "")] for r in self.thresholds],
+                          ["law", "group", f"tokens to QiD {self.threshold:g} at N={at_label}", "95% CI", "note"])
 
 
-# ----------------------------------------------------------------------------------------------
-# report
-# ----------------------------------------------------------------------------------------------
-def cmd_report(args) -> int:
-    from efftrain.analysis.report import build_report  # imports matplotlib: only this command needs it
-
-    path = build_report(args.source, args.out, method=args.method, bits=args.bits, baseline=args.baseline,
-                        n_boot=args.n_boot, log=lambda msg: print(msg, file=sys.stderr))
-    print(path)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# parsers
-# ----------------------------------------------------------------------------------------------
-def register(subparsers) -> None:
-    """Add `fit` and `report` to an argparse subparsers object."""
-    p = subparsers.add_parser("fit", help="fit QiD scaling laws (Ouyang, Kumar) with bootstrap CIs",
-                              description="Fit QiD = f(N, D, P) to PTQ rows. TABLE: grid spec, results.sqlite, "
-                                          "CSV or Parquet (n_params or params_nonembed, tokens, bits, qid).")
-    p.add_argument("table", help="grid spec, results.sqlite, CSV or Parquet table of PTQ rows")
-    p.add_argument("--law", choices=("ouyang", "kumar", "both"), default="ouyang")
-    p.add_argument("--group-by", default="", metavar="COLS", help="comma-separated columns, e.g. method,variant")
-    p.add_argument("--filter", action="append", default=[], metavar="EXPR",
-                   help="keep rows matching, e.g. method=gptq, bits<=4, schedule!=wsd-cooldown (repeatable)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none; "
-                                                            "default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fix", action="append", default=[], metavar="PARAM=VALUE",
-                   help="hold a parameter fixed, e.g. gamma=5.4967 (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the fits as JSON")
-    p.add_argument("--predict", action="append", metavar="N,D,P", help="predicted QiD per group (repeatable)")
-    p.add_argument("--threshold", type=float, metavar="Q", help="tokens at which QiD reaches Q (needs --at)")
-    p.add_argument("--at", metavar="N,P", help="non-embedding params and bits for --threshold")
-    p.set_defaults(func=cmd_fit)
-
-    p = subparsers.add_parser("report", help="HTML + Markdown report of a grid's results",
-                              description="Writes DIR/report.html (self-contained) and DIR/report.md (+ PNGs).")
-    p.add_argument("source", help="grid spec or results.sqlite")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--method", help="PTQ method of the technique comparison (default gptq if present)")
-    p.add_argument("--bits", type=int, help="bit width of the technique comparison (default 3 if present)")
-    p.add_argument("--baseline", help="variant (cell name) the others are compared with (default: the first "
-                                      "cell with every technique off)")
-    p.add_argument("--n-boot", type=int, default=300, help="bootstrap resamples")
-    p.set_defaults(func=cmd_report)
+def run_fit(table: str | Path, *, law: str = "ouyang", group_by: Sequence[str] = (), filters: Sequence[str] = (),
+            n_boot: int = 1000, seed: int = 0, fixed: dict[str, float] | None = None,
+            predict: Sequence[tuple[float, float, float]] = (), threshold: float | None = None,
+            at: tuple[float, float] | None = None) -> FitOutput:
+    """Fit `law` ('ouyang', 'kumar' or 'both') to the table's rows (those passing every filter), per
+    group of the `group_by` columns, with `n_boot` bootstrap resamples and the `fixed` parameters held;
+    predict QiD at each (N, D, P) of `predict`; with `threshold`, the tokens at which QiD reaches it at
+    `at` = (N, P), with an interval when the fit has bootstrap replicates."""
+    rows = apply_filters(load_results(table), filters)
+    group_by = tuple(group_by)
+    missing = [g for g in group_by if g not in rows[0]]
+    if missing:
+        raise GridError(f"--group-by: no column(s) {missing} (columns: {', '.join(sorted(rows[0]))})")
+    out = FitOutput(source=str(table), filters=list(filters), n_rows=len(rows), tables={}, threshold=threshold)
+    for name in (["ouyang", "kumar"] if law == "both" else [law]):
+        out.tables[name], notes = fit_rows(rows, name, group_by, n_boot=n_boot, seed=seed, fixed=fixed)
+        out.notes += [f"{name}: {x}" for x in notes]
+    for n, d, p in predict:
+        for name, res in out.tables.items():
+            for fr in res.values():
+                out.predictions.append({"law": name, "group": fr.label, "n_params": n, "tokens": d, "bits": p,
+                                        "qid": fr.predict(n, d, p)})
+    if threshold is not None:
+        if at is None:
+            raise GridError("--threshold needs --at N,P (non-embedding params, bits)")
+        n, p = at
+        for name, res in out.tables.items():
+            for fr in res.values():
+                row = {"law": name, "group": fr.label, "qid": threshold, "n_params": n, "bits": p}
+                try:
+                    est, lo, hi = (tokens_to_reach_ci(fr, threshold, n, p) if fr.n_boot
+                                   else (tokens_to_reach(fr, threshold, n, p), math.nan, math.nan))
+                    row.update(tokens=est, tokens_lo=lo, tokens_hi=hi)
+                except ValueError as e:
+                    row.update(tokens=None, note=str(e))
+                out.thresholds.append(row)
+    return out

@@ -116,6 +116,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from efftrain.analysis import stats
+from efftrain.formatting import format_estimate
 
 __all__ = [
     "LAWS",
@@ -500,7 +501,7 @@ class ExcludedRow(NamedTuple):
     def __str__(self) -> str:
         where = [f"run {self.run_id}" if self.run_id is not None else "",
                  f"step {self.step}" if self.step is not None else "",
-                 f"{_fmt(float(self.tokens))} tokens" if self.tokens is not None else "",
+                 f"{format_estimate(float(self.tokens))} tokens" if self.tokens is not None else "",
                  f"{self.bits}-bit" if self.bits is not None else "", str(self.method or "")]
         return f"{self.reason}: " + " ".join(w for w in where if w)
 
@@ -972,29 +973,18 @@ def table_to_dict(results: Mapping[Any, FitResult]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- formatting
-def _fmt(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    ax = abs(x)
-    if ax != 0 and (ax < 1e-3 or ax >= 1e4):
-        return f"{x:.3e}"
-    return f"{x:.4g}"
-
-
 def format_param(result: "FitResult", name: str) -> str:
     """'value [lo, hi]' with the interval, 'value (fixed)' for a parameter held at a given value,
     'not identified' for one the data cannot determine."""
     v = result.params[name]
     if name in result.fixed:
-        return f"{_fmt(v)} (fixed)"
+        return f"{format_estimate(v)} (fixed)"
     if not result.identified.get(name, True):
         return "not identified"
     lo, hi = result.ci[name]
     if not (math.isfinite(lo) and math.isfinite(hi)):  # e.g. one run: nothing to resample
-        return f"{_fmt(v)} (no interval: {result.n_clusters} run{'s' if result.n_clusters != 1 else ''})"
-    return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+        return f"{format_estimate(v)} (no interval: {result.n_clusters} run{'s' if result.n_clusters != 1 else ''})"
+    return f"{format_estimate(v)} [{format_estimate(lo)}, {format_estimate(hi)}]"
 
 
 def format_published(law: str) -> str:

@@ -32,6 +32,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from efftrain.formatting import format_count
+
 __all__ = [
     "plot_loss_vs_tokens",
     "plot_qid_vs_tokens",
@@ -125,13 +127,6 @@ def _fmt_bits(b) -> str:
     return f"{b}-bit" if math.isfinite(fb) else str(b)
 
 
-def _fmt_count(x: float) -> str:
-    for div, suf in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suf}"
-    return f"{x:.3g}"
-
-
 # --------------------------------------------------------------------------- 1. loss vs tokens
 def plot_loss_vs_tokens(evals, path, *, title: str | None = "Validation loss vs training tokens") -> Path:
     """One line per ``run``: val_loss against tokens (log x)."""
@@ -223,7 +218,7 @@ def plot_qid_vs_tokens(rows, path, fit=None, *, title: str | None = None) -> Pat
         if len(sizes) > 1:
             for s in sizes:
                 handles.append(Line2D([], [], color="0.3", marker=mmap[s], linestyle="none"))
-                labels.append(f"N={_fmt_count(s)}")
+                labels.append(f"N={format_count(s)}")
         if fits:
             laws = sorted({fr.law for fr in fits.values()})
             handles.append(Line2D([], [], color="0.5", linewidth=3.2, alpha=0.35))
@@ -282,8 +277,9 @@ def plot_qid_vs_params(rows, path, *, at_tokens: str | float | None = "final", t
         return sorted(out, key=lambda r: _f(r["n_params"]))
 
     if title is None:
-        title = "QiD vs model size" + (" (final checkpoint)" if at_tokens == "final" else
-                                        "" if at_tokens is None else f" (D ≈ {_fmt_count(float(at_tokens))} tokens)")
+        title = "QiD vs model size" + (
+            " (final checkpoint)" if at_tokens == "final" else
+            "" if at_tokens is None else f" (D ≈ {format_count(float(at_tokens))} tokens)")
     with _figure(path, title) as (fig, ax):
         toks = _sorted_unique(_f(r["tokens"]) for r in good)
         for b in bits:

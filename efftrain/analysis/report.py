@@ -45,9 +45,11 @@ from efftrain.analysis.compare import (Comparison, Selection, choose_selection, 
 from efftrain.analysis.fits import LAWS, PUBLISHED, PUBLISHED_NOTES, FitResult, fit_law, format_param
 from efftrain.analysis.stats import Interval
 from efftrain.config import flatten_dotted
+from efftrain.formatting import format_count, format_value
 from efftrain.grid.spec import GridError, load_spec
 from efftrain.grid.store import DB_NAME, ResultsStore
 from efftrain.tables import with_n_params
+from efftrain.train.rundir import read_metrics
 
 Log = Callable[[str], None]
 
@@ -178,49 +180,18 @@ def differing_fields(configs: list[dict], ignore: tuple[str, ...] = ("name",)) -
     return [k for k in keys if k not in ignore and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Formatting
 # ----------------------------------------------------------------------------------------------
-def _fmt(x: float, digits: int = 3) -> str:
-    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return "n/a"
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}f}" if abs(x) < 10 else f"{x:.{max(digits - 2, 1)}f}"
-
-
 def _sfmt(x: float) -> str:
-    return _fmt(x) if not (isinstance(x, (int, float)) and math.isfinite(x)) or x < 0 else "+" + _fmt(x)
-
-
-def _count(n) -> str:
-    if n is None:
-        return "n/a"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:g}"
+    return format_value(x) if not (isinstance(x, (int, float)) and math.isfinite(x)) or x < 0 else "+" + format_value(x)
 
 
 def _interval(iv: Interval | None, signed: bool = False) -> str:
     """'est [lo, hi]' (signed: with a + on positive numbers); 'est (1 seed: no interval)'."""
     if iv is None:
         return "-"
-    f = _sfmt if signed else _fmt
+    f = _sfmt if signed else format_value
     if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
         return f"{f(iv.estimate)} ({iv.n} seed{'s' if iv.n != 1 else ''}: no interval)"
     return f"{f(iv.estimate)} [{f(iv.lo)}, {f(iv.hi)}]"
@@ -297,7 +268,7 @@ def _difference_sentence(v: str, baseline: str, at: str, what: str, iv: Interval
     if iv.includes_zero:
         return f"{what}: no detectable difference to {baseline}, {_interval(iv, signed=True)} {unit} ({iv.n} seed pairs)"
     word = "more" if iv.estimate > 0 else "less"
-    return (f"{what}: **{v}** loses {_fmt(abs(iv.estimate))} {unit} {word} than **{baseline}** "
+    return (f"{what}: **{v}** loses {format_value(abs(iv.estimate))} {unit} {word} than **{baseline}** "
             f"{_interval(iv, signed=True)} ({iv.n} seed pairs)")
 
 
@@ -310,8 +281,8 @@ def summary_sentences(comparison: list[Comparison], sel: Selection, baseline: st
     for c in comparison:
         fit, _ = variant_fits.get(c.variant, (None, []))
         trend = _trend(fit)
-        tok = f"{_count(c.tokens)} tokens, {_fmt(c.epochs, 2)} epochs" if math.isfinite(c.epochs) else \
-            f"{_count(c.tokens)} tokens"
+        tok = f"{format_count(c.tokens)} tokens, {format_value(c.epochs, 2)} epochs" if math.isfinite(c.epochs) else \
+            f"{format_count(c.tokens)} tokens"
         if c.is_baseline:
             seeds = f" over {c.seeds} seeds" if c.seeds > 1 else ""
             out.append(f"**{c.variant}** (baseline): final QiD {at} {_interval(c.qid)} nats{seeds} ({tok}).{trend}")
@@ -323,18 +294,18 @@ def summary_sentences(comparison: list[Comparison], sel: Selection, baseline: st
         size = ""
         if c.params_active and base_active:
             rel = abs(c.params_active - base_active) / base_active
-            size = (f" At equal active params ({_count(c.params_active)})." if rel <= 0.05 else
-                    f" Active params differ ({_count(c.params_active)} vs {_count(base_active)}), so part of any "
-                    f"gap may be model size.")
+            size = (f" At equal active params ({format_count(c.params_active)})." if rel <= 0.05 else
+                    f" Active params differ ({format_count(c.params_active)} vs {format_count(base_active)}), "
+                    f"so part of any gap may be model size.")
         parts = [_difference_sentence(c.variant, baseline, at, "final checkpoint", c.diff)]
         if c.matched_diff is not None:
             parts.append(_difference_sentence(c.variant, baseline, at,
-                                              f"at matched 16-bit loss {_fmt(c.matched_loss)}", c.matched_diff))
+                                              f"at matched 16-bit loss {format_value(c.matched_loss)}", c.matched_diff))
         if c.rel_diff is not None and math.isfinite(c.rel_diff.lo):
             parts.append(f"relative QiD (QiD / loss_16) differs by {_interval(c.rel_diff, signed=True)}")
         out.append(f"**{c.variant}** vs **{baseline}** {at} ({tok}) — " + "; ".join(parts) + "." + size + trend)
     if floor is not None and comparison:
-        out.append(f"Noise floor {at}: the median per-row standard error of QiD is {_fmt(floor)} nats "
+        out.append(f"Noise floor {at}: the median per-row standard error of QiD is {format_value(floor)} nats "
                    f"(paired over eval windows); differences below about twice that are not resolved by one row.")
     return out
 
@@ -441,18 +412,18 @@ def section_grid(ctx: Context, doc: Doc) -> None:
         e = c.get("epochs")
         if e is None and r.get("train_tokens"):
             e = c["tokens"] / r["train_tokens"]
-        return _fmt(e, 2) if e is not None else "n/a"
+        return format_value(e, 2) if e is not None else "n/a"
 
     def tokens_per_param(r):
         c, n = last.get(r["key"]), n_q.get(r["key"]) or r.get("params_nonembed")
-        return _fmt(c["tokens"] / n, 3) if c and n else "n/a"
+        return format_value(c["tokens"] / n, 3) if c and n else "n/a"
 
     doc.table(["key", "cell", "variant", "seed", "kind", "status", "N (quantized)", "active", "checkpoints",
                "final tokens", "epochs", "tokens/N", "PTQ rows"],
               [[r["key"], r["name"], r["replicate"], f"{r['seed']}/{r['data_seed']}", r.get("kind"), r["status"],
-                _count(n_q.get(r["key"])), _count(r.get("params_active")),
+                format_count(n_q.get(r["key"])), format_count(r.get("params_active")),
                 sum(c["run_key"] == r["key"] for c in res.checkpoints),
-                _count(last[r["key"]]["tokens"]) if r["key"] in last else "n/a", epochs(r), tokens_per_param(r),
+                format_count(last[r["key"]]["tokens"]) if r["key"] in last else "n/a", epochs(r), tokens_per_param(r),
                 sum(x["run_key"] == r["key"] for x in res.rows)] for r in runs])
     doc.p("seed = train.seed / data.shuffle_seed; epochs = passes over the run's train split by its last "
           "checkpoint; N = the parameters PTQ quantizes (the N of the fits).")
@@ -486,16 +457,16 @@ def section_noise(ctx: Context, doc: Doc) -> None:
         ses = [r["qid_se"] for r in sub if r.get("qid_se") is not None]
         kls = [r["kl"] for r in sub if r.get("kl") is not None]
         top1 = [r["top1_agree"] for r in sub if r.get("top1_agree") is not None]
-        table.append([b, len(sub), _fmt(float(np.median([r["qid"] for r in sub]))),
-                      _fmt(float(np.median(ses))) if ses else "n/a",
+        table.append([b, len(sub), format_value(float(np.median([r["qid"] for r in sub]))),
+                      format_value(float(np.median(ses))) if ses else "n/a",
                       sum(abs(r["qid"]) < 2 * r["qid_se"] for r in sub if r.get("qid_se") is not None),
-                      _fmt(float(np.median(kls))) if kls else "n/a",
+                      format_value(float(np.median(kls))) if kls else "n/a",
                       f"{100 * float(np.median(top1)):.1f}%" if top1 else "n/a"])
     windows = sorted({(r.get("eval_windows"), r.get("eval_tokens")) for r in rows if r.get("eval_windows")})
     doc.p(f"{method_label(ctx.sel.method)} rows per bit width: median QiD, median standard error of QiD (paired over "
           f"eval windows: the noise floor), rows with |QiD| < 2·se, median token KL(16-bit ‖ quantized) and the "
           f"median fraction of positions where both models pick the same next token."
-          + (f" Eval set: {', '.join(f'{w} windows ({_count(t)} tokens)' for w, t in windows)} per row, a seeded "
+          + (f" Eval set: {', '.join(f'{w} windows ({format_count(t)} tokens)' for w, t in windows)} per row, a seeded "
              f"random sample of the val split." if windows else " These rows predate per-window errors (no qid_se)."))
     doc.table(["bits", "rows", "median QiD", "median se", "|QiD| < 2·se", "median KL", "median top-1 agree"], table)
 
@@ -547,10 +518,11 @@ def section_comparison(ctx: Context, doc: Doc) -> None:
                        f"seeds (none with one seed).")
     doc.table(["variant", "seeds", "active params", "final tokens", "epochs", "final QiD [95% CI]",
                f"Δ vs {ctx.baseline}, paired [95% CI]", "Δ at matched 16-bit loss", "Δ relative QiD"],
-              [[c.variant, c.seeds, _count(c.params_active), _count(c.tokens), _fmt(c.epochs, 2), _interval(c.qid),
+              [[c.variant, c.seeds, format_count(c.params_active), format_count(c.tokens), format_value(c.epochs, 2),
+                _interval(c.qid),
                 "baseline" if c.is_baseline else _interval(c.diff, signed=True),
                 "" if c.is_baseline else (_interval(c.matched_diff, signed=True) +
-                                          (f" at {_fmt(c.matched_loss)}" if c.matched_diff else "")),
+                                          (f" at {format_value(c.matched_loss)}" if c.matched_diff else "")),
                 "" if c.is_baseline else _interval(c.rel_diff, signed=True)] for c in ctx.comparison])
 
 

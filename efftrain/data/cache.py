@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +40,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from efftrain.data.corpus import DataError, Document, _Fingerprint, is_val, iter_documents
+from efftrain.data.corpus import DataError, Document, Fingerprint, is_val, iter_documents
 from efftrain.data.tokenizer import eot_id, load_tokenizer, train_tokenizer
+from efftrain.files import fsync_dir, tmp_path, write_atomic
 
 if TYPE_CHECKING:
     from efftrain.config import DataConfig
@@ -82,40 +82,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic file helpers
+# Writing (atomic: efftrain.files; temporary names per process, as concurrent builders may share a key)
 # ----------------------------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _TokenWriter:
-    """Streams token arrays to <name>.tmp, then fsync + rename on commit()."""
+    """Streams token arrays to .<name>.tmp.<pid> (`tmp_path`), then fsync + rename on commit()."""
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype = path, dtype
-        self.tmp = _tmp_name(path)
+        self.tmp = tmp_path(path, per_process=True)
         self.f = open(self.tmp, "wb")
         self.n_tokens = 0
         self.n_docs = 0
@@ -158,7 +132,7 @@ def _train_texts(docs: Iterator[Document], val_fraction: float, budget: int, tot
 
 def _scan(cfg: DataConfig) -> tuple[dict[str, Any], dict[str, int]]:
     """One pass over the corpus: its identity and the split's document/character counts."""
-    fp = _Fingerprint()
+    fp = Fingerprint()
     counts = {"train_docs": 0, "val_docs": 0, "train_chars": 0, "val_chars": 0}
     for doc in iter_documents(cfg):
         fp.add(doc)
@@ -260,9 +234,7 @@ def build_token_cache(cfg: DataConfig, vocab_size: int, *,
     tok_path = directory / "tokenizer.json"
     t1 = time.perf_counter()
     if provided is not None:
-        tmp = _tmp_name(tok_path)
-        shutil.copyfile(Path(cfg.tokenizer_path).expanduser(), tmp)
-        os.replace(tmp, tok_path)
+        write_atomic(tok_path, Path(cfg.tokenizer_path).expanduser().read_bytes(), per_process=True)
         tok = load_tokenizer(tok_path)
         say(f"tokenizer: using {cfg.tokenizer_path} (vocab {tok.get_vocab_size()})")
     else:
@@ -281,7 +253,7 @@ def build_token_cache(cfg: DataConfig, vocab_size: int, *,
     writers = {s: _TokenWriter(directory / f"{s}.bin", dtype) for s in ("train", "val")}
     pending: dict[str, list[str]] = {"train": [], "val": []}
     pending_chars = {"train": 0, "val": 0}
-    fp = _Fingerprint()
+    fp = Fingerprint()
 
     def flush(split: str) -> None:
         texts = pending[split]
@@ -312,7 +284,7 @@ def build_token_cache(cfg: DataConfig, vocab_size: int, *,
         for w in writers.values():
             w.abort()
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     t_enc = time.perf_counter() - t2
 
     meta = {
@@ -323,8 +295,7 @@ def build_token_cache(cfg: DataConfig, vocab_size: int, *,
         "seconds": {"tokenizer": round(t_tok, 3), "encode": round(t_enc, 3),
                     "total": round(time.perf_counter() - t0, 3)},
     }
-    _write_atomic(directory / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
-    _fsync_dir(directory)
+    write_atomic(directory / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode(), per_process=True)
     say(f"token cache built: {directory} (train {meta['train_tokens']:,} / val {meta['val_tokens']:,} tokens; "
         f"tokenizer {t_tok:.1f}s, encode {t_enc:.1f}s)")
     cache = _open(directory, identity, meta, reused=False)

@@ -83,7 +83,7 @@ def _source_identity(cfg: DataConfig) -> dict[str, Any]:
     return ident
 
 
-class _Fingerprint:
+class Fingerprint:
     """Accumulates the content fingerprint of a document stream."""
 
     def __init__(self) -> None:
@@ -106,7 +106,7 @@ def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
     """Fingerprint of the corpus `cfg` selects: source, python version (pystdlib), text field,
     max_documents, number of documents and characters, and SHA-256 over the ordered list of
     (doc_id, sha256(text)). Reads the whole corpus once; JSON-serialisable and stable across runs."""
-    fp = _Fingerprint()
+    fp = Fingerprint()
     for doc in iter_documents(cfg):
         fp.add(doc)
     return fp.finish(cfg)
@@ -249,7 +249,7 @@ def _iter_jsonl(cfg: DataConfig) -> Iterator[Document]:
 
 
 def _iter_parquet(cfg: DataConfig) -> Iterator[Document]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: an optional dependency, needed only for parquet corpora
 
     field = cfg.text_field
     for rel, path in _expand_paths(cfg):

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Callable
 import grain
 import numpy as np
 
+from efftrain.data.cache import TokenCache, build_token_cache
 from efftrain.data.corpus import DataError
 
 if TYPE_CHECKING:
     from efftrain.config import Config
-    from efftrain.data.cache import TokenCache
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
@@ -156,7 +156,6 @@ def prepare_data(cfg: Config, vocab_size: int | None = None,
                  progress: Callable[[str], None] | None = None) -> TokenCache:
     """Build or reuse the token cache for a full `Config`:
     ``build_token_cache(cfg.data, vocab_size or cfg.model.vocab_size, progress=progress)``."""
-    from efftrain.data.cache import build_token_cache
 
     return build_token_cache(cfg.data, vocab_size if vocab_size is not None else cfg.model.vocab_size,
                              progress=progress)

@@ -5,7 +5,7 @@ trains each cell, quantizes every checkpoint and records everything in one SQLit
                checkpoint averaging), GridError
   store.py     ResultsStore: runs_dir/results.sqlite (runs, checkpoints, ptq), export
   runner.py    run_grid (resumable, idempotent; worker processes; SLURM via submitit), grid_status
-  commands.py  the `grid run|status|export`, `fit` and `report` commands: register(subparsers)
+(the `grid run|status|export` commands' argument parsing lives in efftrain/cli.py)
 """
 
 from efftrain.grid.spec import Cell, GridError, GridSpec, expand_spec, load_spec

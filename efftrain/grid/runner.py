@@ -5,8 +5,9 @@ For each cell (main cells first, each followed by its cooldown / average cells):
      retry_failed; skip it (for now) if another process holds its lock (runs_dir/.locks/KEY.lock);
   2. mark it running and produce its run in runs_dir/KEY:
        main      train(cfg, run_dir), which resumes a partial run by itself;
-       cooldown  copy the parent's series checkpoint at T into the branch's resume slot (atomically),
-                 write the branch config, then train (= resume with the cooldown schedule);
+       cooldown  copy the parent's series checkpoint at T into the branch's resume slot
+                 (CheckpointStore.copy_from: listed once whole), write the branch config, then train
+                 (= resume with the cooldown schedule);
        average   mean of the parent's parameters at the averaging steps, saved as one series
                  checkpoint (other state from the last of them) beside the parent's config;
   3. record its series checkpoints and parameter counts;
@@ -25,10 +26,8 @@ job per unfinished family through submitit instead.
 from __future__ import annotations
 
 import fcntl
-import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -37,9 +36,23 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
+import absl.logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efftrain.data import prepare_data
+from efftrain.data.corpus import DataError, check_paths
 from efftrain.grid.spec import (AVERAGE, COOLDOWN, MAIN, WARN_EPOCHS, Cell, GridError, GridSpec,
                                 expected_checkpoints, expected_ptq_keys, expected_ptq_rows, load_spec)
 from efftrain.grid.store import ResultsStore
+from efftrain.model.transformer import build_model
+from efftrain.quant.sweep import PTQError, check_group_sizes, read_rows, row_key, run_ptq_sweep
+from efftrain.train.checkpoint import CheckpointStore
+from efftrain.train.loop import Interrupted, StopSignals, train
+from efftrain.train.rundir import (CONFIG, PTQ_TABLE, abstract_train_state, adopt_run_files, finalized,
+                                   make_val_loss, read_run_info, series_steps, write_config)
 
 Log = Callable[[str], None]
 
@@ -76,53 +89,37 @@ class CellLock:
 # Producing a cell's run
 # ----------------------------------------------------------------------------------------------
 def _train(cell: Cell, log: Log) -> None:
-    from efftrain.train.loop import train
-
     train(cell.config, cell.run_dir, log=log)
-
-
-def series_steps_on_disk(run_dir: Path) -> list[int]:
-    """Finalized series checkpoints (orbax renames a checkpoint to its step only once committed)."""
-    d = run_dir / "checkpoints" / "series"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def prepare_branch(parent: Cell, cell: Cell, log: Log) -> None:
     """Make cell.run_dir a run that resumes from the parent's series checkpoint at the branch step."""
-    config_path = cell.run_dir / "config.yaml"
-    if config_path.exists():
+    if (cell.run_dir / CONFIG).exists():
         return  # prepared before (train resumes from its newest checkpoint)
     step = cell.branch_step
-    available = series_steps_on_disk(parent.run_dir)
+    available = series_steps(parent.run_dir)
     if step not in available:
         raise GridError(f"cooldown branch {cell.key}: the parent run {parent.run_dir} has no series checkpoint "
                         f"at step {step} (it has {available})")
-    resume = cell.run_dir / "checkpoints" / "resume"
-    resume.mkdir(parents=True, exist_ok=True)
-    final = resume / str(step)
-    if not final.exists():
-        tmp = resume / f"{step}.orbax-checkpoint-tmp-grid-copy"  # orbax never lists (and cleans) *-tmp-*
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(parent.run_dir / "checkpoints" / "series" / str(step), tmp)
-        tmp.rename(final)
-    _write_atomic(config_path, cell.config.to_yaml())
-    log(f"cooldown branch: starts from {parent.run_dir}/checkpoints/series/{step} "
+    src = CheckpointStore(parent.run_dir, read_only=True)
+    try:
+        dst = CheckpointStore(cell.run_dir, async_save=False)
+        try:
+            dst.copy_from(src, "series", step, as_kind="resume")
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    write_config(cell.run_dir, cell.config)
+    log(f"cooldown branch: starts from {src.path('series', step)} "
         f"({cell.branch_tokens:,} tokens), decays over {cell.config.train.max_steps - step} steps")
 
 
 def build_average(parent: Cell, cell: Cell, log: Log) -> None:
     """One series checkpoint whose parameters are the mean of the parent's at cell.average_steps."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from efftrain.eval import abstract_train_state, evaluate_model, val_set
-    from efftrain.train.checkpoint import CheckpointStore
-
     run_dir, step = cell.run_dir, cell.branch_step
-    if step not in series_steps_on_disk(run_dir):
-        missing = sorted(set(cell.average_steps) - set(series_steps_on_disk(parent.run_dir)))
+    if step not in series_steps(run_dir):
+        missing = sorted(set(cell.average_steps) - set(series_steps(parent.run_dir)))
         if missing:
             raise GridError(f"average cell {cell.key}: the parent run {parent.run_dir} lacks series checkpoints "
                             f"at steps {missing}")
@@ -139,26 +136,17 @@ def build_average(parent: Cell, cell: Cell, log: Log) -> None:
         # jax arrays, as the trainer saves them (a checkpoint written from numpy restores as numpy)
         state["params"] = jax.tree.map(lambda t, a: jnp.asarray((t / n).astype(np.asarray(a).dtype)), total,
                                        state["params"])
-        model = nnx.merge(graphdef, state["params"], state["rest"])
-        val = evaluate_model(model, cfg, val_set(cfg))["val_loss"]
+        val = make_val_loss(graphdef, cfg, prepare_data(cfg).val)(state["params"], state["rest"])
         meta = {**meta, "val_loss": val, "averaged_steps": list(cell.average_steps), "time": time.time()}
         dst = CheckpointStore(run_dir, async_save=False)
         dst.save("series", step, state, data_state, meta)
         dst.wait()
         dst.close()
         log(f"average: mean of the parameters at steps {list(cell.average_steps)} -> "
-            f"{run_dir}/checkpoints/series/{step} (val loss {val:.4f})")
-    for name in ("tokenizer.json", "run.json"):
-        if not (run_dir / name).exists():
-            shutil.copyfile(parent.run_dir / name, run_dir / name)
-    if not (run_dir / "config.yaml").exists():
-        _write_atomic(run_dir / "config.yaml", cell.config.to_yaml())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+            f"{dst.path('series', step)} (val loss {val:.4f})")
+    adopt_run_files(parent.run_dir, run_dir)
+    if not (run_dir / CONFIG).exists():
+        write_config(run_dir, cell.config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,13 +154,8 @@ def _write_atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def record_run(store: ResultsStore, cell: Cell) -> int:
     """Series checkpoints and parameter counts of the cell's run into the store; returns #checkpoints."""
-    from efftrain.train.checkpoint import CheckpointStore
-
-    ck = CheckpointStore(cell.run_dir, read_only=True)
-    series = ck.series()
-    ck.close()
-    info_path = cell.run_dir / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    series = finalized(cell.run_dir)
+    info = read_run_info(cell.run_dir)
     train_tokens = info.get("train_tokens_available")
     store.add_checkpoints(cell.key, series, train_tokens=train_tokens)
     if info:
@@ -182,9 +165,7 @@ def record_run(store: ResultsStore, cell: Cell) -> int:
 
 def backfill_ptq(store: ResultsStore, cell: Cell) -> int:
     """Rows of RUN_DIR/ptq.csv missing from the store (a kill between the CSV and the DB); returns #new."""
-    from efftrain.quant.sweep import read_rows, row_key
-
-    rows = read_rows(cell.run_dir / "ptq.csv")
+    rows = read_rows(cell.run_dir / PTQ_TABLE)
     if not rows:
         return 0
     have = store.ptq_keys(cell.key).get(cell.key, set())
@@ -192,8 +173,6 @@ def backfill_ptq(store: ResultsStore, cell: Cell) -> int:
 
 
 def _sweep(spec: GridSpec, cell: Cell, store: ResultsStore, log: Log) -> None:
-    from efftrain.quant.sweep import run_ptq_sweep
-
     run_ptq_sweep(cell.run_dir, spec.ptq_for(cell), on_row=lambda row: store.add_ptq_row(row, cell), log=log)
 
 
@@ -277,7 +256,7 @@ def run_family(spec: GridSpec, cells: list[Cell], *, retry_failed: bool = False,
             if only is not None and cell.key not in only and cell.kind != MAIN:
                 continue
             needed = {cell.branch_step, *cell.average_steps} if cell.kind != MAIN else set()
-            if needed - set(series_steps_on_disk(main.run_dir)):
+            if needed - set(series_steps(main.run_dir)):
                 log(f"[{cell.key}] cell {cell.key} ({cell.name}): waits for the checkpoints of its parent "
                     f"{main.key} (now {out.get(main.key, 'not run')}), skipped")
                 out[cell.key] = "pending"
@@ -314,8 +293,6 @@ def check_epochs(spec: GridSpec, cells: list[Cell], log: Log = print) -> dict[st
     """Epochs of every cell (key -> passes over the train split): a warning per cell above WARN_EPOCHS,
     a GridError naming the cells above the spec's max_epochs. Builds (or reuses) each distinct token
     cache, which training needs anyway."""
-    from efftrain.data import prepare_data
-
     train_tokens: dict[str, int] = {}
     epochs = {}
     for cell in cells:
@@ -340,12 +317,6 @@ def preflight(spec: GridSpec, cells: list[Cell], log: Log = print) -> None:
     """Refuse a grid, before any training starts, whose data paths find no files, whose PTQ settings
     cannot apply to some cell's weights (e.g. a group size that does not divide a layer's input dim),
     or whose cells would repeat their training data more than `max_epochs` times."""
-    from flax import nnx
-
-    from efftrain.data.corpus import DataError, check_paths
-    from efftrain.model.transformer import build_model
-    from efftrain.quant.sweep import PTQError, check_group_sizes
-
     first_of_data: dict[str, Cell] = {}
     for c in cells:
         first_of_data.setdefault(c.config.data.model_dump_json(), c)
@@ -384,8 +355,6 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
     only: cell keys (or unique prefixes); their families' main cells run first when needed.
     set_overrides / runs_dir: as in `load_spec` (e.g. a data.cache_dir for every cell).
     """
-    import absl.logging
-
     absl.logging.set_verbosity(absl.logging.ERROR)
     spec = load_spec(spec_path, set_overrides=set_overrides, runs_dir=runs_dir)
     families, keys = _select(spec, only)
@@ -425,6 +394,8 @@ def visible_gpus() -> list[str]:
 
 
 def _init_worker(slots, share_gpu: bool) -> None:
+    """Pin the worker to its GPU. Importing this module loads JAX but starts no backend (that waits for
+    the first computation), so the variables set here still decide which device the worker gets."""
     gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -433,8 +404,6 @@ def _init_worker(slots, share_gpu: bool) -> None:
 
 
 def _worker(spec_path: str, keys: list[str], retry_failed: bool, set_overrides, runs_dir: str) -> dict[str, str]:
-    import absl.logging
-
     absl.logging.set_verbosity(absl.logging.ERROR)
     spec = load_spec(spec_path, set_overrides=set_overrides, runs_dir=runs_dir)
     cells = [spec.cell(k) for k in keys]
@@ -453,8 +422,6 @@ def _run_parallel(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str
     for i in range(workers):
         slots.put(gpus[i % len(gpus)] if gpus else None)
     log(f"{workers} worker processes" + (f" on GPUs {', '.join(gpus[:workers])}" if gpus else " (no GPUs)"))
-    from efftrain.train.loop import Interrupted, StopSignals
-
     results: dict[str, str] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(slots, bool(gpus) and workers > len(gpus))) as pool, \
@@ -531,7 +498,7 @@ def submit_slurm(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str]
                  retry_failed: bool, set_overrides, log: Log) -> dict[str, str]:
     """One SLURM job per family with unfinished cells, each running `run_grid(..., only=family)`."""
     try:
-        import submitit
+        import submitit  # lazy: an optional dependency (efftrain[cluster]), needed only with --slurm
     except ImportError:
         raise GridError("--slurm needs the 'submitit' package: pip install 'efftrain[cluster]' "
                         "(or pip install submitit)") from None
@@ -572,7 +539,7 @@ def grid_status(spec: GridSpec) -> list[dict[str, Any]]:
         rows.append({
             "key": cell.key, "name": cell.name, "replicate": cell.replicate, "seed": cell.seed,
             "data_seed": cell.data_seed, "kind": cell.kind, "status": rec.get("status", "pending"),
-            "checkpoints": max(counts.get(cell.key, (0, 0))[0], len(series_steps_on_disk(cell.run_dir))),
+            "checkpoints": max(counts.get(cell.key, (0, 0))[0], len(series_steps(cell.run_dir))),
             "checkpoints_expected": len(expected_checkpoints(cell)),
             "ptq_rows": len(expected & keys.get(cell.key, set())), "ptq_expected": len(expected),
             "error": rec.get("error"),

@@ -65,10 +65,14 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from efftrain.config import (Config, ConfigError, PRESET_DIR, _load_raw, deep_merge, set_dotted,
-                             from_dict, list_presets, yaml_load)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from efftrain.config import (PRESET_DIR, Config, ConfigError, deep_merge, from_dict, list_presets, load_raw,
+                             set_dotted, yaml_load)
+from efftrain.quant.sweep import PTQSpec, combinations
+from efftrain.train.series import series_points, target_tokens
 
 
 class GridError(ConfigError):
@@ -77,13 +81,8 @@ class GridError(ConfigError):
     A ConfigError (so a ValueError): the CLI reports it as a one-line `error:` like a bad config."""
 
 
-TOP_LEVEL_KEYS = ("name", "description", "base", "set", "variants", "axes", "zip", "checkpoint", "ptq",
-                  "runs_dir", "cooldown", "cooldown_fraction", "average", "seeds", "init_seeds", "data_seeds",
-                  "max_epochs")
-SEED_KEYS = ("seeds", "init_seeds", "data_seeds")
 WARN_EPOCHS = 4.0  # preflight warns when a cell repeats its training data more often than this
 DEFAULT_MAX_EPOCHS = 10.0  # ... and refuses above the spec's max_epochs (this by default)
-AVERAGE_KEYS = ("tokens", "count", "window")
 
 MAIN, COOLDOWN, AVERAGE = "main", "cooldown", "average"
 
@@ -190,27 +189,162 @@ def _fail(path: Path, msg: str) -> GridError:
     return GridError(f"grid spec {path}: {msg}")
 
 
-def _dotted_mapping(path: Path, where: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _fail(path, f"'{where}' must be a mapping of dotted config keys to values, got {type(value).__name__}")
-    for k in value:
-        if not isinstance(k, str) or not k or any(not p for p in k.split(".")):
-            raise _fail(path, f"'{where}': invalid key {k!r} (expected a dotted config key like model.d_model)")
-    return dict(value)
+def _dotted_key(key: str) -> str:
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"invalid key {key!r} (expected a dotted config key like model.d_model)")
+    return key
 
 
-def _token_list(path: Path, where: str, value: Any) -> tuple[int, ...]:
-    values = value if isinstance(value, list) else None
-    if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0 for t in values):
-        raise _fail(path, f"'{where}' must be a non-empty list of positive token counts, got {value!r}")
-    return tuple(sorted({int(t) for t in values}))
+def _variant_name(name: str) -> str:
+    if not name or "," in name:
+        raise ValueError(f"invalid variant name {name!r}")
+    return name
 
 
-def _resolve_base(path: Path, base: Any) -> str:
-    if not isinstance(base, str) or not base:
-        raise _fail(path, f"'base' must be a preset name or a config path, got {base!r}")
+def _grid_name(name: str) -> str:
+    if not name.strip() or "/" in name:
+        raise ValueError(f"must be a non-empty string without '/', got {name!r}")
+    return name
+
+
+def _unique_seeds(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"lists a seed twice: {seeds}")
+    return seeds
+
+
+DottedKey = Annotated[str, AfterValidator(_dotted_key)]
+Overrides = dict[DottedKey, Any]
+Values = Annotated[list[Any], Field(min_length=1)]
+Tokens = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
+Seeds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), AfterValidator(_unique_seeds)]
+
+
+def _must(rule: str, default: Any = ..., **constraints):
+    """A spec field whose description is the rule its error message states ("'x' must be <rule>")."""
+    return Field(default, description=rule, **constraints)
+
+
+class _Average(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tokens: Literal["series"] | Tokens | None = _must("`series` or a non-empty list of positive token counts", None)
+    count: int = _must("an integer >= 2", 4, ge=2)
+    window: float = _must("a number in (0, 1)", 0.1, gt=0, lt=1)
+
+
+class _Spec(BaseModel):
+    """The YAML of a grid spec, typed (pydantic, strict, like efftrain.config); `load_spec` turns it
+    into a GridSpec. Field meanings: the module docstring; descriptions: what an error says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, AfterValidator(_grid_name)] = _must("a non-empty string without '/'")
+    description: str = _must("a string", "")
+    base: str = _must("a preset name or a config path", min_length=1)
+    set: Overrides = _must("a mapping of dotted config keys to values", {})
+    variants: dict[Annotated[str, AfterValidator(_variant_name)], Overrides] = _must(
+        "a mapping of variant name -> {dotted key: value}", {})
+    axes: dict[DottedKey, Values] = _must("a mapping of dotted config keys to non-empty lists of values", {})
+    zip: list[Annotated[dict[DottedKey, Values], Field(min_length=1)]] = _must(
+        "a list of mappings key -> list of values (of equal length)", [])
+    checkpoint: dict[str, Any] = _must("a mapping merged into the config's checkpoint section", {})
+    ptq: dict[str, Any] = _must("a mapping of PTQ settings", {})
+    runs_dir: str | None = _must("a path", None, min_length=1)
+    cooldown: Literal["series"] | Tokens | None = _must("`series` or a non-empty list of positive token counts", None)
+    cooldown_fraction: float = _must("a number in (0, 1]", 0.2, gt=0, le=1)
+    average: _Average | None = _must("a mapping with tokens, count, window", None)
+    seeds: Seeds | None = _must("a non-empty list of non-negative integers", None)
+    init_seeds: Seeds | None = _must("a non-empty list of non-negative integers", None)
+    data_seeds: Seeds | None = _must("a non-empty list of non-negative integers", None)
+    max_epochs: float = _must("a positive number", DEFAULT_MAX_EPOCHS, gt=0)
+
+    @field_validator("zip", mode="before")
+    @classmethod
+    def _one_group(cls, value):
+        return [value] if isinstance(value, dict) else value
+
+
+TOP_LEVEL_KEYS = tuple(_Spec.model_fields)
+AVERAGE_KEYS = tuple(_Average.model_fields)
+RULES = {**{k: f.description for k, f in _Spec.model_fields.items()},
+         **{f"average.{k}": f.description for k, f in _Average.model_fields.items()},
+         "axes.*": "a non-empty list of values", "zip.*": "a non-empty list of values",
+         "zip[]": "a non-empty mapping of dotted config keys to lists of values"}
+
+
+def _where(loc: tuple) -> str:
+    """The spec field an error location points at: 'axes.optim.lr', 'zip[0].model.d_model', 'seeds'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            if out == "zip":
+                out += f"[{part}]"
+            continue
+        if "[" in part or part in ("function-after", "literal"):  # pydantic's tags of union members
+            continue
+        out = f"{out}.{part}" if out else part
+    return out
+
+
+def _problems(raw: dict, err: ValidationError) -> list[str]:
+    unknown = [e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+    if unknown:
+        return [f"unknown top-level key(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(TOP_LEVEL_KEYS)})"]
+    problems: dict[str, str] = {}
+    for e in err.errors():
+        where = _where(e["loc"])
+        if where in problems:
+            continue
+        if e["type"] == "missing":
+            problems[where] = f"'{where}' is required" + (" (a preset name or a config path)" if where == "base" else "")
+        elif e["type"] == "extra_forbidden":
+            parent = where.rpartition(".")[0]
+            problems[where] = f"unknown key(s) [{where.rpartition('.')[2]!r}] in '{parent}'" + \
+                (f" (allowed: {', '.join(AVERAGE_KEYS)})" if parent == "average" else "")
+        elif e["type"] == "value_error":  # our validators' messages: "must be ...", "lists ...", "invalid ..."
+            msg = e["msg"].removeprefix("Value error, ")
+            problems[where] = f"'{where}' {msg}" if msg.startswith(("must", "lists")) \
+                else f"'{where.split('.')[0].split('[')[0]}': {msg}"
+        else:
+            top = where.split(".")[0]
+            key = where if where in RULES else "zip[]" if top.startswith("zip[") and "." not in where \
+                else f"{top.split('[')[0]}.*"
+            rule = RULES.get(key, RULES.get(top)) or e["msg"]
+            problems[where] = f"'{where}' must be {rule}, got {_value_at(raw, e['loc'])!r}"
+    return list(problems.values())
+
+
+def _value_at(raw: dict, loc: tuple):
+    """The raw value an error location points at (list items of a field report the whole list)."""
+    value = raw
+    for part in loc:
+        if isinstance(part, int) and isinstance(value, list) and part < len(value) and loc[0] == "zip":
+            value = value[part]
+        elif isinstance(part, str) and isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            break
+    return value
+
+
+def _check_zip(path: Path, zips: list[dict[str, list]], axes: dict[str, list]) -> None:
+    for i, group in enumerate(zips):
+        lengths = {k: len(v) for k, v in group.items()}
+        if len(set(lengths.values())) > 1:
+            raise _fail(path, f"'zip[{i}]' lists have unequal lengths "
+                              f"({', '.join(f'{k}: {n}' for k, n in lengths.items())})")
+    seen: dict[str, str] = {}
+    for where, keys in [("axes", axes)] + [(f"zip[{i}]", g) for i, g in enumerate(zips)]:
+        for k in keys:
+            if k in seen:
+                raise _fail(path, f"key '{k}' varies in both {seen[k]} and {where}")
+            seen[k] = where
+
+
+def _tokens(value) -> tuple[int, ...] | str:
+    return SERIES if value == SERIES else tuple(sorted({int(t) for t in value}))
+
+
+def _resolve_base(path: Path, base: str) -> str:
     p = Path(base)
     if p.suffix in (".yaml", ".yml") or "/" in base:
         if not p.is_absolute():
@@ -223,15 +357,7 @@ def _resolve_base(path: Path, base: Any) -> str:
     return base
 
 
-def _ptq_spec(path: Path, raw: Any):
-    from pydantic import ValidationError
-
-    from efftrain.quant.sweep import PTQSpec
-
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise _fail(path, f"'ptq' must be a mapping of PTQ settings, got {type(raw).__name__}")
+def _ptq_spec(path: Path, raw: dict):
     try:
         return PTQSpec.model_validate(raw)
     except ValidationError as e:
@@ -257,127 +383,33 @@ def load_spec(path: str | Path, *, set_overrides: dict[str, Any] | None = None,
         raise GridError(f"grid spec {path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise _fail(path, "expected a mapping at the top level")
-    unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
-    if unknown:
-        raise _fail(path, f"unknown top-level key(s) {', '.join(map(repr, unknown))} "
-                          f"(allowed: {', '.join(TOP_LEVEL_KEYS)})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise _fail(path, f"'name' must be a non-empty string without '/', got {name!r}")
-    if "base" not in raw:
-        raise _fail(path, "'base' is required (a preset name or a config path)")
-    base = _resolve_base(path, raw["base"])
-
-    overrides = _dotted_mapping(path, "set", raw.get("set"))
-    overrides.update(set_overrides or {})
-
-    variants_raw = raw.get("variants") or {}
-    if not isinstance(variants_raw, dict):
-        raise _fail(path, "'variants' must be a mapping of variant name -> {dotted key: value}")
-    variants = {}
-    for vname, vset in variants_raw.items():
-        if not isinstance(vname, str) or not vname or "," in vname:
-            raise _fail(path, f"'variants': invalid variant name {vname!r}")
-        variants[vname] = _dotted_mapping(path, f"variants.{vname}", vset)
-
-    axes = _dotted_mapping(path, "axes", raw.get("axes"))
-    for k, v in axes.items():
-        if not isinstance(v, list) or not v:
-            raise _fail(path, f"'axes.{k}' must be a non-empty list of values, got {v!r}")
-
-    zip_raw = raw.get("zip") or []
-    if isinstance(zip_raw, dict):
-        zip_raw = [zip_raw]
-    if not isinstance(zip_raw, list):
-        raise _fail(path, "'zip' must be a list of mappings key -> list of values (of equal length)")
-    zips = []
-    for i, group in enumerate(zip_raw):
-        group = _dotted_mapping(path, f"zip[{i}]", group)
-        if not group:
-            raise _fail(path, f"'zip[{i}]' is empty")
-        bad = [k for k, v in group.items() if not isinstance(v, list) or not v]
-        if bad:
-            raise _fail(path, f"'zip[{i}].{bad[0]}' must be a non-empty list of values")
-        lengths = {k: len(v) for k, v in group.items()}
-        if len(set(lengths.values())) > 1:
-            raise _fail(path, f"'zip[{i}]' lists have unequal lengths "
-                              f"({', '.join(f'{k}: {n}' for k, n in lengths.items())})")
-        zips.append(group)
-
-    seen: dict[str, str] = {}
-    for where, keys in [("axes", axes)] + [(f"zip[{i}]", g) for i, g in enumerate(zips)]:
-        for k in keys:
-            if k in seen:
-                raise _fail(path, f"key '{k}' varies in both {seen[k]} and {where}")
-            seen[k] = where
-
-    checkpoint = raw.get("checkpoint") or {}
-    if not isinstance(checkpoint, dict):
-        raise _fail(path, "'checkpoint' must be a mapping merged into the config's checkpoint section")
-
-    cooldown: tuple[int, ...] | str = ()
-    if raw.get("cooldown") is not None:
-        cooldown = SERIES if raw["cooldown"] == SERIES else _token_list(path, "cooldown", raw["cooldown"])
-    fraction = raw.get("cooldown_fraction", 0.2)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise _fail(path, f"'cooldown_fraction' must be a number in (0, 1], got {fraction!r}")
-
+    raw = {k: v for k, v in raw.items() if v is not None}  # a key left empty in YAML means its default
+    try:
+        spec = _Spec.model_validate(raw)
+    except ValidationError as e:
+        raise _fail(path, "; ".join(_problems(raw, e))) from None
+    if spec.seeds is not None and (spec.init_seeds is not None or spec.data_seeds is not None):
+        raise _fail(path, "'seeds' sets both seeds; use either it or 'init_seeds' / 'data_seeds'")
+    _check_zip(path, spec.zip, spec.axes)
+    cooldown = () if spec.cooldown is None else _tokens(spec.cooldown)
     average = None
-    if raw.get("average") is not None:
-        av = raw["average"]
-        if not isinstance(av, dict):
-            raise _fail(path, "'average' must be a mapping with tokens, count, window")
-        bad = [k for k in av if k not in AVERAGE_KEYS]
-        if bad:
-            raise _fail(path, f"unknown key(s) {bad} in 'average' (allowed: {', '.join(AVERAGE_KEYS)})")
-        tokens = cooldown if "tokens" not in av else \
-            SERIES if av["tokens"] == SERIES else _token_list(path, "average.tokens", av["tokens"])
+    if spec.average is not None:
+        tokens = cooldown if spec.average.tokens is None else _tokens(spec.average.tokens)
         if not tokens:
             raise _fail(path, "'average.tokens' is required when there is no 'cooldown' list")
-        count, window = av.get("count", 4), av.get("window", 0.1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
-            raise _fail(path, f"'average.count' must be an integer >= 2, got {count!r}")
-        if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 < window < 1:
-            raise _fail(path, f"'average.window' must be a number in (0, 1), got {window!r}")
-        average = AverageSpec(tokens=tokens, count=count, window=float(window))
-
-    replicates = _replicates(path, raw)
-    max_epochs = raw.get("max_epochs", DEFAULT_MAX_EPOCHS)
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, float)) or not max_epochs > 0:
-        raise _fail(path, f"'max_epochs' must be a positive number, got {max_epochs!r}")
-
-    rd = runs_dir if runs_dir is not None else raw.get("runs_dir", f"runs/{name}")
-    if not isinstance(rd, (str, Path)) or not str(rd):
-        raise _fail(path, f"'runs_dir' must be a path, got {rd!r}")
-
-    return GridSpec(name=name, path=path, base=base, set=overrides, variants=variants, axes=axes, zip=zips,
-                    checkpoint=dict(checkpoint), ptq=_ptq_spec(path, raw.get("ptq")), runs_dir=Path(rd),
-                    cooldown=cooldown, cooldown_fraction=float(fraction), average=average,
-                    description=str(raw.get("description") or ""), replicates=replicates,
-                    max_epochs=float(max_epochs))
-
-
-def _seed_list(path: Path, where: str, value: Any) -> list[int]:
-    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
-                                                       for v in value):
-        raise _fail(path, f"'{where}' must be a non-empty list of non-negative integers, got {value!r}")
-    if len(set(value)) != len(value):
-        raise _fail(path, f"'{where}' lists a seed twice: {value}")
-    return list(value)
-
-
-def _replicates(path: Path, raw: dict) -> tuple[tuple[int, int], ...]:
-    """(init seed, data seed) of each replicate: `seeds` couples them, `init_seeds` x `data_seeds`
-    decouples them (a missing one of the two keeps the config's seed, marked -1 here)."""
-    if raw.get("seeds") is not None:
-        if raw.get("init_seeds") is not None or raw.get("data_seeds") is not None:
-            raise _fail(path, "'seeds' sets both seeds; use either it or 'init_seeds' / 'data_seeds'")
-        return tuple((s, s) for s in _seed_list(path, "seeds", raw["seeds"]))
-    inits = _seed_list(path, "init_seeds", raw["init_seeds"]) if raw.get("init_seeds") is not None else [-1]
-    datas = _seed_list(path, "data_seeds", raw["data_seeds"]) if raw.get("data_seeds") is not None else [-1]
-    if inits == [-1] and datas == [-1]:
-        return ()
-    return tuple(itertools.product(inits, datas))
+        average = AverageSpec(tokens=tokens, count=spec.average.count, window=float(spec.average.window))
+    if spec.seeds is not None:
+        replicates = tuple((s, s) for s in spec.seeds)
+    elif spec.init_seeds is None and spec.data_seeds is None:
+        replicates = ()
+    else:  # a missing one of the two keeps the config's seed, marked -1
+        replicates = tuple(itertools.product(spec.init_seeds or [-1], spec.data_seeds or [-1]))
+    return GridSpec(name=spec.name, path=path, base=_resolve_base(path, spec.base),
+                    set={**spec.set, **(set_overrides or {})}, variants=spec.variants, axes=spec.axes,
+                    zip=spec.zip, checkpoint=dict(spec.checkpoint), ptq=_ptq_spec(path, spec.ptq),
+                    runs_dir=Path(runs_dir if runs_dir is not None else spec.runs_dir or f"runs/{spec.name}"),
+                    cooldown=cooldown, cooldown_fraction=float(spec.cooldown_fraction), average=average,
+                    description=spec.description, replicates=replicates, max_epochs=float(spec.max_epochs))
 
 
 def expand_spec(path: str | Path, **kwargs) -> tuple[GridSpec, list[Cell]]:
@@ -464,8 +496,6 @@ def _total_steps(cfg: Config) -> int:
 
 
 def _series_steps(cfg: Config) -> list[int]:
-    from efftrain.train.series import series_points
-
     return [p.step for p in series_points(cfg.checkpoint, cfg.tokens_per_step, _total_steps(cfg))[0]]
 
 
@@ -481,7 +511,7 @@ def average_points(cfg: Config, tokens: int, av: AverageSpec) -> list[int]:
 def expand(spec: GridSpec) -> list[Cell]:
     """All cells of the grid: main cells in product order, each followed by its derived cells."""
     try:
-        base_raw = _load_raw(spec.base)
+        base_raw = load_raw(spec.base)
     except ConfigError as e:
         raise _fail(spec.path, f"'base': {e}") from None
     common = dict(spec.set)
@@ -583,8 +613,6 @@ def cooldown_steps(spec: GridSpec, cfg: Config, tokens: int) -> tuple[int, int]:
 
 
 def _series_targets(cfg: Config) -> list[int]:
-    from efftrain.train.series import target_tokens
-
     return [t for t in target_tokens(cfg.checkpoint) if _series_step(cfg, t) <= _total_steps(cfg)]
 
 
@@ -668,8 +696,6 @@ def expected_checkpoints(cell: Cell) -> list[int]:
 
 def expected_ptq_keys(spec: GridSpec, cell: Cell) -> set[tuple]:
     """(step, method, bits, group_size, format) of every PTQ row the cell should have."""
-    from efftrain.quant.sweep import combinations
-
     ptq = spec.ptq_for(cell)
     steps = expected_checkpoints(cell)  # (the sweep refuses listed steps that the run lacks)
     if ptq.checkpoints != "all":

@@ -36,8 +36,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from efftrain.grid.spec import GridError
-from efftrain.tables import load_rows, with_n_params
+from efftrain.files import atomic_path
+from efftrain.grid.spec import GridError, load_spec
+from efftrain.tables import load_rows, parse_value, with_n_params
 
 DB_NAME = "results.sqlite"
 STATUSES = ("pending", "running", "done", "failed")
@@ -94,16 +95,15 @@ def _jsonable(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def _coerce(column: str, value: Any) -> Any:
-    """CSV strings / numpy scalars -> the column's SQLite type (None for empty)."""
+def _column_value(column: str, value: Any) -> Any:
+    """A row's value (CSV text, a number, a numpy scalar) as the column's SQLite type; None for empty."""
     value = _jsonable(value)
-    if value is None or value == "":
-        return None
-    if column in _INT_COLUMNS:
-        return int(float(value)) if isinstance(value, str) else int(value)
-    if column in _REAL_COLUMNS:
-        return float(value)
-    return str(value)
+    if column in _INT_COLUMNS or column in _REAL_COLUMNS:
+        value = parse_value(value)
+        if value is None:
+            return None
+        return int(value) if column in _INT_COLUMNS else float(value)
+    return None if value is None or value == "" else str(value)
 
 
 class ResultsStore:
@@ -230,7 +230,7 @@ class ResultsStore:
     def add_ptq_row(self, row: dict[str, Any], cell) -> bool:
         """Record one PTQ sweep row of `cell` (one transaction). True if it was new."""
         known = {c for c, _ in PTQ_COLUMNS} - set(GRID_COLUMNS)
-        values = {c: _coerce(c, row.get(c)) for c in known}
+        values = {c: _column_value(c, row.get(c)) for c in known}
         extra = {k: _jsonable(v) for k, v in row.items() if k not in known}
         values.update(variant=cell.name, replicate=cell.replicate or cell.name, run_key=cell.key, schedule=cell.schedule, cell_kind=cell.kind,
                       axes=json.dumps(cell.values, sort_keys=True, default=str),
@@ -277,29 +277,28 @@ class ResultsStore:
 
 def export_table(store: ResultsStore, out: str | Path, fmt: str, table: str = "ptq") -> Path:
     """Write a table of the store as CSV or Parquet (atomically); returns the path."""
+    if fmt not in ("csv", "parquet"):
+        raise StoreError(f"unknown export format '{fmt}' (csv or parquet)")
     columns, rows = store.table(table)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if fmt == "csv":
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            writer.writerows(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in r]
-                             for r in rows)
-    elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with atomic_path(out) as tmp:
+        if fmt == "csv":
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(columns)
+                writer.writerows(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in r]
+                                 for r in rows)
+        else:
+            import pyarrow as pa  # lazy: only a Parquet export needs pyarrow
+            import pyarrow.parquet as pq
 
-        types = dict(RUN_COLUMNS if table == "runs" else PTQ_COLUMNS if table == "ptq" else [])
-        types.update(dict(CHECKPOINT_COLUMNS) if table == "checkpoints" else {})
-        arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
-        fields = [pa.field(c, arrow[types.get(c, "TEXT").split()[0]]) for c in columns]
-        data = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
-        pq.write_table(pa.table(data, schema=pa.schema(fields)), tmp)
-    else:
-        raise StoreError(f"unknown export format '{fmt}' (csv or parquet)")
-    tmp.replace(out)
+            types = dict(RUN_COLUMNS if table == "runs" else PTQ_COLUMNS if table == "ptq" else [])
+            types.update(dict(CHECKPOINT_COLUMNS) if table == "checkpoints" else {})
+            arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
+            fields = [pa.field(c, arrow[types.get(c, "TEXT").split()[0]]) for c in columns]
+            data = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
+            pq.write_table(pa.table(data, schema=pa.schema(fields)), tmp)
     return out
 
 
@@ -310,8 +309,6 @@ def resolve_results(source: str | Path) -> Path:
     """A grid spec (-> its runs_dir/results.sqlite), a runs dir, or a table file itself."""
     p = Path(source)
     if p.suffix in (".yaml", ".yml"):
-        from efftrain.grid.spec import load_spec
-
         return load_spec(p).db_path
     if p.is_dir():
         return p / DB_NAME

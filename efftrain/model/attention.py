@@ -70,6 +70,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
 
 class Attention(nnx.Module):
+    @staticmethod
+    def cache_elements_per_token(cfg: ModelConfig) -> int:
+        """KV-cache elements per token and layer: keys and values of every kv head."""
+        return 2 * cfg.resolved_kv_heads * cfg.resolved_head_dim
+
+    @staticmethod
+    def core_dims(cfg: ModelConfig) -> tuple[int, int]:
+        """(query/key head dim, value head dim) of the attention core."""
+        return cfg.resolved_head_dim, cfg.resolved_head_dim
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8: FP8Config | None = None):
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
@@ -89,12 +99,3 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
         out = causal_attention(q, k, v, scale=self.head_dim ** -0.5, cfg=self.cfg)
         return self.o(rearrange(out, "b t n h -> b t (n h)"))
-
-
-def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
-    """KV-cache bytes per token per layer (keys + values of every kv head)."""
-    if cfg.attention == "mla":
-        from efftrain.model.mla import mla_cache_elements_per_token
-
-        return mla_cache_elements_per_token(cfg) * bytes_per_element
-    return 2 * cfg.resolved_kv_heads * cfg.resolved_head_dim * bytes_per_element

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
+from efftrain.fp8 import fp8_linear, fp8_linear_shared
 from efftrain.xla import on_gpu
 
 
@@ -64,8 +65,6 @@ class Linear(nnx.Module):
         x = x.astype(self.compute_dtype)
         w = self.kernel[...]
         if self.fp8 is not None:
-            from efftrain.fp8 import fp8_linear
-
             return fp8_linear(x, w.astype(self.compute_dtype), self.fp8).astype(self.compute_dtype)
         return jnp.dot(x, w.astype(self.compute_dtype))
 
@@ -76,8 +75,6 @@ def apply_shared_input(layers: tuple[Linear, ...], x: jax.Array) -> tuple[jax.Ar
     fp8, dtype = layers[0].fp8, layers[0].compute_dtype
     if fp8 is None or len(layers) == 1 or any(l.fp8 != fp8 or l.compute_dtype != dtype for l in layers):
         return tuple(layer(x) for layer in layers)
-    from efftrain.fp8 import fp8_linear_shared
-
     for layer in layers:
         observe_input(layer, x)
     ws = tuple(layer.kernel[...].astype(dtype) for layer in layers)

@@ -77,6 +77,15 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
 
 
 class MLAttention(nnx.Module):
+    @staticmethod
+    def cache_elements_per_token(cfg: ModelConfig) -> int:
+        return mla_cache_elements_per_token(cfg)
+
+    @staticmethod
+    def core_dims(cfg: ModelConfig) -> tuple[int, int]:
+        """(query/key head dim incl. the RoPE part, value head dim) of the attention core."""
+        return cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim, cfg.mla.v_head_dim
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8: FP8Config | None = None):
         self.cfg = cfg
         m = cfg.mla

@@ -29,7 +29,7 @@ Switch-Transformer loss over the whole call (eq. 4, with top-K slot fractions):
 aux_loss = seq_aux_loss_weight · L_seq + switch_aux_loss_weight · L_switch  (both are 1 when balanced).
 
 Dispatch (no ragged_dot on the default paths: on the lent H100 it ran at 34 TFLOP/s vs 627 TFLOP/s for
-a batched einsum, DESIGN.md "Measured facts"; XLA lowers it to zero-padded dense matmuls). The N·K
+a batched einsum, docs/METHODS.md §4; XLA lowers it to zero-padded dense matmuls). The N·K
 (token, expert) assignments, in token-major order a = n·K + k (n = b·T + t), are stably sorted by
 expert; rank(a) = its position within its expert's group. `cfg.moe.dispatch` picks the path:
   * capacity: C = min(ceil(capacity_factor · N·K / E), N) slots per expert, buffer [E, C, D], one

@@ -27,25 +27,24 @@ tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig, MTPConfig
+from efftrain.model.block import Block
 from efftrain.model.layers import Linear, RMSNorm, cross_entropy
 
-if TYPE_CHECKING:
-    from efftrain.model.transformer import Transformer
+# `model` below is the main model (efftrain.model.transformer.Transformer, which builds the MTP
+# modules): its `embed`, `head` and `mtp` are used, so it is typed by what it offers, not imported.
 
 
 class MTPModule(nnx.Module):
     """One depth k: two input norms, the projection M_k, a transformer block, an output norm."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8: FP8Config | None = None):
-        from efftrain.model.transformer import Block  # lazy: transformer.py imports this module
-
         d = cfg.d_model
         self.norm_hidden = RMSNorm(d, cfg=cfg)
         self.norm_embed = RMSNorm(d, cfg=cfg)
@@ -106,7 +105,7 @@ def mtp_total(ce_main: jax.Array, ce_mtp: jax.Array, lam) -> jax.Array:
     return ce_main + lam * jnp.mean(ce_mtp)
 
 
-def mtp_losses_and_stats(model: "Transformer", hidden: jax.Array, inputs: jax.Array, targets: jax.Array,
+def mtp_losses_and_stats(model: nnx.Module, hidden: jax.Array, inputs: jax.Array, targets: jax.Array,
                          positions: jax.Array | None = None) -> tuple[jax.Array, list]:
     """CE per depth [D] (fp32; shape [0] without MTP) and the MoE stats list of the MTP blocks."""
     if model.mtp is None:
@@ -116,13 +115,13 @@ def mtp_losses_and_stats(model: "Transformer", hidden: jax.Array, inputs: jax.Ar
     return ce, stats
 
 
-def mtp_losses(model: "Transformer", hidden: jax.Array, inputs: jax.Array, targets: jax.Array,
+def mtp_losses(model: nnx.Module, hidden: jax.Array, inputs: jax.Array, targets: jax.Array,
                positions: jax.Array | None = None) -> jax.Array:
     """CE_k for k = 1..D, each the mean over the T-k positions of depth k: shape [D]."""
     return mtp_losses_and_stats(model, hidden, inputs, targets, positions)[0]
 
 
-def acceptance_rate(model: "Transformer", inputs: jax.Array) -> jax.Array:
+def acceptance_rate(model: nnx.Module, inputs: jax.Array) -> jax.Array:
     """Fraction of positions i < T-1 where argmax MTP-1 logits at i == argmax main logits at i+1."""
     if model.mtp is None:
         raise ValueError("acceptance_rate needs a model with MTP modules (model.mtp.depth >= 1)")

@@ -1,8 +1,8 @@
 """The decoder-only transformer: embedding -> L pre-norm blocks -> final RMSNorm -> output head.
 
-Each block is  h = x + Attn(RMSNorm(x));  out = h + FFN(RMSNorm(h)),  where Attn is MHA/GQA
-(`attention.py`) or MLA (`mla.py`) and FFN is a SwiGLU MLP (`layers.py`) or DeepSeekMoE (`moe.py`,
-layers >= moe.first_dense_layers). Optional MTP modules (`mtp.py`) ride on the final hidden state.
+Each block (`block.py`) is  h = x + Attn(RMSNorm(x));  out = h + FFN(RMSNorm(h)),  with MHA/GQA or
+MLA attention and a SwiGLU MLP or DeepSeekMoE. Optional MTP modules (`mtp.py`) ride on the final
+hidden state.
 
 `Transformer.__call__(tokens)` returns `ModelOutput(logits, hidden, moe)`: logits [B,T,V] in fp32,
 the last block's hidden state [B,T,D] (input to MTP) and the per-MoE-layer router statistics.
@@ -17,44 +17,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
-from efftrain.model.attention import Attention
-from efftrain.model.layers import MLP, Embedding, Linear, RMSNorm, fp8_for
+from efftrain.model.block import Block, attention_class, is_moe_layer
+from efftrain.model.layers import Embedding, Linear, RMSNorm
+from efftrain.model.mtp import MTP
 
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] fp32
     hidden: jax.Array  # [B, T, D] last block output, before the final norm
     moe: dict  # stacked router statistics of the MoE layers ({} without MoE)
-
-
-def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    return cfg.moe.enabled and layer >= cfg.moe.first_dense_layers
-
-
-class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, fp8: FP8Config | None = None):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg=cfg)
-        if cfg.attention == "mla":
-            from efftrain.model.mla import MLAttention
-
-            self.attn = MLAttention(cfg, rngs=rngs, fp8=fp8)
-        else:
-            self.attn = Attention(cfg, rngs=rngs, fp8=fp8)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg=cfg)
-        self.is_moe = is_moe_layer(cfg, layer)
-        if self.is_moe:
-            from efftrain.model.moe import MoE
-
-            self.ffn = MoE(cfg, rngs=rngs, fp8=fp8)
-        else:
-            self.ffn = MLP(cfg.d_model, cfg.mlp_hidden, cfg=cfg, rngs=rngs, fp8=fp8)
-
-    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict | None]:
-        x = x + self.attn(self.attn_norm(x), positions)
-        if self.is_moe:
-            y, stats = self.ffn(self.ffn_norm(x))
-            return x + y, stats
-        return x + self.ffn(self.ffn_norm(x)), None
 
 
 class Transformer(nnx.Module):
@@ -65,12 +36,7 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg=cfg)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, cfg=cfg, rngs=rngs, fp8=fp8, fp8_role="output_head")
-        if cfg.mtp.depth > 0:
-            from efftrain.model.mtp import MTP
-
-            self.mtp = MTP(cfg, rngs=rngs, fp8=fp8)
-        else:
-            self.mtp = None
+        self.mtp = MTP(cfg, rngs=rngs, fp8=fp8) if cfg.mtp.depth > 0 else None
 
     def head(self, h: jax.Array) -> jax.Array:
         """Output head on an already-normalised hidden state -> fp32 logits."""
@@ -135,11 +101,7 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     familiar 12·L·T·D (Kaplan et al.; nanoGPT), counting the full T×T square, i.e. ignoring the causal
     mask, as the MFU convention of PaLM (appendix B) does.
     """
-    if cfg.attention == "mla":
-        d_qk = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim
-        d_v = cfg.mla.v_head_dim
-    else:
-        d_qk = d_v = cfg.resolved_head_dim
+    d_qk, d_v = attention_class(cfg).core_dims(cfg)
     return 6 * cfg.n_layers * seq_len * cfg.n_heads * (d_qk + d_v)
 
 

@@ -1,4 +1,4 @@
-"""Weight-only post-training quantization (RESEARCH.md §2; docs/PTQ.md): RTN, GPTQ (arXiv 2210.17323), AWQ
+"""Weight-only post-training quantization (docs/METHODS.md §2; docs/PTQ.md): RTN, GPTQ (arXiv 2210.17323), AWQ
 (arXiv 2306.00978: one Linear in awq.py, a whole block as published in awq_model.py) on int / nf4 / fp4 /
 fp8 grids with per-group float16 scales.
 

@@ -57,10 +57,11 @@ from flax import nnx
 
 from efftrain.model import layers
 from efftrain.model.layers import Linear, linears_of
+from efftrain.model.moe import Router
 from efftrain.quant.awq import quantize_awq
 from efftrain.quant.awq_model import quantize_block_awq, quantize_head_awq
-from efftrain.quant.formats import Packed, _kernel_format, _pack_kernel, _rtn_kernel, effective_bits, make_format, \
-    resolve_group_size
+from efftrain.quant.formats import (Packed, effective_bits, kernel_format, make_format, pack_kernel,
+                                    resolve_group_size, rtn_kernel, unpack)
 from efftrain.quant.gptq import gptq_on_device, hessian_from_inputs, not_positive_definite
 from efftrain.xla import ptq_jit
 
@@ -181,8 +182,6 @@ def capture_linear_inputs() -> Iterator[dict[int, list[jax.Array]]]:
 
 def observed_modules(module: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """(path, module) of everything `capture_linear_inputs` records: Linears and MoE routers."""
-    from efftrain.model.moe import Router
-
     return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(module) if isinstance(m, (Linear, Router))]
 
 
@@ -208,7 +207,7 @@ def _block_out(block, h, positions):
 # ----------------------------------------------------------------------------------------------
 def _format(s: QuantSettings):
     f = make_format(s.bits, s.fmt, s.symmetric)
-    return f, *_kernel_format(f)
+    return f, *kernel_format(f)
 
 
 def _rtn_packed(w: jax.Array, s: QuantSettings) -> tuple[jax.Array, Packed]:
@@ -216,8 +215,8 @@ def _rtn_packed(w: jax.Array, s: QuantSettings) -> tuple[jax.Array, Packed]:
     f, fs, maxq = _format(s)
     g = resolve_group_size(s.group_for(w.shape[-2]), w.shape[-2])
     w32 = w.astype(jnp.float32)
-    codes, scales, zeros = _pack_kernel(w32, maxq, f=fs, g=g)
-    return _rtn_kernel(w32, maxq, f=fs, g=g), Packed(codes, scales, zeros if f.has_zero_point else None)
+    codes, scales, zeros = pack_kernel(w32, maxq, f=fs, g=g)
+    return rtn_kernel(w32, maxq, f=fs, g=g), Packed(codes, scales, zeros if f.has_zero_point else None)
 
 
 def _gptq_packed(w: jax.Array, H: jax.Array, s: QuantSettings, report: QuantReport) -> tuple[jax.Array, Packed]:
@@ -459,8 +458,6 @@ def packed_arrays(report: QuantReport) -> dict[str, np.ndarray]:
 
 def dequantize_arrays(arrays: dict[str, np.ndarray], *, bits: int, fmt: str) -> dict[str, np.ndarray]:
     """{weight key: dequantized [in, out]} from `packed_arrays` output."""
-    from efftrain.quant.formats import unpack
-
     out = {}
     for key in sorted({k.split("|")[0] for k in arrays}):
         w = unpack(arrays[f"{key}|codes"], arrays[f"{key}|scales"], arrays.get(f"{key}|zeros"), bits=bits, fmt=fmt)

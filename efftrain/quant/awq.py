@@ -54,18 +54,18 @@ from efftrain.xla import ptq_jit
 from .formats import (
     Packed,
     QuantFormat,
-    _check_weight,
+    check_weight,
     _compute_dtype,
-    _fake_quant,
-    _grouped,
-    _kernel_format,
-    _like,
+    fake_quant,
+    grouped,
+    kernel_format,
+    cast_like,
     _pack_jit,
-    _pack_kernel,
-    _pad_tokens,
-    _rtn_jit,
-    _rtn_kernel,
-    _to_compute,
+    pack_kernel,
+    pad_tokens,
+    rtn_jit,
+    rtn_kernel,
+    to_compute,
     make_format,
     resolve_group_size,
 )
@@ -107,7 +107,7 @@ def weight_mean(ws, g: int):
     every output column of every weight in ``ws`` (each ``[..., in, out]``; leading dims count as columns)."""
     total, count = 0.0, 0
     for w in ws:
-        a = jnp.abs(_grouped(jnp.asarray(w, jnp.float32), g))
+        a = jnp.abs(grouped(jnp.asarray(w, jnp.float32), g))
         a = (a / (jnp.max(a, axis=-2, keepdims=True) + 1e-6)).reshape(w.shape)
         axes = tuple(range(a.ndim - 2)) + (a.ndim - 1,)
         total = total + jnp.sum(a, axis=axes)
@@ -138,7 +138,7 @@ def _out_err(w, w_hat, G):
 def _search_errors(w, G, sx, w_mean, alphas, maxq, f: QuantFormat, g: int):
     def one(alpha):
         s = awq_scale(sx, alpha, w_mean)[:, None]
-        return _out_err(w, _rtn_kernel(w * s, maxq, f=f, g=g) / s, G)
+        return _out_err(w, rtn_kernel(w * s, maxq, f=f, g=g) / s, G)
 
     return lax.map(one, alphas)
 
@@ -172,7 +172,7 @@ def _clip_core(ws, Gs, ratios, maxq, f: QuantFormat, g: int):
 
     def one(r):
         mv = amax * r
-        d = wg - _fake_quant(jnp.clip(wg, -mv, mv), f, axis=1, maxq=maxq)
+        d = wg - fake_quant(jnp.clip(wg, -mv, mv), f, axis=1, maxq=maxq)
         return jnp.sum(d * jnp.einsum("kij,kjo->kio", Gb, d, precision=_HIGHEST), axis=1)  # [ng, out]
 
     errs = lax.map(one, ratios)
@@ -188,13 +188,13 @@ def _clip_quantize_one(w, G, allow, ratios, maxq, f: QuantFormat, g: int, clip: 
     """(RTN of w or of its clipped form, codes, scales, zeros, clip applied) for the scaled weight w."""
     if clip:
         wc, _ = _clip_core(w, G, ratios, maxq, f, g)
-        better = _out_err(w, _rtn_kernel(wc, maxq, f=f, g=g), G) < _out_err(w, _rtn_kernel(w, maxq, f=f, g=g), G)
+        better = _out_err(w, rtn_kernel(wc, maxq, f=f, g=g), G) < _out_err(w, rtn_kernel(w, maxq, f=f, g=g), G)
         applied = better & allow
         w = jnp.where(applied, wc, w)
     else:
         applied = jnp.zeros((), bool)
-    codes, scales, zeros = _pack_kernel(w, maxq, f=f, g=g)
-    return _rtn_kernel(w, maxq, f=f, g=g), codes, scales, zeros, applied
+    codes, scales, zeros = pack_kernel(w, maxq, f=f, g=g)
+    return rtn_kernel(w, maxq, f=f, g=g), codes, scales, zeros, applied
 
 
 @ptq_jit(static_argnames=("f", "g", "clip"))
@@ -220,7 +220,7 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
     ``clip_error``/``clip_ratio`` with ``clip=True``, ``packed`` with ``return_packed=True``); errors are
     ``||X w - X w_hat||^2`` on the calibration inputs, ``errors`` one per α of ``alphas``.
     """
-    _check_weight(w)
+    check_weight(w)
     if w.ndim != 2:
         raise ValueError(f"AWQ quantizes one [in, out] matrix at a time, got shape {w.shape}")
     n_in = w.shape[0]
@@ -232,12 +232,12 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
     alphas = alpha_grid(grid)
     ratios = clip_ratios(clip_grid, max_shrink) if clip else None
     dt = _compute_dtype(w)
-    wc = _to_compute(w, dt)
+    wc = to_compute(w, dt)
     x2d = x.reshape(-1, n_in)
-    sx, G = _stats(_to_compute(_pad_tokens(x2d), dt), jnp.asarray(x2d.shape[0], dt))
+    sx, G = _stats(to_compute(pad_tokens(x2d), dt), jnp.asarray(x2d.shape[0], dt))
     w_mean = weight_mean([wc], g).astype(dt) if duo_scaling else None
 
-    fs, maxq = _kernel_format(f)
+    fs, maxq = kernel_format(f)
     errors = np.asarray(_search(wc, G, sx, w_mean, jnp.asarray(alphas, dt), maxq, f=fs, g=g), dtype=np.float64)
     k = int(np.argmin(errors))  # first minimum: ties go to the smaller α (α = 0 is RTN)
     alpha = float(alphas[k])
@@ -246,16 +246,16 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
     inv_s_np = (np.ones((), s_np.dtype) / s_np).astype(s_np.dtype)  # correctly rounded (XLA's CPU divide is not)
     inv_s = jnp.asarray(inv_s_np)[:, None]
     ws = wc * s[:, None]
-    w_eff = _rtn_jit(ws, f, g) * inv_s
+    w_eff = rtn_jit(ws, f, g) * inv_s
     error = float(_out_err(wc, w_eff, G))
-    rtn_error = float(_out_err(wc, _rtn_jit(wc, f, g), G))
+    rtn_error = float(_out_err(wc, rtn_jit(wc, f, g), G))
 
     info = {"alpha": alpha, "error": error, "rtn_error": rtn_error, "alphas": alphas, "errors": errors,
             "s": s_np, "inv_s": inv_s_np, "clip_applied": False}
     if clip:
         Gs = G / (s[:, None] * s[None, :])
         ws_clip, ratio = _clip_search(ws, Gs, jnp.asarray(ratios, dt), maxq, f=fs, g=g)
-        w_eff_clip = _rtn_jit(ws_clip, f, g) * inv_s
+        w_eff_clip = rtn_jit(ws_clip, f, g) * inv_s
         error_clip = float(_out_err(wc, w_eff_clip, G))
         info["clip_error"] = error_clip
         if error_clip < error:
@@ -264,4 +264,4 @@ def quantize_awq(w, x, *, bits: int, group_size: int = 128, symmetric: bool = Fa
     if return_packed:
         codes, scales, zeros = _pack_jit(ws.astype(jnp.float32), f, g)
         info["packed"] = Packed(np.asarray(codes), np.asarray(scales), np.asarray(zeros) if f.has_zero_point else None)
-    return _like(w_eff, w), info
+    return cast_like(w_eff, w), info

@@ -72,10 +72,11 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from efftrain.xla import ptq_jit
-from efftrain.quant.awq import alpha_grid, awq_scale, best_scales, clip_quantize, clip_ratios, gram, weight_mean
 from efftrain.model.layers import linears_of
-from efftrain.quant.formats import Packed, _kernel_format, _rtn_kernel, make_format, resolve_group_size
+from efftrain.model.mla import MLAttention
+from efftrain.quant.awq import alpha_grid, awq_scale, best_scales, clip_quantize, clip_ratios, gram, weight_mean
+from efftrain.quant.formats import Packed, kernel_format, make_format, resolve_group_size, rtn_kernel
+from efftrain.xla import ptq_jit
 
 # Linears whose output error does not reflect the attention scores: not clipped (reference auto_clip.py)
 NO_CLIP = ("attn/q", "attn/k", "attn/q_down", "attn/q_up")
@@ -93,8 +94,6 @@ class ScaleGroup(NamedTuple):
 
 def scale_groups(block) -> list[ScaleGroup]:
     """The scale groups of one `Block` (the table in the module docstring)."""
-    from efftrain.model.mla import MLAttention
-
     attn, groups = block.attn, []
     if isinstance(attn, MLAttention):
         first = "attn/q" if attn.q is not None else "attn/q_down"
@@ -157,7 +156,7 @@ def _search_block(graphdef, state, args, sx, w_mean, alphas, maxq, *, call, path
         for path in paths:
             var = _var(module, path)
             w = var[...]
-            var[...] = (_rtn_kernel(w.astype(jnp.float32) * s, maxq, f=f, g=g) / s).astype(w.dtype)
+            var[...] = (rtn_kernel(w.astype(jnp.float32) * s, maxq, f=f, g=g) / s).astype(w.dtype)
         return jnp.mean(jnp.square(call(module, *args).astype(jnp.float32) - ref))
 
     return lax.map(one, alphas)
@@ -181,7 +180,7 @@ class _Ctx(NamedTuple):
 
 def _context(s) -> _Ctx:
     f = make_format(s.bits, s.fmt, s.symmetric)
-    fs, maxq = _kernel_format(f)
+    fs, maxq = kernel_format(f)
     return _Ctx(fs, maxq, jnp.asarray(alpha_grid(s.awq_grid), jnp.float32),
                 jnp.asarray(clip_ratios(), jnp.float32), f.has_zero_point)
 

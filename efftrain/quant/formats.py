@@ -5,7 +5,7 @@ rows of one output column (``group_size=-1``: the whole input dim, ``g = in``). 
 own scale ``s`` (and, for asymmetric int, a zero point ``z``); leading dims (stacked MoE experts) are
 independent matrices.
 
-Formats (RESEARCH.md §2; data types as in Dettmers & Zettlemoyer 2022, arXiv 2212.09720 §2):
+Formats (docs/METHODS.md §2; data types as in Dettmers & Zettlemoyer 2022, arXiv 2212.09720 §2):
 
 * ``int``, asymmetric (default) - min-max with zero point, as in the GPTQ reference quantizer
   (Frantar et al. 2022, arXiv 2210.17323 §4 / its released code), with ``maxq = 2^b - 1``::
@@ -276,46 +276,46 @@ def decode(codes, scale, zero, f: QuantFormat):
     return scale * jnp.take(jnp.asarray(f.codebook, dtype=dt), codes)
 
 
-def _fake_quant(wg, f: QuantFormat, axis: int = -2, maxq=None):
+def fake_quant(wg, f: QuantFormat, axis: int = -2, maxq=None):
     scale, zero = group_params(wg, f, axis, maxq)
     return decode(encode(wg, scale, zero, f, maxq), scale, zero, f)
 
 
-def _kernel_format(f: QuantFormat):
+def kernel_format(f: QuantFormat):
     """(static part, traced maxq) of a format for the jitted kernels: int bit widths share a program."""
     if f.is_int:
         return QuantFormat(bits=8, fmt="int", symmetric=f.symmetric), jnp.asarray(f.maxq, jnp.int32)
     return f, None
 
 
-def _grouped(w, g: int):
+def grouped(w, g: int):
     """[..., in, out] -> [..., in/g, g, out]."""
     *lead, n_in, n_out = w.shape
     return w.reshape(*lead, n_in // g, g, n_out)
 
 
 @ptq_jit(static_argnames=("f", "g"))
-def _rtn_kernel(w, maxq, f: QuantFormat, g: int):
-    return _fake_quant(_grouped(w, g), f, axis=-2, maxq=maxq).reshape(w.shape)
+def rtn_kernel(w, maxq, f: QuantFormat, g: int):
+    return fake_quant(grouped(w, g), f, axis=-2, maxq=maxq).reshape(w.shape)
 
 
-def _rtn_jit(w, f: QuantFormat, g: int):
+def rtn_jit(w, f: QuantFormat, g: int):
     """RTN of [..., in, out] (the one program used by quantize_rtn, AWQ and pack)."""
-    fs, maxq = _kernel_format(f)
-    return _rtn_kernel(w, maxq, f=fs, g=g)
+    fs, maxq = kernel_format(f)
+    return rtn_kernel(w, maxq, f=fs, g=g)
 
 
 @ptq_jit(static_argnames=("f", "g"))
-def _pack_kernel(w, maxq, f: QuantFormat, g: int):
-    wg = _grouped(w, g)
+def pack_kernel(w, maxq, f: QuantFormat, g: int):
+    wg = grouped(w, g)
     scale, zero = group_params(wg, f, axis=-2, maxq=maxq)
     codes = encode(wg, scale, zero, f, maxq).reshape(w.shape)
     return codes.astype(jnp.uint8), scale[..., 0, :].astype(jnp.float16), zero[..., 0, :].astype(jnp.float16)
 
 
 def _pack_jit(w, f: QuantFormat, g: int):
-    fs, maxq = _kernel_format(f)
-    return _pack_kernel(w, maxq, f=fs, g=g)
+    fs, maxq = kernel_format(f)
+    return pack_kernel(w, maxq, f=fs, g=g)
 
 
 @ptq_jit(static_argnames=("f",))
@@ -345,14 +345,14 @@ def _compute_dtype(w):
     return jnp.float64 if (np.dtype(w.dtype) == np.float64 and _x64()) else jnp.float32
 
 
-def _to_compute(a, dtype=None):
+def to_compute(a, dtype=None):
     dtype = dtype or _compute_dtype(a)
     if _is_jax(a):
         return a.astype(dtype)
     return jnp.asarray(np.asarray(a, dtype=np.dtype(dtype)))
 
 
-def _pad_tokens(x2d):
+def pad_tokens(x2d):
     """``x2d [n, in]`` with zero rows appended up to the next power of two (at least 256).
 
     Calibration statistics (X^T X, sum |x|) do not change with zero rows, and a jitted kernel then
@@ -368,14 +368,14 @@ def _pad_tokens(x2d):
     return pad(x2d, ((0, padded - n), (0, 0)))
 
 
-def _like(out, ref):
+def cast_like(out, ref):
     """``out`` as the same kind of array (numpy or jax) and dtype as ``ref``."""
     if _is_jax(ref):
         return out.astype(ref.dtype)
     return np.asarray(out).astype(np.asarray(ref).dtype, copy=False)
 
 
-def _check_weight(w) -> None:
+def check_weight(w) -> None:
     if getattr(w, "ndim", 0) < 2:
         raise ValueError(f"weight must be [..., in, out] with at least 2 dims, got shape {getattr(w, 'shape', None)}")
     if not np.issubdtype(np.dtype(w.dtype), np.floating) and np.dtype(w.dtype).name != "bfloat16":
@@ -390,8 +390,8 @@ def fake_quantize_groups(wg, *, bits: int, fmt: str = "int", symmetric: bool = F
     """Quantize every group of ``wg`` (the group runs along ``axis``; e.g. ``[n_groups, g, out]``) to
     its nearest grid point and return the dequantized values (same shape, dtype and array kind)."""
     f = make_format(bits, fmt, symmetric)
-    out = _fake_quant(_to_compute(wg), f, axis)
-    return _like(out, wg)
+    out = fake_quant(to_compute(wg), f, axis)
+    return cast_like(out, wg)
 
 
 class Packed(NamedTuple):
@@ -408,10 +408,10 @@ def pack(w, *, bits: int, group_size: int = 128, fmt: str = "int", symmetric: bo
 
     ``unpack(*pack(w, ...), bits=..., fmt=...)`` equals ``quantize_rtn(w, ...)`` bit for bit (float32).
     """
-    _check_weight(w)
+    check_weight(w)
     f = make_format(bits, fmt, symmetric)
     g = resolve_group_size(group_size, w.shape[-2])
-    codes, scales, zeros = _pack_jit(_to_compute(w, jnp.float32), f, g)
+    codes, scales, zeros = _pack_jit(to_compute(w, jnp.float32), f, g)
     return Packed(np.asarray(codes), np.asarray(scales), np.asarray(zeros) if f.has_zero_point else None)
 
 
@@ -439,7 +439,7 @@ def unpack(codes, scales, zeros=None, *, bits: int, fmt: str = "int", dtype=np.f
         if z.shape != scales.shape:
             raise ValueError(f"zeros {z.shape} must have the shape of scales {scales.shape}")
     out = _unpack_jit(jnp.asarray(codes), jnp.asarray(scales, jnp.float16), jnp.asarray(z, jnp.float16),
-                      _kernel_format(f)[0])
+                      kernel_format(f)[0])
     return np.asarray(out).astype(dtype, copy=False)
 
 

@@ -54,11 +54,11 @@ from efftrain.xla import ptq_jit
 from .formats import (
     Packed,
     QuantFormat,
-    _check_weight,
-    _kernel_format,
-    _like,
-    _pad_tokens,
-    _to_compute,
+    check_weight,
+    kernel_format,
+    cast_like,
+    pad_tokens,
+    to_compute,
     decode,
     encode,
     group_params,
@@ -99,7 +99,7 @@ def hessian_from_inputs(x, *, compute_dtype: str = "float32"):
     if getattr(x, "ndim", 0) < 1:
         raise ValueError("x must be [..., in]")
     with _precision_ctx(dt):
-        H = _xtx2(_to_compute(_pad_tokens(x.reshape(-1, x.shape[-1])), dt))
+        H = _xtx2(to_compute(pad_tokens(x.reshape(-1, x.shape[-1])), dt))
         return np.asarray(H) if dt == jnp.float64 else H
 
 
@@ -224,7 +224,7 @@ def _gptq_core_stacked(Ws, Hs, damp, maxq, *, f: QuantFormat, g: int, B: int, ac
 
 
 def _check_gptq_args(w, H, group_size, damp, block_size):
-    _check_weight(w)
+    check_weight(w)
     if w.ndim not in (2, 3):
         raise ValueError(f"GPTQ quantizes one [in, out] matrix or a stack [E, in, out] of them, "
                          f"got shape {w.shape}")
@@ -249,9 +249,9 @@ def gptq_on_device(w, H, *, bits: int, group_size: int = 128, damp: float = 0.01
     f = make_format(bits, fmt, symmetric)
     g = _check_gptq_args(w, H, group_size, damp, block_size)
     B = _pick_block(w.shape[-2], g, int(block_size))
-    fs, maxq = _kernel_format(f)
+    fs, maxq = kernel_format(f)
     core = _gptq_core if w.ndim == 2 else _gptq_core_stacked
-    return core(_to_compute(w, jnp.float32), _to_compute(H, jnp.float32), jnp.asarray(damp, jnp.float32), maxq,
+    return core(to_compute(w, jnp.float32), to_compute(H, jnp.float32), jnp.asarray(damp, jnp.float32), maxq,
                 f=fs, g=g, B=B, act_order=bool(act_order))
 
 
@@ -278,14 +278,14 @@ def quantize_gptq_from_hessian(w, H, *, bits: int, group_size: int = 128, damp: 
     dt = _dtype_of(compute_dtype)
     B = _pick_block(w.shape[-2], g, int(block_size))
     with _precision_ctx(dt):
-        fs, maxq = _kernel_format(f)
+        fs, maxq = kernel_format(f)
         core = _gptq_core if w.ndim == 2 else _gptq_core_stacked
-        Q, C, S, Z, ok = core(_to_compute(w, dt), _to_compute(H, dt), jnp.asarray(damp, dt), maxq,
+        Q, C, S, Z, ok = core(to_compute(w, dt), to_compute(H, dt), jnp.asarray(damp, dt), maxq,
                               f=fs, g=g, B=B, act_order=bool(act_order))
         ok = np.asarray(ok)
         if not ok.all():
             raise ValueError(not_positive_definite(ok, w.ndim == 3))
-    w_hat = _like(Q, w)
+    w_hat = cast_like(Q, w)
     if not return_packed:
         return w_hat
     packed = Packed(np.asarray(C), np.asarray(S), np.asarray(Z) if f.has_zero_point else None)

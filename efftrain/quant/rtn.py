@@ -1,4 +1,4 @@
-"""Round-to-nearest (RTN) weight quantization: the baseline of GPTQ and AWQ (RESEARCH.md §2).
+"""Round-to-nearest (RTN) weight quantization: the baseline of GPTQ and AWQ (docs/METHODS.md §2).
 
 For ``w[..., in, out]`` (``y = x @ w``) and every group G of ``g`` consecutive input rows of one output
 column (``g = in`` for ``group_size=-1``)::
@@ -14,7 +14,7 @@ deterministic.
 
 from __future__ import annotations
 
-from .formats import _check_weight, _like, _rtn_jit, _to_compute, make_format, resolve_group_size
+from .formats import check_weight, cast_like, rtn_jit, to_compute, make_format, resolve_group_size
 
 __all__ = ["quantize_rtn"]
 
@@ -25,7 +25,7 @@ def quantize_rtn(w, *, bits: int, group_size: int = 128, symmetric: bool = False
     Leading dims (stacked experts) are quantized independently. float32 arithmetic (float64 only for
     float64 input with jax x64 enabled); ``unpack(*pack(w, ...))`` reproduces the result exactly.
     """
-    _check_weight(w)
+    check_weight(w)
     f = make_format(bits, fmt, symmetric)
     g = resolve_group_size(group_size, w.shape[-2])
-    return _like(_rtn_jit(_to_compute(w), f, g), w)
+    return cast_like(rtn_jit(to_compute(w), f, g), w)

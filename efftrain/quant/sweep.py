@@ -56,10 +56,17 @@ import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from efftrain.config import ConfigError
+from efftrain.config import format_validation_error
+from efftrain.data import prepare_data
+from efftrain.data.pipeline import read_windows, val_window_count
+from efftrain.eval import compare_params, eval_set
+from efftrain.files import write_atomic
+from efftrain.model.transformer import build_model
 from efftrain.quant.apply import (QuantSettings, count_bytes, dequantize_arrays, linears_of,
                                   load_dequantized, packed_arrays, quantize_model)
 from efftrain.quant.formats import make_format
+from efftrain.train.checkpoint import CheckpointStore
+from efftrain.train.rundir import PTQ_TABLE, QUANTIZED, abstract_train_state, load_run_config, read_run_info
 from efftrain.xla import enable_compilation_cache
 
 CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_active", "params_nonembed",
@@ -121,9 +128,7 @@ def make_spec(**fields) -> PTQSpec:
     try:
         return PTQSpec(**fields)
     except ValidationError as e:
-        from efftrain.config import _format_validation_error
-
-        raise PTQError(_format_validation_error(e).replace("invalid config", "invalid PTQ request")) from None
+        raise PTQError(format_validation_error(e).replace("invalid config", "invalid PTQ request")) from None
 
 
 def combinations(spec: PTQSpec) -> list[QuantSettings]:
@@ -162,8 +167,6 @@ def check_group_sizes(model, spec: PTQSpec) -> None:
 
 def calibration_windows(train_tokens: np.ndarray, n: int, seq_len: int, seed: int = CALIB_SEED) -> np.ndarray:
     """n windows of seq_len train tokens, drawn without replacement with np.random.default_rng(seed)."""
-    from efftrain.data.pipeline import read_windows
-
     windows = (len(train_tokens) - 1) // seq_len
     if windows < n:
         raise PTQError(f"too little calibration data: {n} samples x {seq_len} tokens requested, the train split "
@@ -212,10 +215,8 @@ def read_rows(path: Path) -> list[dict]:
 
 def upgrade_table(path: Path) -> bool:
     """Rewrite an older ptq.csv (header a subset of CSV_COLUMNS, or an empty file) with the current
-    header, its rows unchanged and empty cells in the new columns: temp file, fsync, os.replace. True
-    if it was rewritten."""
-    from efftrain.data.cache import _fsync_dir, _write_atomic
-
+    header, its rows unchanged and empty cells in the new columns, atomically (efftrain.files). True if
+    it was rewritten."""
     if not path.exists():
         return False
     header, rows = _read_table(path)
@@ -225,8 +226,7 @@ def upgrade_table(path: Path) -> bool:
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, text.getvalue().encode())
-    _fsync_dir(path.parent)
+    write_atomic(path, text.getvalue().encode())
     return True
 
 
@@ -247,12 +247,6 @@ def append_row(path: Path, row: dict) -> None:
 def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict], None] | None = None,
                   log: Callable[[str], None] = print) -> list[dict]:
     """Append the missing rows of `spec` to RUN_DIR/ptq.csv; returns the new rows."""
-    from efftrain.data import prepare_data
-    from efftrain.data.pipeline import val_window_count
-    from efftrain.eval import abstract_train_state, compare_params, eval_set
-    from efftrain.train.checkpoint import CheckpointStore
-    from efftrain.train.loop import load_run_config
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     enable_compilation_cache()
@@ -268,7 +262,7 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
     settings = combinations(spec)
     graphdef, abstract = abstract_train_state(cfg)
     check_group_sizes(nnx.merge(graphdef, abstract["params"], abstract["rest"]), spec)
-    table = run_dir / "ptq.csv"
+    table = run_dir / PTQ_TABLE
     if upgrade_table(table):
         log(f"ptq: {table}: rewritten with the current columns (new ones empty in its existing rows)")
     done = {row_key(r) for r in read_rows(table)}
@@ -281,7 +275,7 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
     log(f"ptq: eval set: {windows.n:,} val windows x {cfg.data.seq_len} = {windows.tokens:,} tokens, seed "
         f"{spec.eval_seed} ({wanted:,} windows requested, {val_window_count(len(cache.val), cfg.data.seq_len):,} "
         f"in the val split); calibration: {spec.calib_samples} x {seq_len} train tokens, seed {spec.calib_seed}")
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_run_info(run_dir, missing_ok=False)
     counts = info["params"]
     train_tokens = info.get("train_tokens_available")
     run_id = f"{cfg.name}-{cfg.hash()[:8]}"
@@ -357,7 +351,7 @@ def quantized_name(row: dict) -> str:
 def save_quantized(run_dir: Path, row: dict, s: QuantSettings, report, model) -> Path:
     """RUN_DIR/quantized/<name>/{weights.npz, meta.json}: packed codes + fp16 scales/zeros for every
     quantized weight and the remaining (16-bit-kept) parameters at their stored precision."""
-    final = run_dir / "quantized" / quantized_name(row)
+    final = run_dir / QUANTIZED / quantized_name(row)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -376,14 +370,11 @@ def save_quantized(run_dir: Path, row: dict, s: QuantSettings, report, model) ->
 
 def load_quantized(run_dir: str | Path, name: str):
     """(cfg, model with the dequantized weights, meta) of a saved quantized checkpoint."""
-    from efftrain.model.transformer import build_model
-    from efftrain.train.loop import load_run_config
-
     run_dir = Path(run_dir)
-    qdir = run_dir / "quantized" / name
+    qdir = run_dir / QUANTIZED / name
     if not (qdir / "meta.json").is_file():
-        available = sorted(p.name for p in (run_dir / "quantized").glob("*") if (p / "meta.json").is_file()) \
-            if (run_dir / "quantized").is_dir() else []
+        available = sorted(p.name for p in (run_dir / QUANTIZED).glob("*") if (p / "meta.json").is_file()) \
+            if (run_dir / QUANTIZED).is_dir() else []
         raise PTQError(f"no quantized checkpoint '{name}' in {run_dir}/quantized (available: {available or 'none'})")
     cfg = load_run_config(run_dir)
     meta = json.loads((qdir / "meta.json").read_text())
@@ -398,22 +389,3 @@ def load_quantized(run_dir: str | Path, name: str):
     packed = {k: v for k, v in arrays.items() if not k.endswith("|float")}
     load_dequantized(model, dequantize_arrays(packed, bits=meta["bits"], fmt=meta["format"].split("+")[0]))
     return cfg, model, meta
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{what}: expected comma-separated integers, got '{text}'") from None
-
-
-def parse_choice_list(text: str, what: str, valid: tuple[str, ...], single: bool = False) -> list[str]:
-    """Comma-separated names, each one of `valid` (exactly one if `single`); ConfigError naming the valid
-    ones otherwise."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in items if x not in valid]
-    if bad or not items or (single and len(items) > 1):
-        got = (f"unknown value(s) {', '.join(map(repr, bad))}" if bad else "no value given" if not items
-               else "one value expected")
-        raise ConfigError(f"{what}: {got}; valid: {', '.join(valid)}")
-    return items

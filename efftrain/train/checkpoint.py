@@ -15,17 +15,18 @@ no finalized checkpoint is ever non-finite. A restore verifies the checksums (ch
 before they existed are restored unverified) and refuses non-finite values, so eval, ptq and resume
 all get a clear CheckpointError instead of wrong numbers. An old resume checkpoint is first renamed
 into `<kind>/.trash/` (one atomic rename: never a listed half-deleted directory) and deleted from
-there before the next save of that kind, or when the store is next opened for writing.
+there before the next save of that kind, or when the store is next opened for writing. A checkpoint
+copied from another run (`copy_from`: a grid's cooldown branch starts from its parent's series
+checkpoint) is copied into `checkpoints/.incoming/` and renamed into its kind's directory only when
+whole, so it too is listed complete or not at all.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -37,8 +38,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efftrain.files import is_disk_full
+
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints: the store's directory
 TRASH = ".trash"  # <kind>/.trash/<step>: checkpoints being deleted (never listed: not a step name)
 QUARANTINE = "corrupt"  # checkpoints/corrupt/<kind>-<step>-<time>: set aside by a fallback resume
+INCOMING = ".incoming"  # checkpoints/.incoming/<kind>-<step>: a copy from another run until it is whole
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    """RUN_DIR/checkpoints (exists once the run has been trained, or a checkpoint copied into it)."""
+    return Path(run_dir) / CHECKPOINTS
 
 
 class CheckpointError(RuntimeError):
@@ -93,11 +103,21 @@ def _quiet_orbax_failures() -> None:
     sys.unraisablehook = hook
 
 
+def _empty(directory: Path) -> None:
+    """Delete what `directory` holds, as far as possible: a later open retries, and nothing in the trash
+    or in .incoming is ever listed."""
+    for p in directory.iterdir() if directory.is_dir() else ():
+        try:
+            shutil.rmtree(p)
+        except OSError:
+            pass
+
+
 class CheckpointStore:
     KINDS = ("series", "resume")
 
     def __init__(self, run_dir: str | Path, *, async_save: bool = True, read_only: bool = False):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = checkpoints_dir(run_dir)
         if read_only and not self.root.is_dir():
             raise CheckpointError(f"{run_dir}: no checkpoints directory (was this run trained?)")
         _quiet_orbax_failures()
@@ -110,9 +130,13 @@ class CheckpointStore:
         if not read_only:
             for kind in self.KINDS:
                 self._empty_trash(kind)
+            _empty(self.root / INCOMING)  # copies cut short by a kill
+
+    def directory(self, kind: str) -> Path:
+        return self.root / kind
 
     def path(self, kind: str, step: int) -> Path:
-        return self.root / kind / str(step)
+        return self.directory(kind) / str(step)
 
     # writing -------------------------------------------------------------------------------------
     def save(self, kind: str, step: int, state, data_state: dict, meta: dict[str, Any]) -> None:
@@ -163,12 +187,7 @@ class CheckpointStore:
                 self._empty_trash(kind)
 
     def _empty_trash(self, kind: str) -> None:
-        trash = self.root / kind / TRASH
-        for p in trash.iterdir() if trash.is_dir() else ():
-            try:
-                shutil.rmtree(p)
-            except OSError:  # a later open retries; nothing in the trash is ever listed
-                pass
+        _empty(self.root / kind / TRASH)
 
     def quarantine(self, kind: str, step: int) -> Path:
         """Move a damaged checkpoint out of the listed ones (one rename) to checkpoints/corrupt/."""
@@ -177,6 +196,35 @@ class CheckpointStore:
         self.path(kind, step).rename(dst)
         self.managers[kind].reload()
         return dst
+
+    def copy_from(self, source: "CheckpointStore", kind: str, step: int, *, as_kind: str) -> Path:
+        """Copy `source`'s finalized `kind` checkpoint at `step` into this store as its `as_kind`
+        checkpoint at that step, byte for byte (its meta and checksums unchanged); returns its path. The
+        copy is written to checkpoints/.incoming/ and renamed into place once whole, so a kill leaves
+        nothing listed. A step this store already has finalized is left as it is; CheckpointError if
+        `source` has no finalized `kind` checkpoint at `step`."""
+        if self.read_only:
+            raise CheckpointError(f"{self.root}: opened read-only; cannot copy a checkpoint into it")
+        final = self.path(as_kind, step)
+        if step in self.steps(as_kind):
+            return final
+        available = source.steps(kind)
+        if step not in available:
+            raise CheckpointError(f"{source.directory(kind)}: no finalized checkpoint at step {step} to copy "
+                                  f"(finalized: {available})")
+        incoming = self.root / INCOMING / f"{as_kind}-{step}"
+        shutil.rmtree(incoming, ignore_errors=True)
+        incoming.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(source.path(kind, step), incoming)
+        except OSError as e:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise write_failure(f"a copy of {source.path(kind, step)} ({incoming})", e,
+                                "nothing of it was listed") from None
+        final.parent.mkdir(parents=True, exist_ok=True)
+        incoming.rename(final)
+        self.managers[as_kind].reload()
+        return final
 
     # reading -------------------------------------------------------------------------------------
     def steps(self, kind: str) -> list[int]:
@@ -281,14 +329,7 @@ def checksum_mismatch(recorded: dict, host_state, data_state: dict, meta: dict) 
     return None
 
 
-# ---- write failures and small files -------------------------------------------------------------
-_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
-
-
-def is_disk_full(e: BaseException) -> bool:
-    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_DISK_FULL.search(str(e)))
-
-
+# ---- write failures ---------------------------------------------------------------------------
 def write_failure(what: str, e: BaseException,
                   kept: str = "nothing of it was finalized and the earlier checkpoints are intact") -> CheckpointError:
     """One-line CheckpointError for a failed write of `what` (a description naming the path); `kept`
@@ -298,21 +339,3 @@ def write_failure(what: str, e: BaseException,
                                "command to resume")
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     return CheckpointError(f"could not write {what}: {first}")
-
-
-def write_file_atomic(path: Path, data: str | bytes) -> None:
-    """Write a small file so that a reader (or a kill at any moment) sees the old or the new content."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(str(path), e, "its previous content is intact") from None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -29,25 +29,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from efftrain.config import (Config, ConfigError, config_warnings, flatten_dotted, from_dict,
-                             resume_blocking_diff)
-from efftrain.model.attention import kv_cache_bytes_per_token
+from efftrain.config import Config, ConfigError, config_warnings, flatten_dotted, resume_blocking_diff
+from efftrain.data import make_train_iterator, prepare_data
+from efftrain.formatting import format_count, format_duration
+from efftrain.fp8 import implementation_record
+from efftrain.model.block import kv_cache_bytes_per_token
 from efftrain.model.transformer import build_model, flops_per_token, parameter_counts
 from efftrain.train.checkpoint import (CheckpointError, CheckpointStore, NonFiniteError, abstract_like,
-                                       write_failure, write_file_atomic, write_json_atomic)
+                                       checkpoints_dir, write_failure)
 from efftrain.train.optimizer import lr_schedule, make_optimizer
+from efftrain.train.rundir import (CONFIG, LOCK, METRICS, RUN_INFO, TENSORBOARD, TOKENIZER, RunDirError,
+                                   check_foreign_dir, load_run_config, make_val_loss, read_run_info, total_steps_of,
+                                   write_config, write_run_file, write_run_info, write_tokenizer)
 from efftrain.train.series import series_points
-from efftrain.train.step import init_state, make_eval_step, make_train_step
+from efftrain.train.step import init_state, make_train_step
 from efftrain.xla import guard_first_compile, step_options
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used for this config."""
 
 
 class RunLockedError(RunDirError):
@@ -71,7 +75,7 @@ class RunLock:
     when the process dies, however it dies."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+        self.path = Path(run_dir) / LOCK
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -142,33 +146,6 @@ def peak_flops(device) -> float | None:
     return None
 
 
-def total_steps_of(cfg: Config) -> int:
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    return max(1, -(-cfg.train.max_tokens // cfg.tokens_per_step))
-
-
-def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no config.yaml)")
-    import yaml
-
-    from efftrain.config import yaml_load
-
-    try:
-        return from_dict(yaml_load(path.read_text()))
-    except (ConfigError, yaml.YAMLError) as e:
-        raise RunDirError(f"{path}: stored config no longer parses: {e}") from None
-
-
-def check_foreign_dir(run_dir: Path) -> None:
-    """Refuse an existing directory that is not (the start of) an efftrain run directory."""
-    if run_dir.exists() and not (run_dir / "config.yaml").exists() and any(
-            p.name not in ("tb", ".lock") and not p.name.endswith(".tmp") for p in run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} exists and is not an efftrain run directory; choose another --out")
-
-
 def diff_lines(diff: list[tuple[str, Any, Any]], old: str, new: str) -> str:
     return "\n".join(f"  {k}: {a!r} ({old}) -> {b!r} ({new})" for k, a, b in diff)
 
@@ -176,7 +153,7 @@ def diff_lines(diff: list[tuple[str, Any, Any]], old: str, new: str) -> str:
 def check_run_dir(run_dir: Path, cfg: Config) -> bool:
     """True if run_dir already holds this run (resume); raises on an incompatible config."""
     check_foreign_dir(run_dir)
-    if not (run_dir / "config.yaml").exists():
+    if not (run_dir / CONFIG).exists():
         return False
     diff = resume_blocking_diff(load_run_config(run_dir), cfg)
     if diff:
@@ -188,13 +165,13 @@ def check_run_dir(run_dir: Path, cfg: Config) -> bool:
 def check_corpus(run_dir: Path, identity: dict, old: str = "run", new: str = "now") -> None:
     """Refuse to continue run_dir's training on another corpus: its run.json records the identity
     (content fingerprint, tokenizer, split) of the corpus it was trained on."""
-    path = Path(run_dir) / "run.json"
     try:
-        recorded = json.loads(path.read_text()).get("corpus")
+        recorded = read_run_info(run_dir, missing_ok=False).get("corpus")
     except FileNotFoundError:
         return
     except (OSError, ValueError) as e:
-        raise RunDirError(f"{path}: unreadable ({e}); cannot check the corpus the run was trained on") from None
+        raise RunDirError(f"{Path(run_dir) / RUN_INFO}: unreadable ({e}); cannot check the corpus the run was "
+                          "trained on") from None
     if recorded is None:
         return
     a, b = flatten_dotted(recorded), flatten_dotted(identity)
@@ -205,10 +182,6 @@ def check_corpus(run_dir: Path, identity: dict, old: str = "run", new: str = "no
 
 
 def environment_info() -> dict[str, Any]:
-    import flax
-    import optax
-    import orbax.checkpoint
-
     return {
         "python": platform.python_version(),
         "jax": jax.__version__,
@@ -219,22 +192,6 @@ def environment_info() -> dict[str, Any]:
         "devices": [d.device_kind for d in jax.devices()],
         "argv": sys.argv,
     }
-
-
-def format_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.{2 if n < 10 * size else 1}f}{unit}"
-    return f"{n:.0f}"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def flatten_metrics(metrics: dict) -> dict[str, float]:
@@ -261,7 +218,7 @@ class MetricsLog:
     """metrics.jsonl (+ TensorBoard events when tensorboardX is installed and enabled)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, log: Callable[[str], None] = print):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         if self.path.exists():  # drop records newer than the checkpoint we resume from, and torn lines
             kept, torn = [], 0
             for line in self.path.read_text(errors="replace").splitlines():
@@ -272,14 +229,14 @@ class MetricsLog:
                     torn += 1
             if torn:
                 log(f"note: {self.path}: dropped {torn} torn line(s)")
-            write_file_atomic(self.path, "".join(line + "\n" for line in kept))
+            write_run_file(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # lazy: optional, only with logging.tensorboard
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                self.tb = SummaryWriter(str(run_dir / TENSORBOARD))
             except ImportError:
                 print("note: tensorboardX not installed; TensorBoard events disabled", file=sys.stderr)
 
@@ -414,13 +371,11 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None, 
 
 def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfinite: int, fallback: bool,
            log: Callable[[str], None], opened: list[Callable[[], None]]) -> TrainResult:
-    from efftrain.data import make_train_iterator, prepare_data, val_batches
-
     resuming = check_run_dir(run_dir, cfg)
     for warning in config_warnings(cfg):
         log(f"warning: {warning}")
     store = None  # opened before anything is written when resuming: that drops a failed save's leftovers
-    if resuming and (run_dir / "checkpoints").is_dir():
+    if resuming and checkpoints_dir(run_dir).is_dir():
         store = CheckpointStore(run_dir, async_save=cfg.checkpoint.async_save)
         opened.append(store.close)
     has_checkpoint = store is not None and bool(store.finalized())
@@ -429,11 +384,9 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     cache = prepare_data(cfg, progress=lambda msg: log(f"data: {msg}"))
     if has_checkpoint:
         check_corpus(run_dir, cache.identity)
-    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    write_file_atomic(run_dir / "tokenizer.json", Path(cache.tokenizer_path).read_bytes())
+    write_config(run_dir, cfg)
+    write_tokenizer(run_dir, cache.tokenizer_path)
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
-    val_set = [jnp.asarray(b) for b in val_batches(cache.val, seq_len=seq_len, batch_size=batch,
-                                                     n_batches=cfg.train.eval_batches)]
     data_iter = make_train_iterator(cache.train, seq_len=seq_len, batch_size=batch, seed=cfg.data.shuffle_seed)
 
     # ---- model, optimizer, state -------------------------------------------------------------
@@ -452,7 +405,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     train_step = guarded_step(make_train_step(graphdef, cfg, tx, step_xla), skip=skip_nonfinite > 0,
                               compiler_options=step_xla)
     train_step = guard_first_compile(train_step, step_xla, f"train.deterministic={str(cfg.train.deterministic).lower()}")
-    eval_step = make_eval_step(graphdef, cfg)
+    val_loss_of = make_val_loss(graphdef, cfg, cache.val)
     schedule = lr_schedule(cfg.optim, total_steps)
 
     def set_data_state(_state, data_state, _meta) -> None:
@@ -490,14 +443,15 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
 
     run_info = {
         "name": cfg.name, "config_hash": cfg.hash(), "environment": environment_info(),
-        "corpus": cache.identity, "tokenizer": str(run_dir / "tokenizer.json"),
+        "corpus": cache.identity, "tokenizer": str(run_dir / TOKENIZER),
         "params": counts, "flops_per_token": flops_tok, "tokens_per_step": cfg.tokens_per_step,
         "total_steps": total_steps, "series_steps": [p.step for p in points],
         "train_tokens_available": int(len(cache.train)), "val_tokens": int(len(cache.val)),
         "kv_cache_bytes_per_token_per_layer_bf16": kv_cache_bytes_per_token(cfg.model),
         "deterministic": cfg.train.deterministic, "xla_step_options": step_xla,
+        "fp8_kernels": implementation_record(cfg.fp8),
     }
-    write_json_atomic(run_dir / "run.json", run_info)
+    write_run_info(run_dir, run_info)
     if start_step == 0:
         log(f"efftrain {cfg.name}: {format_count(counts['total'])} params "
             f"({format_count(counts['non_embedding'])} non-embedding, {format_count(counts['active'])} active), "
@@ -511,10 +465,6 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     n_dev = len(mesh.devices.flat)
     accum = cfg.train.grad_accum
     result = TrainResult(run_dir=run_dir, steps=start_step, tokens_seen=start_step * cfg.tokens_per_step)
-
-    def evaluate(st) -> float:
-        losses = [eval_step(st["params"], st["rest"], b) for b in val_set]
-        return float(np.mean(jax.device_get(losses)))
 
     def checkpoint(kind: str, step: int, st, val_loss: float | None, target: int | None = None):
         nonlocal last_checkpoint
@@ -591,7 +541,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
             pending = None
             val_loss = None
             if want_eval:
-                val_loss = evaluate(state)
+                val_loss = val_loss_of(state["params"], state["rest"])
                 result.val_losses[step] = val_loss
             if want_log:
                 log_record(step, metrics, val_loss, was_skipped)
@@ -623,7 +573,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     result.series = CheckpointStore(run_dir, read_only=True).series()
     if step >= total_steps:
         log(f"done: {step} steps, {format_count(result.tokens_seen)} tokens, {len(result.series)} series "
-            f"checkpoints in {run_dir}/checkpoints/series ({format_duration(time.time() - t_start)})")
+            f"checkpoints in {store.directory('series')} ({format_duration(time.time() - t_start)})")
     return result
 
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from efftrain.config import Config
 from efftrain.model.layers import cross_entropy, deterministic_gradients
+from efftrain.model.mtp import mtp_loss_weight, mtp_losses_and_stats
 from efftrain.model.transformer import Transformer
 from efftrain.xla import step_options
 
@@ -54,8 +55,6 @@ def forward_losses(model: Transformer, window: jax.Array, tokens_seen: jax.Array
     moe_stats = out.moe
     mcfg = cfg.model
     if mcfg.mtp.depth:
-        from efftrain.model.mtp import mtp_loss_weight, mtp_losses_and_stats
-
         ce_k, mtp_moe = mtp_losses_and_stats(model, out.hidden, inputs, targets)
         lam = mtp_loss_weight(mcfg.mtp, tokens_seen)
         loss = loss + lam / mcfg.mtp.depth * jnp.sum(ce_k)

@@ -1,7 +1,9 @@
 """Hopper (sm_90) kernel for the FP8 accumulator model: two accumulators per warpgroup in ping-pong.
 
-Same maths as the Triton kernel in `efftrain.fp8` (DeepSeek-V3 arXiv 2412.19437 §3.3.2, "increasing
-accumulation precision"; the model is written out in that module's docstring):
+Layer 3 of efftrain.fp8 (formats -> scaling -> kernels -> matmul -> linear), beside the Triton kernels
+of efftrain/fp8/kernels.py, and the default on Hopper GPUs (`fp8.accumulate_impl: auto`). Same maths
+as the Triton kernel (DeepSeek-V3 arXiv 2412.19437 §3.3.2, "increasing accumulation precision"; the
+model is written out in efftrain/fp8/matmul.py's docstring):
 
     per K-step j (k_step = 32 products):  acc <- round_b(acc + Σ_{k in step j} qa·qb)
     every promotion window (128 = 4 K-steps):  total <- total + acc · sa · sb;  acc <- 0
@@ -39,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from efftrain.fp8.formats import round_mantissa
+
 TILE_M = 64  # one warpgroup's WGMMA height
 TILE_N = 128  # two accumulators of 64 columns
 MAX_CONCURRENT_STEPS = 2  # pipeline stages (2 × 48 KiB of SMEM per CTA: two CTAs fit on an SM)
@@ -75,8 +79,6 @@ def accumulate(qa: jax.Array, qb: jax.Array, sa: jax.Array, sb: jax.Array, *, k_
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    from efftrain.fp8 import round_mantissa
 
     kp, n = qb.shape
     m = qa.shape[0] if not a_transposed else qa.shape[1]
