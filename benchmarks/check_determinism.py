@@ -10,7 +10,8 @@ batches (random tokens, a fixed function of the step: data loading is tested on 
   resume (optional)   one process trains --steps // 2 steps and writes the whole train state to disk,
                       a second loads it and trains the rest: resuming as efftrain does after a kill.
 Compared bitwise against run A: the loss of every step and every leaf of the final state (params, MoE
-router biases, optimizer moments). Each mode gets its own fresh per-fusion autotune cache
+router biases, optimizer moments), and, with --ptq, the weights of the final model after RTN and GPTQ
+(3-bit, group 128, 16 random calibration sequences): a PTQ row is as repeatable as its inputs. Each mode gets its own fresh per-fusion autotune cache
 (EFFTRAIN_AUTOTUNE_CACHE), so run A autotunes and later processes reuse its choices, as successive
 efftrain processes on one machine do. The JAX compilation cache is off: every process compiles.
 
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--modes", default="false,true", help="train.deterministic values to check")
     p.add_argument("--no-resume", action="store_true", help="skip the interrupted-and-resumed run")
+    p.add_argument("--ptq", action="store_true", help="also compare the final model quantized by RTN and GPTQ")
     p.add_argument("--small", action="store_true", help="dense-tiny, 6 steps (a CPU smoke test)")
     p.add_argument("--out", required=True, help="directory for determinism.json and the runs' files")
     p.add_argument("--timeout", type=int, default=900, help="seconds per process")
@@ -103,6 +105,8 @@ def worker(a) -> int:
     host = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
     if a.save:
         np.savez(a.save, **{f"leaf{i}": x for i, x in enumerate(host)})
+    if a.ptq:
+        host += quantized_leaves(graphdef, state, cfg)
     steps_timed = max(a.last - a.first - 1, 1)
     result = {"losses": [float(x) for x in losses], "loss_bits": losses.view(np.uint32).tolist(),
               "leaf_sha256": [hashlib.sha256(x.tobytes()).hexdigest() for x in host],
@@ -110,6 +114,23 @@ def worker(a) -> int:
               "device": str(jax.devices()[0]), "jax": jax.__version__}
     Path(a.result).write_text(json.dumps(result))
     return 0
+
+
+def quantized_leaves(graphdef, state, cfg) -> list[np.ndarray]:
+    """The final model's weights after RTN and after GPTQ (3 bits, g128, 16 random calibration
+    sequences of the config's length), as host arrays."""
+    import jax
+    from flax import nnx
+
+    from efftrain.quant.apply import QuantSettings, quantize_model
+
+    calib = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (16, cfg.data.seq_len)).astype(np.int32)
+    out = []
+    for method in ("rtn", "gptq"):
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state["params"]), state["rest"])
+        quantize_model(model, calib, QuantSettings(method=method, bits=3))
+        out += [np.asarray(x) for x in jax.device_get(jax.tree.leaves(nnx.state(model, nnx.Param)))]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +144,8 @@ def run_worker(a, mode: str, name: str, first: int, last: int, load=None, save=N
            *[x for kv in a.set for x in ("--set", kv)]]
     if a.step_options is not None:
         cmd += ["--step-options", a.step_options]
+    if a.ptq and save is None and load is None:  # whole runs only (the resumed pair is compared by state)
+        cmd += ["--ptq"]
     if load:
         cmd += ["--load", load]
     if save:
@@ -145,11 +168,12 @@ def compare(x: dict, y: dict) -> dict:
                 "stderr_tail": x.get("stderr_tail") or y.get("stderr_tail")}
     la, lb = np.asarray(x["losses"], np.float64), np.asarray(y["losses"], np.float64)
     same_loss = [p == q for p, q in zip(x["loss_bits"], y["loss_bits"])]
-    differing_leaves = sum(p != q for p, q in zip(x["leaf_sha256"], y["leaf_sha256"]))
+    n = min(len(x["leaf_sha256"]), len(y["leaf_sha256"]))  # a resumed run has no PTQ leaves: the state's
+    differing_leaves = sum(p != q for p, q in zip(x["leaf_sha256"][:n], y["leaf_sha256"][:n]))
     first_diff = next((i for i, s in enumerate(same_loss) if not s), None)
     return {"bitwise": all(same_loss) and differing_leaves == 0, "max_abs_dloss": float(np.max(np.abs(la - lb))),
             "first_differing_step": None if first_diff is None else first_diff + 1,
-            "differing_state_leaves": int(differing_leaves), "state_leaves": len(x["leaf_sha256"])}
+            "differing_state_leaves": int(differing_leaves), "state_leaves": n}
 
 
 def main(argv=None) -> int:
