@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+from efftrain.cli import parse_choice_list
+from efftrain.config import ConfigError
+
 CASES = {
     "cudnn": ("cudnn", {}),
     "cudnn+exclude_nondeterministic": ("cudnn", {"xla_gpu_exclude_nondeterministic_ops": True}),
@@ -96,11 +99,10 @@ def main(argv=None) -> int:
     if a.case:
         print(json.dumps(run_case(a)))
         return 0
-    names = [c.strip() for c in a.cases.split(",") if c.strip()]
-    bad = [c for c in names if c not in CASES]
-    if bad:
-        print(f"error: --cases: unknown value(s) {', '.join(map(repr, bad))}; valid: {', '.join(CASES)}",
-              file=sys.stderr)
+    try:
+        names = parse_choice_list(a.cases, "--cases", tuple(CASES))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     results = []
     for name in names:

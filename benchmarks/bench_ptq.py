@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efftrain.config import load_config
+from efftrain.cli import parse_choice_list
+from efftrain.config import ConfigError, load_config
 from efftrain.model.transformer import build_model
 from efftrain.quant.apply import METHODS, QuantSettings, quantize_model
 
@@ -112,11 +113,10 @@ def one_row(graphdef, params, rest, calib, s: QuantSettings, windows=None) -> fl
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        print(f"error: --methods: unknown value(s) {', '.join(map(repr, bad))}; valid: {', '.join(METHODS)}",
-              file=sys.stderr)
+    try:
+        methods = parse_choice_list(a.methods, "--methods", METHODS)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     bits = [int(b) for b in a.bits.split(",") if b.strip()]
     cfg, graphdef, params, rest = load(a)

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from efftrain.cli import parse_choice_list
+from efftrain.config import ConfigError
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,10 +185,10 @@ def main(argv=None) -> int:
         return worker(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    modes = [m.strip().lower() for m in a.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("true", "false")]
-    if bad:
-        print(f"error: --modes: unknown value(s) {', '.join(map(repr, bad))}; valid: true, false", file=sys.stderr)
+    try:
+        modes = parse_choice_list(a.modes.lower(), "--modes", ("true", "false"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     report = {"preset": a.preset, "overrides": a.set, "steps": a.steps, "comparisons": []}
 
