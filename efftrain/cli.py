@@ -163,6 +163,7 @@ def cmd_ptq(args) -> int:
 
 def cmd_info(args) -> int:
     from efftrain.train.rundir import finalized, load_run_config, read_run_info  # lazy (module docstring)
+    from efftrain.xla import describe
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
@@ -183,6 +184,9 @@ def cmd_info(args) -> int:
         print(f"  flops/token {info['flops_per_token']:,}  kv-cache bytes/token/layer (bf16) "
               f"{info['kv_cache_bytes_per_token_per_layer_bf16']}")
         print(f"  steps {info['total_steps']} x {info['tokens_per_step']:,} tokens")
+    if "deterministic" in info:  # runs trained before train.deterministic existed do not record it
+        print(f"  deterministic {str(info['deterministic']).lower()}  "
+              f"(XLA step options: {describe(info.get('xla_step_options', {}))})")
     print(f"  series checkpoints ({len(series)}):")
     print(_table(series, [("step", "step", "d"), ("tokens_seen", "tokens", ",d"),
                           ("target_tokens", "target", ",d"), ("val_loss", "val_loss", ".4f"),

@@ -127,6 +127,7 @@ def test_cli_train_info_eval(cache_dir, tmp_path, capsys):
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out
     assert "series checkpoints (2)" in out and "non-embedding" in out
+    assert "deterministic true  (XLA step options: none)" in out  # CPU: no options needed
     assert main(["eval", str(run), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["step"] for r in rows] == [2, 6] and all(r["perplexity"] > 1 for r in rows)
