@@ -7,8 +7,11 @@
 A "row" is one `quantize_model` call (one (method, bits, group, format) of one checkpoint, as a PTQ sweep
 row, without its evaluation unless --eval-windows > 0). For each method, in one process: the first row's
 latency (compilation included), then --repeats warm rows (median; every one starts from the unquantized
-weights, rows of other bit widths reuse the compiled programs), each ending in a device sync. Calibration
-tokens are random ids (the speed does not depend on them); with --run, the weights are the checkpoint's.
+weights, rows of other bit widths reuse the compiled programs), each ending in a device sync. With
+--eval-windows the 16-bit model's hidden states are computed once, before the rows, and reused by every
+row, as the sweep does per checkpoint (`reference_s` in the JSON; --no-reuse runs the 16-bit model in
+each row). Calibration tokens are random ids (the speed does not depend on them); with --run, the
+weights are the checkpoint's.
 Prints a table and writes the rows, the device and the settings as JSON to --out, with the seconds the
 first row spent compiling, per jitted function (jax.monitoring), and those spent by the warm rows.
 """
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--calib-seq-len", type=int, help="default: the config's seq_len")
     p.add_argument("--repeats", type=int, default=2, help="warm rows per method (median reported)")
     p.add_argument("--eval-windows", type=int, default=0, help="also score this many val windows per row")
+    p.add_argument("--no-reuse", action="store_true", help="with --eval-windows: run the 16-bit model in every "
+                   "row instead of reusing its hidden states per checkpoint (the sweep reuses them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--small", action="store_true", help="dense-tiny, 8 x 64 calibration tokens, 1 repeat")
     p.add_argument("--out", help="write the results as JSON here")
@@ -97,7 +102,7 @@ class CompileTimes:
                 "by_function": [[k, round(v, 2)] for k, v in items[:top]]}
 
 
-def one_row(graphdef, params, rest, calib, s: QuantSettings, windows=None) -> float:
+def one_row(graphdef, params, rest, calib, s: QuantSettings, windows=None, reference=None) -> float:
     model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
     t0 = time.perf_counter()
@@ -107,7 +112,7 @@ def one_row(graphdef, params, rest, calib, s: QuantSettings, windows=None) -> fl
     if windows is not None:
         from efftrain.eval import compare_params
 
-        compare_params(graphdef, params, qparams, rest, windows)
+        compare_params(graphdef, params, qparams, rest, windows, reference)
     return time.perf_counter() - t0
 
 
@@ -127,23 +132,32 @@ def main(argv=None) -> int:
         from efftrain.eval import eval_set
 
         windows = eval_set(cfg, a.eval_windows, seed=0)
+    reference, reference_s = None, None
+    if windows is not None and not a.no_reuse:  # the 16-bit hidden states, once per checkpoint (as the sweep)
+        from efftrain.eval import reference_states
+
+        t0 = time.perf_counter()
+        reference = jax.block_until_ready(reference_states(graphdef, params, rest, windows))
+        reference_s = time.perf_counter() - t0
     n_params = sum(x.size for x in jax.tree.leaves(params))
     rows = []
     compiles = CompileTimes()
     for method in methods:
         first = QuantSettings(method=method, bits=bits[0], group_size=a.group_size)
         compiles.take()
-        cold = one_row(graphdef, params, rest, calib, first, windows)
+        cold = one_row(graphdef, params, rest, calib, first, windows, reference)
         first_compiles = compiles.take()
         warm = [one_row(graphdef, params, rest, calib,
-                        QuantSettings(method=method, bits=bits[(i + 1) % len(bits)], group_size=a.group_size), windows)
+                        QuantSettings(method=method, bits=bits[(i + 1) % len(bits)], group_size=a.group_size), windows,
+                        reference)
                 for i in range(a.repeats)]
         per_row = statistics.median(warm) if warm else cold
         rows.append({"method": method, "bits": bits, "group_size": a.group_size, "first_row_s": cold,
                      "warm_row_s": per_row, "warm_rows_s": warm, "rows_per_s": 1 / per_row,
                      "first_row_compile": first_compiles, "warm_rows_compile_s": compiles.take()["total_s"]})
     result = {"source": a.run or a.preset, "step": a.step, "params": int(n_params), "layers": cfg.model.n_layers,
-              "calib_tokens": int(calib.size), "eval_windows": a.eval_windows, "device": str(jax.devices()[0]),
+              "calib_tokens": int(calib.size), "eval_windows": a.eval_windows,
+              "reuse_16bit_hidden": reference is not None, "reference_s": reference_s, "device": str(jax.devices()[0]),
               "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}
     print(f"{result['source']}: {n_params / 1e6:.1f}M params, {cfg.model.n_layers} layers, "
           f"{calib.size:,} calibration tokens, {result['device']}")

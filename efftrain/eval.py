@@ -39,11 +39,13 @@ from efftrain.model.mtp import acceptance_rate
 from efftrain.model.transformer import Transformer
 from efftrain.train.checkpoint import CheckpointError, checkpoints_dir
 from efftrain.train.rundir import finalized, load_model, load_run_config
-from efftrain.train.step import make_paired_eval_fn, make_window_loss_fn
+from efftrain.train.step import make_hidden_fn, make_paired_eval_fn, make_paired_from_hidden_fn, make_window_loss_fn
 
 # one jitted function per model structure (GraphDefs of equal models compare equal)
 window_loss_fn = functools.lru_cache(maxsize=8)(make_window_loss_fn)
 paired_eval_fn = functools.lru_cache(maxsize=8)(make_paired_eval_fn)
+paired_from_hidden_fn = functools.lru_cache(maxsize=8)(make_paired_from_hidden_fn)
+hidden_fn = functools.lru_cache(maxsize=8)(make_hidden_fn)
 
 
 def select_checkpoints(run_dir: str | Path, steps: list[int] | None = None,
@@ -131,12 +133,22 @@ def val_set(cfg: Config, n_batches: int | None = None, *, seed: int = 0) -> Eval
     return eval_set(cfg, n, seed=seed, val_tokens=tokens)
 
 
-def scores(fn: Callable, windows: EvalSet, *args) -> Any:
-    """fn(*args, batch) over every batch, with one device_get at the end; each output leaf (one value
-    per window) concatenated over batches as a numpy array of `windows.n` values (padding dropped)."""
-    outs = [fn(*args, b) for b in windows.batches()]
+def scores(fn: Callable, windows: EvalSet, *args, per_batch: list | None = None) -> Any:
+    """fn(*args, batch) over every batch (fn(per_batch[i], *args, batch) with `per_batch`), with one
+    device_get at the end; each output leaf (one value per window) concatenated over batches as a
+    numpy array of `windows.n` values (padding dropped)."""
+    batches = windows.batches()
+    outs = [fn(*args, b) for b in batches] if per_batch is None else \
+        [fn(extra, *args, b) for extra, b in zip(per_batch, batches)]
     host = jax.device_get(outs)
     return jax.tree.map(lambda *xs: np.concatenate(xs)[:windows.n], *host)
+
+
+def reference_states(graphdef, params_16, rest, windows: EvalSet) -> list[jax.Array]:
+    """The 16-bit model's last hidden states on every batch of `windows` (device arrays, [B, T, D] each:
+    windows × seq_len × d_model values in the compute dtype), for `compare_params(reference=...)`."""
+    fn = hidden_fn(graphdef)
+    return [fn(params_16, rest, b) for b in windows.batches()]
 
 
 def mean_and_se(x: np.ndarray) -> tuple[float, float]:
@@ -161,11 +173,17 @@ def evaluate_model(model: Transformer, cfg: Config, windows: EvalSet | list[np.n
     return out
 
 
-def compare_params(graphdef, params_16, params_q, rest, windows: EvalSet) -> dict[str, float]:
+def compare_params(graphdef, params_16, params_q, rest, windows: EvalSet,
+                   reference: list[jax.Array] | None = None) -> dict[str, float]:
     """The 16-bit and the quantized parameters on the same windows (`make_paired_eval_fn`):
     loss_16, loss_q (means over windows), qid (mean of the per-window differences loss_q − loss_16)
-    and qid_se (its standard error), kl and kl_se (mean token KL(p_16 ‖ p_q), nats), top1_agree."""
-    per_window = scores(paired_eval_fn(graphdef), windows, params_16, params_q, rest)
+    and qid_se (its standard error), kl and kl_se (mean token KL(p_16 ‖ p_q), nats), top1_agree.
+    `reference` (`reference_states` of params_16 on these windows) skips the 16-bit blocks' forward,
+    which every row of one checkpoint shares."""
+    if reference is None:
+        per_window = scores(paired_eval_fn(graphdef), windows, params_16, params_q, rest)
+    else:
+        per_window = scores(paired_from_hidden_fn(graphdef), windows, params_16, params_q, rest, per_batch=reference)
     diff = per_window["loss_q"].astype(np.float64) - per_window["loss_16"]
     qid, qid_se = mean_and_se(diff)
     kl, kl_se = mean_and_se(per_window["kl"])

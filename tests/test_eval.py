@@ -134,3 +134,21 @@ def test_eval_run_reports_se_and_windows_on_the_training_val_windows(tiny_config
     assert main(["eval", str(run)]) == 0
     captured = capsys.readouterr()
     assert "±se" in captured.out and "windows" in captured.out and " ± " in captured.err
+
+
+def test_reusing_the_16_bit_hidden_states_gives_the_same_row(setup):
+    """A PTQ row computed from the 16-bit model's cached hidden states (one forward per row) equals the
+    row that runs both models, and a model against itself still has exactly zero QiD and KL."""
+    from efftrain.eval import reference_states
+
+    _, _, graphdef, params, qparams, rest, windows = setup
+    ragged = EvalSet(windows, batch_size=4)
+    ref = reference_states(graphdef, params, rest, ragged)
+    assert [h.shape for h in ref] == [(4, SEQ, setup[0].model.d_model)] * 3
+    both = compare_params(graphdef, params, qparams, rest, ragged)
+    cached = compare_params(graphdef, params, qparams, rest, ragged, ref)
+    assert cached.keys() == both.keys()
+    for key in both:
+        assert cached[key] == pytest.approx(both[key], rel=1e-6, abs=1e-9), key
+    itself = compare_params(graphdef, params, params, rest, ragged, ref)
+    assert itself["kl"] == 0 and itself["top1_agree"] == 1.0 and abs(itself["qid"]) < 1e-6

@@ -34,7 +34,9 @@ rewritten (atomically) with the current header and empty cells in the new column
 Calibration windows (PTQSpec.calib_samples sequences, default 128) are drawn at random, with
 PTQSpec.calib_seed, from the train split, never from the val tokens the losses are measured on.
 
-Compiled programs persist across processes: the sweep turns on JAX's persistent compilation cache
+The 16-bit model's last hidden states on the eval windows are computed once per checkpoint and shared
+by its rows (efftrain.eval.reference_states: windows × seq_len × d_model values on the device), so a
+row runs one model forward, plus the 16-bit final norm and head. Compiled programs persist across processes: the sweep turns on JAX's persistent compilation cache
 (efftrain.xla.enable_compilation_cache: ~/.cache/efftrain/jax, EFFTRAIN_COMPILATION_CACHE=off opts out).
 """
 
@@ -59,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from efftrain.config import format_validation_error
 from efftrain.data import prepare_data
 from efftrain.data.pipeline import read_windows, val_window_count
-from efftrain.eval import compare_params, eval_set
+from efftrain.eval import compare_params, eval_set, reference_states
 from efftrain.files import write_atomic
 from efftrain.model.transformer import build_model
 from efftrain.quant.apply import (QuantSettings, count_bytes, dequantize_arrays, linears_of,
@@ -290,12 +292,13 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             continue
         state, _, _ = store.restore("series", meta["step"], abstract)
         params, rest = state["params"], state["rest"]
+        reference = reference_states(graphdef, params, rest, windows)  # the 16-bit side, shared by the rows
         for s in todo:
             t0 = time.time()
             model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
             report = quantize_model(model, calib, s)
             _, qparams, _ = nnx.split(model, nnx.Param, ...)
-            losses = compare_params(graphdef, params, qparams, rest, windows)
+            losses = compare_params(graphdef, params, qparams, rest, windows, reference)
             row = {
                 "run_id": run_id, "step": meta["step"], "tokens": meta["tokens_seen"],
                 "epochs": meta["tokens_seen"] / train_tokens if train_tokens else None,

@@ -155,6 +155,23 @@ def make_window_loss_fn(graphdef):
     return jax.jit(losses)
 
 
+def make_hidden_fn(graphdef):
+    """Returns hidden(params, rest, window [B, T+1]) -> [B, T, D]: the main model's last hidden state
+    (before the final norm; the output head is not computed). Jitted."""
+
+    def hidden(params, rest, window):
+        return nnx.merge(graphdef, params, rest)(window[:, :-1]).hidden
+
+    return jax.jit(hidden)
+
+
+def _compare(lp16, lpq, window):
+    kl = jnp.sum(jnp.exp(lp16) * (lp16 - lpq), axis=-1)
+    agree = jnp.argmax(lp16, axis=-1) == jnp.argmax(lpq, axis=-1)
+    return {"loss_16": _window_ce(lp16, window), "loss_q": _window_ce(lpq, window),
+            "kl": jnp.mean(kl, axis=-1), "top1_agree": jnp.mean(agree.astype(jnp.float32), axis=-1)}
+
+
 def make_paired_eval_fn(graphdef):
     """Returns paired(params_16, params_q, rest, window [B, T+1]) -> dict of [B] float32 arrays, one
     value per window of the 16-bit and the quantized model run on the same tokens:
@@ -167,10 +184,19 @@ def make_paired_eval_fn(graphdef):
 
     def paired(params_16, params_q, rest, window):
         lp16 = _token_log_probs(graphdef, params_16, rest, window)
-        lpq = _token_log_probs(graphdef, params_q, rest, window)
-        kl = jnp.sum(jnp.exp(lp16) * (lp16 - lpq), axis=-1)
-        agree = jnp.argmax(lp16, axis=-1) == jnp.argmax(lpq, axis=-1)
-        return {"loss_16": _window_ce(lp16, window), "loss_q": _window_ce(lpq, window),
-                "kl": jnp.mean(kl, axis=-1), "top1_agree": jnp.mean(agree.astype(jnp.float32), axis=-1)}
+        return _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window)
+
+    return jax.jit(paired)
+
+
+def make_paired_from_hidden_fn(graphdef):
+    """`make_paired_eval_fn` with the 16-bit model's hidden states given (`make_hidden_fn`, computed once
+    per checkpoint and eval set): paired(hidden_16, params_16, params_q, rest, window); only the
+    16-bit final norm and head run again, so a PTQ row costs one model forward instead of two."""
+
+    def paired(hidden_16, params_16, params_q, rest, window):
+        model_16 = nnx.merge(graphdef, params_16, rest)
+        lp16 = jax.nn.log_softmax(model_16.head(model_16.final_norm(hidden_16)).astype(jnp.float32), axis=-1)
+        return _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window)
 
     return jax.jit(paired)
