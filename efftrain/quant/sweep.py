@@ -36,8 +36,9 @@ PTQSpec.calib_seed, from the train split, never from the val tokens the losses a
 
 The 16-bit model's last hidden states on the eval windows are computed once per checkpoint and shared
 by its rows (efftrain.eval.reference_states: windows × seq_len × d_model values on the device), so a
-row runs one model forward, plus the 16-bit final norm and head. Compiled programs persist across processes: the sweep turns on JAX's persistent compilation cache
-(efftrain.xla.enable_compilation_cache: ~/.cache/efftrain/jax, EFFTRAIN_COMPILATION_CACHE=off opts out).
+row runs one model forward, plus the 16-bit final norm and head. Compiled programs persist across
+processes: the sweep turns on JAX's persistent compilation cache (efftrain.xla.enable_compilation_cache:
+~/.cache/efftrain/jax, EFFTRAIN_COMPILATION_CACHE=off opts out).
 """
 
 from __future__ import annotations
