@@ -78,6 +78,13 @@ def test_auto_attention_is_pallas_only_for_a_deterministic_step_on_gpu(monkeypat
     assert attention.attention_implementation(cfg, jnp.bfloat16) == "xla"
 
 
+def test_pallas_off_gpu_is_a_clear_error():
+    cfg = load_config("dense-tiny", ["model.attention_impl=pallas"]).model
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match="model.attention_impl=pallas needs a GPU"):
+        attention.causal_attention(q, q, q, scale=0.5, cfg=cfg)
+
+
 def test_kernel_paddings():
     assert [attention.padding_for("pallas", t) for t in (63, 64, 100, 128, 129, 511, 512)] == [1, 0, 28, 0, 127, 1, 0]
     assert [attention.padding_for("cudnn", t) for t in (63, 511, 512)] == [1, 1, 0]

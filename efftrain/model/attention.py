@@ -63,6 +63,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
     if impl == "pallas":
+        if not on_gpu():
+            raise ValueError("model.attention_impl=pallas needs a GPU (Pallas' Triton kernel); use auto or xla")
         out = _pallas_attention(q, k, v, scale)
     else:
         out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=impl)
