@@ -30,6 +30,7 @@ from jax import lax
 
 from efftrain.fp8.formats import cast_to_format, float_format, native_cast, round_mantissa
 from efftrain.fp8.scaling import KERNEL_TILE, scale_from_amax
+from efftrain.xla import on_gpu
 
 
 def quantize_tile(v, fmt, block, pow2_scales, native_casts=True):
@@ -83,7 +84,7 @@ def pallas_quantize(x, chains, pow2_scales, dtype, with_scales, native_casts=Tru
             else:
                 next(refs)[...] = (q * scale).astype(dtype)
 
-    interpret = jax.default_backend() != "gpu"
+    interpret = not on_gpu()
     return tuple(pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -172,7 +173,7 @@ def pallas_accumulation(qa, qb, sa, sb, steps_per_window, k_step, accum_bits, ro
 
         out_ref[...] = lax.fori_loop(0, n_windows, window, jnp.zeros((bm, bn), jnp.float32)).astype(out_ref.dtype)
 
-    interpret = jax.default_backend() != "gpu"
+    interpret = not on_gpu()
     groups = sa.shape[0]
     out = pl.pallas_call(
         kernel,

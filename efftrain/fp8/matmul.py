@@ -56,6 +56,7 @@ from efftrain.fp8.mosaic import accumulate as mosaic_accumulate
 from efftrain.fp8.mosaic import supported as mosaic_supported
 from efftrain.fp8.scaling import (KERNEL_BLOCKS, KERNEL_TILE, Block, Chain, dequantize, quantize, resolve_block,
                                    xla_quantize_many)
+from efftrain.xla import on_gpu
 
 QUANTIZE_IMPLS = ("auto", "xla")
 ACCUMULATE_IMPLS = ("auto", "pallas", "xla")
@@ -128,7 +129,7 @@ def _pallas_quantizer_fits(x, chains, impl, kernels) -> bool:
     fits = rows % KERNEL_TILE == 0 and cols % KERNEL_TILE == 0 and all(
         tuple(block) in KERNEL_BLOCKS for chain in chains for _, block in chain)
     return impl == "pallas" or (impl == "auto" and kernels.quantize_impl == "auto" and fits
-                                 and jax.default_backend() == "gpu")
+                                 and on_gpu())
 
 
 def precision(dtype):
@@ -174,7 +175,7 @@ def auto_accumulation_impl(bf16_operands: bool, mosaic_fits: bool, kernels: Kern
     """What impl 'auto' runs: on a Hopper GPU the ping-pong Mosaic kernel where it applies, on other GPUs
     (or with accumulate_impl 'pallas') the Triton kernel (both need the operands exact in bf16), else
     (or with accumulate_impl 'xla') the XLA scan."""
-    if kernels.accumulate_impl == "xla" or jax.default_backend() != "gpu" or not bf16_operands:
+    if kernels.accumulate_impl == "xla" or not on_gpu() or not bf16_operands:
         return "xla"
     hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
     return "mosaic" if kernels.accumulate_impl == "auto" and mosaic_fits and hopper else "pallas"
@@ -301,7 +302,7 @@ def accumulate_windows(qa, qb, sa, sb, *, k_step, steps_per_window, accum_bits, 
     if impl == "mosaic":
         if not mosaic_fits:
             raise ValueError(f"impl='mosaic' needs k_step 16, 32 or 64, got {k_step}")
-        if jax.default_backend() != "gpu":
+        if not on_gpu():
             raise ValueError(f"impl='mosaic' runs only on a Hopper GPU (backend here: {jax.default_backend()}); "
                              "use impl='auto'")
         return mosaic_accumulate(qa, qb, sa, sb, k_step=k_step, steps_per_window=steps_per_window,
@@ -334,7 +335,7 @@ def kernels_in_effect(cfg: Any) -> dict:
     quantizer, where it quantizes to e4m3), accumulate ('mosaic' | 'pallas' | 'xla'; None with
     accum_bits=None: one ordinary matmul of the dequantized operands) and, with 'pallas', its tiling."""
     kernels = KernelChoice.of(cfg)
-    gpu = jax.default_backend() == "gpu"
+    gpu = on_gpu()
     quantize = "pallas" if gpu and kernels.quantize_impl == "auto" else "xla"
     e4m3 = any(float_format(f).name == "e4m3fn" for f in (cfg.fmt, cfg.grad_fmt))
     record = {"quantize": quantize, "native_casts": quantize == "pallas" and kernels.native_casts and e4m3}
