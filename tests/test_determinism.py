@@ -19,25 +19,43 @@ from efftrain.train.optimizer import make_optimizer
 from efftrain.train.step import init_state, make_train_step
 
 
+@pytest.mark.parametrize("method", layers.EMBED_GRAD_METHODS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_onehot_embedding_gradient_matches_a_float64_scatter(monkeypatch, dtype):
-    """Forward = table[tokens]; gradient = np.add.at in float64 (repeated tokens, a chunk size that
-    does not divide the token count, so the padding rows are exercised)."""
+@pytest.mark.parametrize("n_ids", [4, 11])
+def test_deterministic_embedding_gradient_matches_a_float64_scatter(monkeypatch, dtype, method, n_ids):
+    """Forward = table[tokens]; gradient = np.add.at in float64 (repeated tokens in any order; for
+    onehot a chunk size that does not divide the token count, so the padding rows are exercised; for
+    sorted, ids at both ends of the table and ids never seen)."""
     monkeypatch.setattr(layers, "EMBED_GRAD_CHUNK", 5)
-    rng = np.random.default_rng(0)
+    monkeypatch.setattr(layers, "EMBED_GRAD_METHOD", method)
+    rng = np.random.default_rng(n_ids)
     V, D = 11, 6
     table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
-    tokens = jnp.asarray(rng.integers(0, 4, (3, 7)), jnp.int32)  # 21 tokens over 4 ids: many repeats
+    tokens = jnp.asarray(rng.integers(0, n_ids, (3, 7)), jnp.int32)
     g = jnp.asarray(rng.normal(size=(3, 7, D)), dtype)
 
-    out, vjp = jax.vjp(lambda t: layers.embed_onehot_grad(t, tokens, dtype), table)
+    out, vjp = jax.vjp(lambda t: layers.deterministic_embed(t, tokens, dtype), table)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.take(table, tokens, axis=0).astype(dtype)))
     (grad,) = vjp(g)
     ref = np.zeros((V, D))
     np.add.at(ref, np.asarray(tokens).reshape(-1), np.asarray(g, np.float64).reshape(-1, D))
     assert grad.dtype == table.dtype
     np.testing.assert_allclose(np.asarray(grad, np.float64), ref, rtol=1e-6, atol=1e-6)
-    assert not np.asarray(grad)[4:].any()  # ids never seen get exactly zero
+    unseen = np.setdiff1d(np.arange(V), np.asarray(tokens))
+    assert not np.asarray(grad)[unseen].any()  # ids never seen get exactly zero
+
+
+def test_sorted_embedding_gradient_on_many_tokens():
+    """The segmented scan over 3,000 tokens of a Zipf-like id distribution (long segments and
+    singletons) against float64, and the same bits twice."""
+    rng = np.random.default_rng(7)
+    ids = jnp.asarray(np.minimum(rng.zipf(1.3, 3000), 200) - 1, jnp.int32)
+    g = jnp.asarray(rng.normal(size=(3000, 8)), jnp.float32)
+    grad = jax.jit(layers.sorted_segment_grad, static_argnums=2)(ids, g, 200)
+    ref = np.zeros((200, 8))
+    np.add.at(ref, np.asarray(ids), np.asarray(g, np.float64))
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(layers.sorted_segment_grad(ids, g, 200)))
 
 
 def test_pick_equals_take_along_axis_bitwise_with_the_same_gradient():
@@ -91,9 +109,12 @@ def test_kernel_paddings():
     assert attention.padding_for("xla", 511) == 0
 
 
-def test_pallas_attention_matches_xla_with_gqa_and_its_gradients():
+@pytest.mark.parametrize("tiles", [None, "32,16,16,32,32,16", "64,64,64,64,64,64,4,3"])
+def test_pallas_attention_matches_xla_with_gqa_and_its_gradients(tiles):
     """The Pallas kernel (interpreted on CPU) against jax's XLA attention: GQA with 4 query heads over 2
-    kv heads, forward and the gradients of q, k and v."""
+    kv heads, forward and the gradients of q, k and v; the default tiles and tunings whose blocks split
+    the causal diagonal differently in the forward, dK/dV and dQ loops."""
+    tiles = tiles and attention.PallasTiles.parse(tiles)
     q = jax.random.normal(jax.random.key(0), (1, 64, 4, 16))
     k, v = (jax.random.normal(jax.random.key(i), (1, 64, 2, 16)) for i in (1, 2))
     w = jax.random.normal(jax.random.key(3), (1, 64, 4, 16))
@@ -102,7 +123,7 @@ def test_pallas_attention_matches_xla_with_gqa_and_its_gradients():
         return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
 
     def pallas(q, k, v):
-        return attention._pallas_attention(q, k, v, 0.25, interpret=True)
+        return attention._pallas_attention(q, k, v, 0.25, interpret=True, tiles=tiles)
 
     def xla(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, scale=0.25, is_causal=True, implementation="xla")

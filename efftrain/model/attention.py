@@ -7,6 +7,8 @@ mask, computed by `jax.nn.dot_product_attention` (cuDNN flash attention on GPU i
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
@@ -38,16 +40,54 @@ def padding_for(impl: str, T: int) -> int:
     return 0
 
 
-def _pallas_attention(q, k, v, scale: float, interpret: bool = False):
+@dataclasses.dataclass(frozen=True)
+class PallasTiles:
+    """Tile sizes of Pallas' flash attention (jax.experimental.pallas.ops.gpu.attention.BlockSizes):
+    block_q x block_k for the forward; the backward's dK/dV loop takes block_kv_dkv keys against
+    block_q_dkv queries at a time, its dQ loop block_q_dq queries against block_kv_dq keys (the kernel
+    needs block_q_dq == block_kv_dkv). num_warps None: Pallas' heuristic. Tiles change the order of
+    the float32 sums inside a tile, never the function: any choice is exact and bitwise repeatable."""
+
+    block_q: int = 128
+    block_k: int = 128
+    block_q_dkv: int = 32
+    block_kv_dkv: int = 32
+    block_q_dq: int = 32
+    block_kv_dq: int = 32
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    @classmethod
+    def parse(cls, text: str) -> "PallasTiles":
+        """From "bq,bk,bq_dkv,bkv_dkv,bq_dq,bkv_dq[,warps[,stages]]" (benchmarks' sweeps)."""
+        values = [int(v) for v in text.split(",")]
+        if len(values) == 7:
+            values.append(2)
+        if len(values) != 8 and len(values) != 6:
+            raise ValueError(f"pallas tiles {text!r}: want 6 to 8 comma-separated integers")
+        return cls(*values[:6], *(values[6:] or [None, 2]))
+
+    def describe(self) -> str:
+        return ",".join(str(v) for v in dataclasses.astuple(self))
+
+
+PALLAS_TILES = PallasTiles()
+
+
+def _pallas_attention(q, k, v, scale: float, interpret: bool = False, tiles: PallasTiles | None = None):
     """Pallas' Triton flash attention (jax.experimental.pallas.ops.gpu.attention.mha): its backward
     computes dK/dV and dQ in separate loops, without atomics, so it is bitwise repeatable. It wants one
     head count: GQA's k/v heads are repeated (their gradient is a sum over the copies)."""
-    from jax.experimental.pallas.ops.gpu.attention import mha
+    from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
 
+    t = tiles or PALLAS_TILES
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k, v = (jnp.repeat(a, groups, axis=2) for a in (k, v))
-    return mha(q, k, v, segment_ids=None, sm_scale=scale, causal=True, interpret=interpret)
+    blocks = BlockSizes(block_q=t.block_q, block_k=t.block_k, block_q_dkv=t.block_q_dkv,
+                        block_kv_dkv=t.block_kv_dkv, block_q_dq=t.block_q_dq, block_kv_dq=t.block_kv_dq)
+    return mha(q, k, v, segment_ids=None, sm_scale=scale, causal=True, block_sizes=blocks,
+               num_warps=t.num_warps, num_stages=t.num_stages, interpret=interpret)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,

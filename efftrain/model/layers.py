@@ -137,25 +137,66 @@ class MLP(nnx.Module):
 deterministic_gradients: contextvars.ContextVar[bool] = contextvars.ContextVar("deterministic_gradients",
                                                                                 default=False)
 EMBED_GRAD_CHUNK = 8192  # tokens per one-hot matmul of the deterministic embedding gradient
+EMBED_GRAD_METHODS = ("sorted", "onehot")
+EMBED_GRAD_METHOD = "sorted"  # read at trace time; benchmarks/bench_determinism.py compares the two
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def embed_onehot_grad(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
-    """table[tokens] cast to `dtype`, whose gradient is Σ_t onehot(token_t)ᵀ g_t: a one-hot matmul
-    over chunks of EMBED_GRAD_CHUNK tokens, summed in fp32 in a fixed order (autodiff of the gather is a
-    scatter-add, nondeterministic on GPUs). The cotangent g arrives in `dtype` (bf16 on GPUs), so every
-    product is exact and only the fp32 summation order differs from the scatter's."""
+def deterministic_embed(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """table[tokens] cast to `dtype`, with a gradient of fixed summation order (autodiff of the gather
+    is a scatter-add, which GPUs run with atomics in a different order every time). The cotangent g
+    arrives in `dtype` (bf16 on GPUs); every method sums it in float32, so only the order of the fp32
+    additions differs from the scatter's. EMBED_GRAD_METHOD picks how:
+
+      sorted  tokens sorted (stably) by id, their cotangents summed per id by a segmented scan
+              (a fixed tree over positions), each id's sum written to its row once: O(N·D log N)
+              memory traffic, no V-sized matmul;
+      onehot  Σ_t onehot(token_t)ᵀ g_t, a one-hot matmul over chunks of EMBED_GRAD_CHUNK tokens:
+              2·N·V·D flops (about as many as the output head's weight gradient)."""
     return jnp.take(table, tokens, axis=0).astype(dtype)
 
 
 def _embed_fwd(table, tokens, dtype):
-    return embed_onehot_grad(table, tokens, dtype), (table, tokens)
+    return deterministic_embed(table, tokens, dtype), (table, tokens)
 
 
 def _embed_bwd(dtype, res, g):
     table, tokens = res
-    V, D = table.shape
-    ids, g = tokens.reshape(-1), g.reshape(-1, D)
+    ids, g = tokens.reshape(-1), g.reshape(-1, table.shape[1])
+    if EMBED_GRAD_METHOD == "sorted":
+        grad = sorted_segment_grad(ids, g, table.shape[0])
+    else:
+        grad = onehot_segment_grad(ids, g, table.shape[0])
+    return grad.astype(table.dtype), None
+
+
+deterministic_embed.defvjp(_embed_fwd, _embed_bwd)
+
+
+def sorted_segment_grad(ids: jax.Array, g: jax.Array, vocab: int) -> jax.Array:
+    """Σ_{t: ids_t = v} g_t for every v (float32 [vocab, D]), deterministically: a stable sort by id,
+    an inclusive segmented scan (Blelloch's operator on (segment-start flag, partial sum) pairs, whose
+    tree depends only on the positions), and one write per id of its segment's last partial sum."""
+    order = jnp.argsort(ids, stable=True)
+    ids_sorted = ids[order]
+    values = g[order].astype(jnp.float32)
+    boundary = ids_sorted[1:] != ids_sorted[:-1]
+    starts = jnp.concatenate([jnp.ones((1,), bool), boundary])
+    ends = jnp.concatenate([boundary, jnp.ones((1,), bool)])
+
+    def combine(a, b):
+        (start_a, sum_a), (start_b, sum_b) = a, b
+        return start_a | start_b, jnp.where(start_b[..., None], sum_b, sum_a + sum_b)
+
+    _, sums = jax.lax.associative_scan(combine, (starts, values))
+    rows = jnp.where(ends, ids_sorted, vocab)  # out of range: dropped; every id is written at most once
+    return jnp.zeros((vocab, g.shape[1]), jnp.float32).at[rows].set(sums, mode="drop", unique_indices=True)
+
+
+def onehot_segment_grad(ids: jax.Array, g: jax.Array, vocab: int) -> jax.Array:
+    """Σ_{t: ids_t = v} g_t for every v (float32 [vocab, D]) as chunked one-hot matmuls, summed in a
+    fixed order."""
+    V, D = vocab, g.shape[1]
     chunk = min(EMBED_GRAD_CHUNK, ids.shape[0])
     pad = -ids.shape[0] % chunk
     ids = jnp.pad(ids, (0, pad), constant_values=V).reshape(-1, chunk)  # id V: an all-zero one-hot row
@@ -169,10 +210,7 @@ def _embed_bwd(dtype, res, g):
                                 preferred_element_type=jnp.float32), None
 
     grad, _ = jax.lax.scan(add, jnp.zeros((V, D), jnp.float32), (ids, g))
-    return grad.astype(table.dtype), None
-
-
-embed_onehot_grad.defvjp(_embed_fwd, _embed_bwd)
+    return grad
 
 
 class Embedding(nnx.Module):
@@ -185,7 +223,7 @@ class Embedding(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if deterministic_gradients.get() and on_gpu():
-            return embed_onehot_grad(self.embedding[...], tokens, self.compute_dtype)
+            return deterministic_embed(self.embedding[...], tokens, self.compute_dtype)
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.compute_dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
