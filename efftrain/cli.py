@@ -6,6 +6,7 @@
   efftrain info RUN_DIR [--json]                                 the run and its finalized checkpoints
   efftrain presets                                               list the presets in configs/
   efftrain grid run|status|export SPEC                           experiment grids (train x PTQ) -> SQLite
+  efftrain grid merge DEST SRC [SRC ...] [--prefer dest|source] merge the stores of a grid run in pieces
   efftrain fit TABLE [--law ouyang|kumar|both]                   QiD scaling-law fits with bootstrap CIs
   efftrain report SPEC_OR_DB --out DIR                           HTML + Markdown report with plots
 
@@ -262,6 +263,32 @@ def cmd_grid_export(args) -> int:
     return 0
 
 
+def _merge_tally_text(tables: dict, prefer: str | None) -> str:
+    """One line of what a merge did (tables: name -> TableTally)."""
+    from efftrain.grid.store import TableTally  # lazy (module docstring)
+
+    total = sum(tables.values(), TableTally())
+    conflicts = f"{total.conflicts} conflicts" + (f" (kept the {prefer}'s)" if total.conflicts else "")
+    return (f"runs {tables['runs'].added} added, checkpoints {tables['checkpoints'].added} added, "
+            f"PTQ rows {tables['ptq'].added} added; {total.duplicates} duplicates skipped, "
+            f"{total.filled} filled in, {conflicts}")
+
+
+def cmd_grid_merge(args) -> int:
+    from efftrain.grid.store import ResultsStore, TableTally, merge_stores  # lazy (module docstring)
+
+    path, summaries = merge_stores(args.dest, args.sources, prefer=args.prefer)
+    for s in summaries:
+        print(f"{s.source}: {_merge_tally_text(s.tables, args.prefer)}; "
+              f"{s.statuses_advanced} cell status(es) advanced")
+    totals = {name: sum((s.tables[name] for s in summaries), TableTally()) for name in summaries[0].tables}
+    with ResultsStore(path, read_only=True) as store:
+        held = {name: len(store.table(name)[1]) for name in ("runs", "checkpoints", "ptq")}
+    print(f"merged {len(summaries)} store(s) into {path}: {_merge_tally_text(totals, args.prefer)}; it holds "
+          f"{held['runs']} runs, {held['checkpoints']} checkpoints, {held['ptq']} PTQ rows")
+    return 0
+
+
 # ---- analysis commands ----------------------------------------------------------------------
 def cmd_fit(args) -> int:
     from efftrain.analysis.commands import run_fit  # lazy: scipy (module docstring)
@@ -364,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the config presets")
     p.set_defaults(func=cmd_presets)
 
-    _add_grid_commands(sub)  # grid run|status|export
+    _add_grid_commands(sub)  # grid run|status|export|merge
     _add_analysis_commands(sub)  # fit, report
     return parser
 
@@ -379,7 +406,7 @@ def _add_grid_commands(subparsers) -> None:
     grid = subparsers.add_parser("grid", help="run an experiment grid (train, PTQ-sweep, record)",
                                  description="Experiment grids: a YAML spec expands into cells keyed by config "
                                              "hash; results go to RUNS_DIR/results.sqlite.")
-    gsub = grid.add_subparsers(dest="grid_command", required=True, metavar="{run,status,export}")
+    gsub = grid.add_subparsers(dest="grid_command", required=True, metavar="{run,status,export,merge}")
 
     p = gsub.add_parser("run", help="train and PTQ-sweep every cell; rerun to resume")
     p.add_argument("spec", help="grid spec YAML (see experiments/)")
@@ -405,6 +432,18 @@ def _add_grid_commands(subparsers) -> None:
     p.add_argument("--table", choices=("ptq", "runs", "checkpoints"), default="ptq")
     _spec_options(p)
     p.set_defaults(func=cmd_grid_export)
+
+    p = gsub.add_parser("merge", help="merge the results stores of a grid run in pieces into one",
+                        description="Copy the runs, checkpoints and PTQ rows of each SRC into DEST in one "
+                                    "transaction (all or nothing). Rows already in DEST are skipped; rows whose "
+                                    "values differ refuse the merge unless --prefer says which side wins. Each "
+                                    "cell keeps the further along of its statuses (done > failed > running > "
+                                    "pending).")
+    p.add_argument("dest", help="results.sqlite, a runs dir or a grid spec (created if missing)")
+    p.add_argument("sources", nargs="+", metavar="src", help="results.sqlite or runs dir of a piece (read only)")
+    p.add_argument("--prefer", choices=("dest", "source"),
+                   help="on rows whose values differ, keep DEST's or take SRC's (default: refuse the merge)")
+    p.set_defaults(func=cmd_grid_merge)
 
 
 def _add_analysis_commands(subparsers) -> None:

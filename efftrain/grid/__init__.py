@@ -3,9 +3,10 @@ trains each cell, quantizes every checkpoint and records everything in one SQLit
 
   spec.py      GridSpec / Cell, load_spec, expansion (product x zip x variants, cooldown branches,
                checkpoint averaging), GridError
-  store.py     ResultsStore: runs_dir/results.sqlite (runs, checkpoints, ptq), export
+  store.py     ResultsStore: runs_dir/results.sqlite (runs, checkpoints, ptq), export, merge of the
+               stores of a grid run in pieces
   runner.py    run_grid (resumable, idempotent; worker processes; SLURM via submitit), grid_status
-(the `grid run|status|export` commands' argument parsing lives in efftrain/cli.py)
+(the `grid run|status|export|merge` commands' argument parsing lives in efftrain/cli.py)
 """
 
 from efftrain.grid.spec import Cell, GridError, GridSpec, expand_spec, load_spec
