@@ -575,3 +575,50 @@ def test_fit_cli_errors_are_one_line(tmp_path, capsys):
     assert "no rows left" in capsys.readouterr().err
     assert cli(["fit", str(tmp_path / "missing.sqlite")]) == 2
     assert "no results at" in capsys.readouterr().err
+
+
+def test_lr_schedule_spec_has_the_arms_issue_17_asks_for():
+    """>= 3 seeds; WSD cooldown branches at >= 3 token counts; a cosine-to-end run for each branch's end
+    budget; a lower-peak-LR arm with the same branches; LAWA averages at the branch points."""
+    from efftrain.train.loop import total_steps_of
+
+    def budget(c):
+        return total_steps_of(c.config) * c.config.tokens_per_step
+
+    spec, cells = expand_spec(EXPERIMENTS / "lr_schedule.yaml")
+    mains = [c for c in cells if c.kind == "main"]
+    assert len({c.seed for c in cells}) >= 3 and spec.max_epochs <= 4
+    wsd = [c for c in mains if c.schedule == "wsd-stable"]
+    assert len({c.config.optim.lr for c in wsd}) == 2  # peak and lower peak
+    ends = set()
+    for main in wsd:
+        branches = [c for c in cells if c.kind == "cooldown" and c.parent == main.key]
+        assert len(branches) >= 3
+        ends |= {budget(c) for c in branches}
+        assert len([c for c in cells if c.kind == "average" and c.parent == main.key]) == len(branches)
+    cosine_budgets = {budget(c) for c in mains if c.schedule == "cosine"}
+    for end in ends:  # a cosine run per branch end (to the step)
+        assert min(abs(end - b) for b in cosine_budgets) <= mains[0].config.tokens_per_step
+
+
+def test_deepseek_ablation_compares_techniques_at_equal_active_params():
+    """Each technique alone and all on, >= 3 paired seeds: MLA's projections within 10 % of MHA's, the
+    MoE cells' active params within 1 % of dense (MTP modules are not active)."""
+    from flax import nnx
+
+    from efftrain.model.layers import linears_of
+    from efftrain.model.transformer import build_model, parameter_counts
+
+    spec, cells = expand_spec(EXPERIMENTS / "deepseek_ablation.yaml")
+    assert set(spec.variants) == {"dense", "mla", "moe", "mtp", "fp8", "all-on"}
+    assert len({c.seed for c in cells}) >= 3 and all(c.config.train.deterministic for c in cells)
+    counts, attention = {}, {}
+    for c in cells:
+        if c.seed == 0:
+            model = nnx.eval_shape(lambda c=c: build_model(c.config.model, c.config.fp8, seed=0))
+            counts[c.replicate] = parameter_counts(model)["active"]
+            attention[c.replicate] = sum(lin.kernel.size for path, lin in linears_of(model)
+                                         if path.startswith("blocks/1/attn"))
+    assert 0.9 <= attention["mla"] / attention["dense"] <= 1.1
+    for name in ("moe", "all-on", "mtp"):
+        assert abs(counts[name] / counts["dense"] - 1) < 0.01

@@ -54,7 +54,8 @@ Checkpoint averaging (LAWA; Kaddour 2022, Sanyal et al. 2023): for every non-bra
 T in `average.tokens` (default: the cooldown tokens; `series`: every series point), `count`
 checkpoints evenly spaced over the last `window` fraction of the tokens up to T are added to the
 cell's series, and a derived *average* cell holds one checkpoint whose parameters are their mean (everything else from the
-checkpoint at T). The window's other checkpoints are saved for this, but not PTQ-swept.
+checkpoint at T). The window's other checkpoints are saved for this, but not PTQ-swept. A point beyond a
+cell's training (e.g. a shorter cosine budget beside the WSD run) gives that cell no average.
 """
 
 from __future__ import annotations
@@ -577,7 +578,7 @@ def _main_cells(spec: GridSpec, raw0: dict, values: dict[str, Any], replicate: s
     schedule = cfg.optim.schedule
     branch_at = cooldown_tokens(spec, cfg)
     branching = bool(branch_at) and schedule in ("wsd", "constant")
-    average_at = average_tokens(spec, cfg)
+    average_at = [t for t in average_tokens(spec, cfg) if t <= _total_steps(cfg) * cfg.tokens_per_step]
     averaging = bool(average_at)
     ptq_steps = None
     if branch_at or averaging:  # add the branch / averaging points to the series
