@@ -138,7 +138,7 @@ deterministic_gradients: contextvars.ContextVar[bool] = contextvars.ContextVar("
                                                                                 default=False)
 EMBED_GRAD_CHUNK = 8192  # tokens per one-hot matmul of the deterministic embedding gradient
 EMBED_GRAD_METHODS = ("sorted", "onehot")
-EMBED_GRAD_METHOD = "sorted"  # read at trace time; benchmarks/bench_determinism.py compares the two
+EMBED_GRAD_METHOD = "sorted"  # read at trace time; benchmarks/bench_embed_grad.py measures both (H200: 0.29 vs 1.71 ms)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
