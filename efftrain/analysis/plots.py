@@ -78,7 +78,21 @@ def _figure(path, title: str | None = None, **subplot_kw):
         if title:
             ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(path, format="png")
+        fig.savefig(path, format="png", bbox_inches="tight")  # "tight": legends placed outside the axes
+
+
+def _legend(ax, handles=None, labels=None, **kw):
+    """ax.legend, moved outside the axes (to the right) when it would cover the data: many entries or
+    long labels (a grid's variant names)."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if len(handles) > 8 or max((len(str(l)) for l in labels), default=0) > 24:
+        kw.update(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        w, h = ax.figure.get_size_inches()
+        ax.figure.set_size_inches(w * 1.7, h)  # room for the legend beside the axes
+    else:
+        kw.setdefault("loc", "best")
+    return ax.legend(handles, labels, **kw)
 
 
 def _rows(rows, name: str, required: Sequence[str]) -> list[Mapping[str, Any]]:
@@ -148,7 +162,7 @@ def plot_loss_vs_tokens(evals, path, *, title: str | None = "Validation loss vs 
         ax.set_xscale("log")
         ax.set_xlabel("training tokens D (tokens, log scale)")
         ax.set_ylabel("validation loss (nats/token)")
-        ax.legend(title="run")
+        _legend(ax, title="run")
     return Path(path)
 
 
@@ -226,7 +240,7 @@ def plot_qid_vs_tokens(rows, path, fit=None, *, title: str | None = None) -> Pat
         if n_hidden:
             handles.append(Line2D([], [], linestyle="none"))
             labels.append(f"{n_hidden} rows with QiD≤0 not shown")
-        ax.legend(handles, labels, loc="best", ncol=2 if len(handles) > 8 else 1)
+        _legend(ax, handles, labels)
     return Path(path)
 
 
@@ -313,7 +327,7 @@ def plot_qid_vs_params(rows, path, *, at_tokens: str | float | None = "final", t
         if n_hidden:
             handles.append(Line2D([], [], linestyle="none"))
             labels.append(f"{n_hidden} rows with QiD≤0 not shown")
-        ax.legend(handles, labels, loc="best")
+        _legend(ax, handles, labels)
     return Path(path)
 
 
@@ -344,7 +358,7 @@ def plot_kbit(rows, path, *, title: str | None = "k-bit scaling: loss vs total m
         ax.set_xscale("log")
         ax.set_xlabel("total model bits = parameters × effective bits/param (bits, log scale)")
         ax.set_ylabel("loss of quantized model (nats/token)")
-        ax.legend(title="precision")
+        _legend(ax, title="precision")
     return Path(path)
 
 
@@ -426,7 +440,7 @@ def plot_technique_qid(summary, path, *, title: str | None = "QiD by training te
             handles.append(Line2D([], [], color="0.15", marker="|", markersize=10, linestyle="-"))
             labs.append(ci_label)
         if handles:
-            ax.legend(handles, labs, title="precision" if has_bits else None)
+            _legend(ax, handles, labs, title="precision" if has_bits else None)
     return Path(path)
 
 
@@ -467,7 +481,7 @@ def plot_moe_balance(metrics, path, *, title: str | None = "MoE load balance: Ma
         ax.set_xlabel("training step")
         ax.set_ylabel("MaxVio = max load / mean load − 1 (ratio)")
         ax.set_ylim(bottom=0)
-        ax.legend(ncol=2 if len(layers) > 8 else 1, title="MoE layer")
+        _legend(ax, title="MoE layer")
     return Path(path)
 
 
@@ -513,5 +527,5 @@ def plot_fp8_gap(bf16_metrics, fp8_metrics, path, *, loss_key: str | None = None
             ax.axhline(-reference, color="tab:red", linestyle="--", linewidth=1.0)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"relative {ka.replace('_', ' ')} gap (%)")
-        ax.legend()
+        _legend(ax)
     return Path(path)
