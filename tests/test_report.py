@@ -55,7 +55,7 @@ def test_report_writes_self_contained_html_and_markdown(tiny_grid, tmp_path):
     for name in images:
         assert (out / name).read_bytes()[:8] == PNG
     for section in ("## Summary", "## Grid", "## Training", "## Measurement noise", "## Quantization-induced degradation",
-                    "## Technique diagnostics", "## Fitted laws"):
+                    "## Technique diagnostics", "## Per-run slopes of log QiD vs log D", "## Fitted laws"):
         assert section in md
     assert "moe_balance_" in md and "fp8_gap_" in md
     summary = md.split("## Summary")[1].split("## Grid")[0]

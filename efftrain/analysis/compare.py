@@ -13,6 +13,11 @@ differences (efftrain.analysis.stats.paired_difference):
                     lower loss, and so sits later on the QiD-vs-loss curve, is compared like for like.
 
 One seed gives an estimate without an interval, and no claim.
+
+Per-run slopes (run_slopes, slope_groups): each run's OLS slope of log QiD on log D over its checkpoints
+after LR warmup whose QiD is resolved (QiD > 2·qid_se), at least 3 of them; per variant the mean over
+seeds with a t-interval over the seeds' slopes, and a verdict that names a direction only when that
+interval excludes 0.
 """
 
 from __future__ import annotations
@@ -184,4 +189,173 @@ def compare_techniques(rows: list[dict], runs: list[dict], sel: Selection, basel
                 c.matched_diff = paired_difference({s: m[0] for s, m in ok.items()}, {s: m[1] for s, m in ok.items()})
                 c.matched_loss = float(np.mean([m[2] for m in ok.values()]))
         out.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-run slopes of log QiD vs log D
+# ----------------------------------------------------------------------------------------------
+MIN_SLOPE_POINTS = 3  # a run needs this many usable checkpoints for a slope
+RESOLVED_SE = 2.0  # a row's QiD is resolved when QiD > RESOLVED_SE·qid_se
+
+SLOPE_GROWS = "QiD grows with D (slope > 0, interval excludes 0)"
+SLOPE_FLAT = "no detectable trend (interval includes 0)"
+SLOPE_FALLS = "QiD falls with D (slope < 0, interval excludes 0)"
+SLOPE_ONE_SEED = "one seed: no interval, no claim"
+SLOPE_NONE = f"no slope: no run has {MIN_SLOPE_POINTS} usable checkpoints"
+
+
+def _num(x) -> float:
+    try:
+        return float(x) if x is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def in_warmup(r: dict) -> bool:
+    """A row inside LR warmup: step <= warmup_steps when the row carries both — the criterion of the
+    fits (efftrain.analysis.fits._prepare)."""
+    step, warm = _num(r.get("step")), _num(r.get("warmup_steps"))
+    return math.isfinite(step) and math.isfinite(warm) and step <= warm
+
+
+def ols_slope(x, y) -> tuple[float, float]:
+    """(slope, its OLS standard error) of the least-squares line y = a + b·x; se = sqrt(SSR/(n − 2)/Sxx),
+    nan with fewer than 3 points (and the slope nan with fewer than 2 or no spread in x)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    if n < 2:
+        return math.nan, math.nan
+    dx = x - x.mean()
+    sxx = float(dx @ dx)
+    if sxx <= 0:
+        return math.nan, math.nan
+    b = float(dx @ (y - y.mean())) / sxx
+    if n < 3:
+        return b, math.nan
+    resid = y - y.mean() - b * dx
+    return b, math.sqrt(float(resid @ resid) / (n - 2) / sxx)
+
+
+@dataclass
+class RunSlope:
+    """One run's OLS slope of log QiD against log D (training tokens) at one (method, bits, group, format),
+    over its series checkpoints after LR warmup whose QiD is resolved (QiD > 2·qid_se; QiD > 0 where a
+    row has no qid_se). A run is (variant, seed), as in run_series: a variant of cooldown branches or
+    averages joins the branches of one parent run and seed."""
+
+    variant: str
+    seed: tuple[int, int]
+    method: str
+    bits: int
+    group_size: int
+    fmt: str
+    slope: float = math.nan  # nan when fewer than MIN_SLOPE_POINTS points are left
+    se: float = math.nan  # OLS standard error of the slope (within the run: checkpoint scatter about a line)
+    n: int = 0  # points in the fit
+    d_min: float = math.nan  # range of D over those points (tokens)
+    d_max: float = math.nan
+    left_out: dict[str, int] = field(default_factory=dict)  # "warmup", "unresolved", "nonfinite" -> rows
+    no_se: int = 0  # points kept without a qid_se (QiD > 0 only)
+
+    @property
+    def fitted(self) -> bool:
+        return self.n >= MIN_SLOPE_POINTS and math.isfinite(self.slope)
+
+
+def run_slopes(rows: list[dict], runs: list[dict]) -> list[RunSlope]:
+    """Every run's slope of log QiD vs log D at every (method, bits, group_size, format) it has rows for
+    (see RunSlope); runs with fewer than MIN_SLOPE_POINTS usable points get no slope (nan) and are kept,
+    so that they can be counted. In the order of the runs, then method, bits, group, format."""
+    labels = series_labels(runs)
+    by_key = {r["key"]: r for r in runs}
+    order = {k: i for i, k in enumerate(by_key)}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        run = by_key.get(r.get("run_key"))
+        if run is None:
+            continue
+        k = (labels[run["key"]], _seed_of(run), r["method"], int(r["bits"]), int(r["group_size"]), r["format"])
+        groups.setdefault(k, []).append(r)
+    first = {k: min(order[r["run_key"]] for r in g) for k, g in groups.items()}
+    out = []
+    for k in sorted(groups, key=lambda k: (first[k], k[2], k[3], k[4], k[5])):
+        s = RunSlope(*k)
+        left = Counter()
+        xs, ys = [], []
+        for r in sorted(groups[k], key=lambda r: _num(r.get("tokens"))):
+            q, se, d = _num(r.get("qid")), _num(r.get("qid_se")), _num(r.get("tokens"))
+            if in_warmup(r):
+                left["warmup"] += 1
+            elif not (math.isfinite(q) and math.isfinite(d) and d > 0):
+                left["nonfinite"] += 1
+            elif not (q > RESOLVED_SE * se if math.isfinite(se) and se > 0 else q > 0):
+                left["unresolved"] += 1
+            else:
+                s.no_se += not (math.isfinite(se) and se > 0)
+                xs.append(math.log(d))
+                ys.append(math.log(q))
+        s.left_out, s.n = dict(left), len(xs)
+        if xs:
+            s.d_min, s.d_max = math.exp(min(xs)), math.exp(max(xs))
+        if s.n >= MIN_SLOPE_POINTS:
+            s.slope, s.se = ols_slope(xs, ys)
+        out.append(s)
+    return out
+
+
+@dataclass
+class SlopeGroup:
+    """The per-run slopes of one variant at one (method, bits, group, format): their mean over seeds with
+    a 95 % t-interval over the seeds' slopes (each run one replicate), and the verdict in words."""
+
+    variant: str
+    method: str
+    bits: int
+    group_size: int
+    fmt: str
+    runs: list[RunSlope]  # every run of the variant, with or without a slope
+    mean: Interval  # t-interval over the fitted runs' slopes
+
+    @property
+    def fitted(self) -> list[RunSlope]:
+        return [r for r in self.runs if r.fitted]
+
+    @property
+    def too_few(self) -> int:
+        """Runs left without a slope (fewer than MIN_SLOPE_POINTS usable points)."""
+        return len(self.runs) - len(self.fitted)
+
+    @property
+    def left_out(self) -> Counter:
+        c = Counter()
+        for r in self.runs:
+            c.update(r.left_out)
+        return c
+
+    @property
+    def verdict(self) -> str:
+        return slope_verdict(self.mean)
+
+
+def slope_verdict(iv: Interval) -> str:
+    """The plain-words verdict of a mean slope over seeds (see the SLOPE_* texts)."""
+    if iv.n == 0:
+        return SLOPE_NONE
+    if not iv.defined:
+        return SLOPE_ONE_SEED
+    return iv.verdict(higher=SLOPE_GROWS, lower=SLOPE_FALLS, same=SLOPE_FLAT)
+
+
+def slope_groups(slopes: list[RunSlope], level: float = 0.95) -> list[SlopeGroup]:
+    """Per-run slopes grouped by (variant, method, bits, group_size, format), in their first order."""
+    groups: dict[tuple, list[RunSlope]] = {}
+    for s in slopes:
+        groups.setdefault((s.variant, s.method, s.bits, s.group_size, s.fmt), []).append(s)
+    variants = list(dict.fromkeys(s.variant for s in slopes))
+    out = []
+    for k in sorted(groups, key=lambda k: (variants.index(k[0]), k[1], k[2], k[3], k[4])):
+        members = sorted(groups[k], key=lambda s: s.seed)
+        iv = t_interval([s.slope for s in members if s.fitted], level)
+        out.append(SlopeGroup(*k, runs=members, mean=iv))
     return out

@@ -5,7 +5,8 @@ Each section is one function below, in the order the report shows them: summary 
 verdicts generated from the numbers, each with its interval), the grid (cells, seeds, tokens, epochs,
 tokens per parameter, the config fields that differ), training curves, the measurement's noise floor,
 QiD vs tokens per method with the fitted law, QiD vs N, the k-bit plot, the technique comparison,
-MoE balance and FP8-vs-BF16 gap plots when runs have those metrics, and the fitted laws.
+MoE balance and FP8-vs-BF16 gap plots when runs have those metrics, the per-run slopes of log QiD vs
+log D, and the fitted laws.
 
 Statistics (efftrain.analysis.stats, efftrain.analysis.fits)
   * A *variant* is a replicate group: the runs of one grid cell that differ only in their seeds.
@@ -18,6 +19,9 @@ Statistics (efftrain.analysis.stats, efftrain.analysis.fits)
     "no detectable difference", never as a direction.
   * Every QiD row carries qid_se, the paired standard error over eval windows; the report states the
     noise floor (median qid_se per bit width).
+  * Per-run slopes: each run's OLS slope of log QiD on log D over its checkpoints after LR warmup whose
+    QiD is resolved (QiD > 2·se), at least 3 of them; per variant the mean over seeds with a t-interval
+    over the seeds' slopes (each run one replicate), and "grows" / "falls" only when it excludes 0.
   * Laws: weighted fits in linear space with run-level (cluster) bootstrap intervals; a cooldown branch
     or an average counts as part of the run it branched from. Rows inside LR warmup and bit widths at
     the noise floor are left out and listed; a parameter the data cannot identify is said to be so.
@@ -40,8 +44,10 @@ from typing import Any, Callable
 import numpy as np
 
 from efftrain.analysis import plots
-from efftrain.analysis.compare import (Comparison, Selection, choose_selection, compare_techniques,
-                                       default_baseline, method_label, series_labels)
+from efftrain.analysis.compare import (MIN_SLOPE_POINTS, RESOLVED_SE, SLOPE_FALLS, SLOPE_FLAT, SLOPE_GROWS,
+                                       SLOPE_NONE, SLOPE_ONE_SEED, Comparison, Selection, SlopeGroup,
+                                       choose_selection, compare_techniques, default_baseline, method_label,
+                                       run_slopes, series_labels, slope_groups)
 from efftrain.analysis.fits import LAWS, PUBLISHED, PUBLISHED_NOTES, FitResult, fit_law, format_param
 from efftrain.analysis.stats import Interval
 from efftrain.config import flatten_dotted
@@ -310,6 +316,48 @@ def summary_sentences(comparison: list[Comparison], sel: Selection, baseline: st
     return out
 
 
+_SLOPE_SHORT = {SLOPE_GROWS: "grows", SLOPE_FLAT: "no detectable trend", SLOPE_FALLS: "falls",
+                SLOPE_ONE_SEED: "one seed, no claim", SLOPE_NONE: "no slope"}
+
+
+def _slope_left_out(groups: list[SlopeGroup]) -> str:
+    """'3 rows inside LR warmup, 2 rows with QiD ≤ 2·se, 1 run with fewer than 3 points, so no slope'
+    (empty when nothing was left out)."""
+    left = Counter()
+    for g in groups:
+        left.update(g.left_out)
+    parts = [f"{left[k]} row{'s' if left[k] != 1 else ''} {what}" for k, what in
+             (("warmup", "inside LR warmup"), ("unresolved", f"with QiD ≤ {RESOLVED_SE:g}·se"),
+              ("nonfinite", "without a finite QiD or D")) if left[k]]
+    few = sum(g.too_few for g in groups)
+    if few:
+        parts.append(f"{few} run{'s' if few != 1 else ''} with fewer than {MIN_SLOPE_POINTS} points, so no slope")
+    return ", ".join(parts)
+
+
+def slope_sentence(groups: list[SlopeGroup], method: str, bits: int) -> str | None:
+    """One summary sentence: every variant's mean per-run slope of log QiD vs log D at (method, bits),
+    with its interval over seeds and verdict, and a tally; None when there is no such group."""
+    mine = [g for g in groups if g.method == method and g.bits == bits]
+    if not mine:
+        return None
+    parts = []
+    for g in mine:
+        iv = "no run with a slope" if g.mean.n == 0 else _interval(g.mean, signed=True)
+        parts.append(f"**{g.variant}** {iv} ({len(g.fitted)} run{'s' if len(g.fitted) != 1 else ''}): "
+                     f"{_SLOPE_SHORT.get(g.verdict, g.verdict)}")
+    tally = Counter(_SLOPE_SHORT.get(g.verdict, g.verdict) for g in mine)
+    n = len(mine)
+    words = {"grows": "QiD grows with D", "falls": "QiD falls with D", "no detectable trend": "no detectable trend",
+             "one seed, no claim": "one seed (no interval, no claim)", "no slope": "no slope"}
+    summary = ", ".join(f"{words.get(k, k)} in {c} of {n} variant{'s' if n != 1 else ''}"
+                        for k, c in tally.most_common())
+    left = _slope_left_out(mine)
+    return (f"{bits}-bit {method_label(method)}, per-run slopes of log QiD vs log D (each run's OLS slope over its "
+            f"checkpoints after warmup; mean over seeds with a 95% t-interval over seeds): " + "; ".join(parts)
+            + f". {summary[0].upper() + summary[1:]}" + (f" (left out: {left})" if left else "") + ".")
+
+
 # ----------------------------------------------------------------------------------------------
 # Sections: one function each, in the order the report shows them
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +377,7 @@ class Context:
     pooled: dict[str, dict[str, tuple[FitResult | None, list[str]]]] = field(default_factory=dict)  # law->method->
     variant_fits: dict[str, dict[str, tuple[FitResult | None, list[str]]]] = field(default_factory=dict)
     comparison: list[Comparison] = field(default_factory=list)
+    slopes: list[SlopeGroup] = field(default_factory=list)  # per-run slopes of log QiD vs log D, per variant
     noise_floor: dict[int, float] = field(default_factory=dict)  # bits -> median qid_se at the method
 
     def plot(self, what: str, fn, *args, **kwargs) -> Path | None:
@@ -362,6 +411,7 @@ def analyse(ctx: Context, method: str | None, bits: int | None) -> None:
                 ctx.variant_fits[law][label] = fit_group(vrows, law, n_boot=ctx.n_boot,
                                                          group={"method": sel.method, "variant": label})
     ctx.comparison = compare_techniques(ctx.rows, ctx.res.runs, sel, ctx.baseline)
+    ctx.slopes = slope_groups(run_slopes(ctx.rows, ctx.res.runs))
     fallback = Counter(r["method_label"] for r in ctx.rows if "fallback" in (r.get("method_label") or ""))
     if fallback:
         ctx.notes.append("rows where some MoE experts saw too few calibration tokens and fell back to RTN: "
@@ -383,9 +433,15 @@ def section_summary(ctx: Context, doc: Doc) -> None:
         base_active = next((r.get("params_active") for r in ctx.res.runs if r["replicate"] == ctx.baseline), None)
         summary = summary_sentences(ctx.comparison, sel, ctx.baseline, base_active,
                                     ctx.variant_fits.get("ouyang", {}), ctx.noise_floor)
+        in_slice = [g for g in ctx.slopes if g.group_size == sel.group_size and g.fmt == sel.fmt]
+        slope_methods = list(dict.fromkeys(g.method for g in in_slice if g.bits == sel.bits))
         for m, (fr, fnotes) in ctx.pooled.get("ouyang", {}).items():
             summary.append(_law_sentence(m, fr) if fr is not None else
                            f"{method_label(m)}: the Ouyang law could not be fitted ({'; '.join(fnotes)}).")
+            if m in slope_methods:  # the per-run slopes beside the pooled fit of the same method
+                summary.append(slope_sentence(in_slice, m, sel.bits))
+                slope_methods.remove(m)
+        summary += [slope_sentence(in_slice, m, sel.bits) for m in slope_methods]
         single = [c.variant for c in ctx.comparison if c.seeds < 2]
         if single:
             summary.append(f"{len(single)} variant(s) have a single seed ({', '.join(single)}): their numbers come "
@@ -526,6 +582,51 @@ def section_comparison(ctx: Context, doc: Doc) -> None:
                 "" if c.is_baseline else _interval(c.rel_diff, signed=True)] for c in ctx.comparison])
 
 
+def _seed_label(seed: tuple[int, int]) -> str:
+    return str(seed[0]) if seed[0] == seed[1] else f"{seed[0]}/{seed[1]}"
+
+
+def section_slopes(ctx: Context, doc: Doc) -> None:
+    if ctx.sel is None or not ctx.slopes:
+        return
+    sel = ctx.sel
+    groups = [g for g in ctx.slopes if g.group_size == sel.group_size and g.fmt == sel.fmt]
+    if not groups:
+        return
+    doc.h(2, "Per-run slopes of log QiD vs log D")
+    others = len({(g.group_size, g.fmt) for g in ctx.slopes} - {(sel.group_size, sel.fmt)})
+    doc.p(f"For each run and quantizer (group size {sel.group_size}, format {sel.fmt}): the ordinary least-squares "
+          f"slope of log QiD against log D (training tokens) over the run's series checkpoints after LR warmup "
+          f"(step > warmup_steps, as in the fits) whose QiD is resolved (QiD > {RESOLVED_SE:g}·se), with at least "
+          f"{MIN_SLOPE_POINTS} of them; per-run slopes are listed as seed: slope ± its OLS standard error (points). "
+          f"Per variant: the mean of its runs' slopes with a 95% t-interval over seeds (each run one replicate), "
+          f"and \"grows\" or \"falls\" only when that interval excludes 0. Leaving out the unresolved rows "
+          f"keeps the checkpoints whose noise pushed QiD up, so at a bit width near the noise floor the slopes "
+          f"lean toward 0; the fitted laws below keep such rows."
+          + (f" Slopes at {others} other group size/format combination(s) are computed but not shown." if others
+             else ""))
+
+    def per_run(s) -> str:
+        pts = f"{s.n} pt{'s' if s.n != 1 else ''}"
+        if not s.fitted:
+            return f"{_seed_label(s.seed)}: none ({pts})"
+        return f"{_seed_label(s.seed)}: {_sfmt(s.slope)} ± {format_value(s.se)} ({pts})"
+
+    table = []
+    for g in groups:
+        fitted = g.fitted
+        d_range = (f"{format_count(min(s.d_min for s in fitted))}–{format_count(max(s.d_max for s in fitted))}"
+                   if fitted else "-")
+        table.append([g.variant, method_label(g.method), g.bits, len(fitted) if not g.too_few else
+                      f"{len(fitted)} of {len(g.runs)}", "-" if g.mean.n == 0 else _interval(g.mean, signed=True),
+                      "; ".join(per_run(s) for s in g.runs), d_range, _slope_left_out([g]), g.verdict])
+    doc.table(["variant", "method", "bits", "runs", "mean slope [95% CI over seeds]", "per-run slopes", "D range",
+               "left out", "verdict"], table)
+    left = _slope_left_out(groups)
+    doc.p("Left out, counted: " + (left if left else "nothing (every checkpoint past warmup, every QiD resolved)")
+          + ".")
+
+
 def _fit_table_rows(entries: list[tuple[str, FitResult | None, list[str]]], law: str) -> tuple[list[str], list[list]]:
     names = LAWS[law].param_names
     header = ["group"] + [f"{n} [95% CI]" for n in names] + ["rows", "runs", "N", "left out", "notes"]
@@ -638,7 +739,7 @@ def build_report(source: str | Path, out_dir: str | Path, *, method: str | None 
           + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + f"), {len(res.checkpoints)} checkpoints, "
           f"{len(res.rows)} PTQ rows. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.")
     for section in (section_summary, section_grid, section_training, section_noise, section_qid,
-                    section_comparison, section_diagnostics, section_fits, section_notes):
+                    section_comparison, section_diagnostics, section_slopes, section_fits, section_notes):
         section(ctx, doc)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(doc.markdown())
