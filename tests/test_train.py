@@ -182,3 +182,26 @@ def test_fp8_simulated_training_tracks_bf16_within_one_percent(tiny_config, tmp_
     off = train(tiny_config(**base, fp8={"enabled": False, "accum_bits": 10}), tmp_path / "off",
                 log=lambda *_: None)
     assert off.losses == ref.losses  # disabled FP8 settings change nothing
+
+
+def test_series_checkpoints_record_the_mtp_acceptance_rate(tiny_config, tmp_path):
+    """An MTP run's series checkpoints carry mtp_acceptance: acceptance_rate recomputed on the same val
+    batches from the checkpoint's own parameters; a run without MTP records none."""
+    from efftrain.data import val_batches
+    from efftrain.data.pipeline import prepare_data
+    from efftrain.model.mtp import acceptance_rate
+    from efftrain.train.rundir import load_model
+
+    cfg = tiny_config(train__max_steps=8, model={**tiny_raw("x")["model"], "mtp": {"depth": 1}},
+                      checkpoint={"tokens": [512], "resume_every": 100, "async_save": False})
+    result = train(cfg, tmp_path / "mtp", log=lambda *_: None)
+    val = prepare_data(cfg).val
+    for meta in result.series:
+        _, model, _ = load_model(tmp_path / "mtp", meta["step"])
+        batches = val_batches(val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+                              n_batches=cfg.train.eval_batches)
+        expected = np.mean([float(acceptance_rate(model, jax.numpy.asarray(b)[:, :-1])) for b in batches])
+        assert 0.0 <= meta["mtp_acceptance"] <= 1.0
+        np.testing.assert_allclose(meta["mtp_acceptance"], expected, rtol=1e-6)
+    plain = train(tiny_config(train__max_steps=2), tmp_path / "plain", log=lambda *_: None)
+    assert all("mtp_acceptance" not in m for m in plain.series)

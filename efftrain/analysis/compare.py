@@ -359,3 +359,73 @@ def slope_groups(slopes: list[RunSlope], level: float = 0.95) -> list[SlopeGroup
         iv = t_interval([s.slope for s in members if s.fitted], level)
         out.append(SlopeGroup(*k, runs=members, mean=iv))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Technique figures from the checkpoints table: MTP acceptance along the series, the FP8 loss gap
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SeriesPoint:
+    """One variant's checkpoint column at one series point: mean over its seeds, t-interval."""
+
+    variant: str
+    tokens: int
+    interval: Interval
+
+
+def _main_runs(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if (r.get("kind") or "main") == "main"]
+
+
+def checkpoint_metric_by_variant(runs: list[dict], checkpoints: list[dict], column: str,
+                                 labels: dict[str, str]) -> list[SeriesPoint]:
+    """Per variant (main runs) and series point (tokens), the mean over the variant's seeds of the
+    checkpoints' `column` (e.g. mtp_acceptance) with a t-interval over seeds; points where no run
+    recorded the column are left out."""
+    by_key = {r["key"]: r for r in _main_runs(runs)}
+    values: dict[tuple[str, int], list[float]] = {}
+    for c in checkpoints:
+        if c["run_key"] in by_key and c.get(column) is not None:
+            values.setdefault((labels[c["run_key"]], int(c["tokens"])), []).append(float(c[column]))
+    order = list(dict.fromkeys(labels[k] for k in by_key))
+    return [SeriesPoint(v, t, t_interval(vals)) for (v, t), vals in
+            sorted(values.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1]))]
+
+
+@dataclass(frozen=True)
+class FP8Gap:
+    """Relative val-loss gap (loss_fp8 − loss_bf16) / loss_bf16 of an FP8 variant against its BF16
+    twin at one series point: mean over the seed pairs with a t-interval."""
+
+    variant: str
+    twin: str
+    tokens: int
+    interval: Interval
+
+
+def _without_fp8(run: dict) -> dict:
+    return {k: v for k, v in flatten_dotted(run["config"]).items() if not k.startswith("fp8.") and k != "name"}
+
+
+def fp8_gaps(runs: list[dict], checkpoints: list[dict], labels: dict[str, str]) -> list[FP8Gap]:
+    """For every main run with fp8.enabled and a BF16 twin (a main run whose config differs only in
+    the fp8 section, seeds included): the relative val-loss gap at each step both recorded, paired
+    by seed, as a t-interval per (variant, tokens) over the pairs."""
+    mains = _main_runs(runs)
+    loss = {(c["run_key"], int(c["step"])): (int(c["tokens"]), c["val_loss"]) for c in checkpoints
+            if c.get("val_loss") is not None}
+    gaps: dict[tuple[str, str, int], list[float]] = {}
+    for r in mains:
+        if not flatten_dotted(r["config"]).get("fp8.enabled"):
+            continue
+        mine = _without_fp8(r)
+        twin = next((o for o in mains if not flatten_dotted(o["config"]).get("fp8.enabled")
+                     and _without_fp8(o) == mine), None)
+        if twin is None:
+            continue
+        for (key, step), (tokens, value) in loss.items():
+            other = loss.get((twin["key"], step))
+            if key == r["key"] and other is not None:
+                gaps.setdefault((labels[r["key"]], labels[twin["key"]], tokens), []).append(
+                    (value - other[1]) / other[1])
+    return [FP8Gap(v, t, tok, t_interval(vals)) for (v, t, tok), vals in sorted(gaps.items())]

@@ -77,7 +77,7 @@ RUN_COLUMNS: list[tuple[str, str]] = [
 ]
 CHECKPOINT_COLUMNS: list[tuple[str, str]] = [
     ("run_key", "TEXT NOT NULL"), ("step", "INTEGER NOT NULL"), ("tokens", "INTEGER"), ("val_loss", "REAL"),
-    ("target_tokens", "INTEGER"), ("epochs", "REAL"),
+    ("target_tokens", "INTEGER"), ("epochs", "REAL"), ("mtp_acceptance", "REAL"),
 ]
 
 SCHEMA = f"""
@@ -212,17 +212,20 @@ class ResultsStore:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def add_checkpoints(self, key: str, series: Iterable[dict[str, Any]], train_tokens: int | None = None) -> None:
-        """Series checkpoint metadata (step, tokens_seen, val_loss, target_tokens); idempotent. With
+        """Series checkpoint metadata (step, tokens_seen, val_loss, target_tokens, mtp_acceptance);
+        idempotent. With
         `train_tokens` (the run's train split), each checkpoint's epochs = tokens / train_tokens."""
         with self.transaction() as con:
             for m in series:
                 tokens = int(m.get("tokens_seen", m.get("tokens", 0)))
                 epochs = tokens / train_tokens if train_tokens else None
-                con.execute("INSERT INTO checkpoints (run_key, step, tokens, val_loss, target_tokens, epochs) "
-                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(run_key, step) DO UPDATE SET "
+                con.execute("INSERT INTO checkpoints (run_key, step, tokens, val_loss, target_tokens, epochs, "
+                            "mtp_acceptance) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_key, step) DO UPDATE SET "
                             "val_loss = COALESCE(excluded.val_loss, val_loss), "
-                            "epochs = COALESCE(excluded.epochs, epochs)",
-                            (key, int(m["step"]), tokens, m.get("val_loss"), m.get("target_tokens"), epochs))
+                            "epochs = COALESCE(excluded.epochs, epochs), "
+                            "mtp_acceptance = COALESCE(excluded.mtp_acceptance, mtp_acceptance)",
+                            (key, int(m["step"]), tokens, m.get("val_loss"), m.get("target_tokens"), epochs,
+                             m.get("mtp_acceptance")))
 
     def checkpoints(self, key: str | None = None) -> list[dict[str, Any]]:
         if key is None:

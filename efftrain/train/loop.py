@@ -47,7 +47,7 @@ from efftrain.train.checkpoint import (CheckpointError, CheckpointStore, NonFini
                                        checkpoints_dir, write_failure)
 from efftrain.train.optimizer import lr_schedule, make_optimizer
 from efftrain.train.rundir import (CONFIG, LOCK, METRICS, RUN_INFO, TENSORBOARD, TOKENIZER, RunDirError,
-                                   check_foreign_dir, load_run_config, make_val_loss, read_run_info, total_steps_of,
+                                   check_foreign_dir, load_run_config, make_mtp_acceptance, make_val_loss, read_run_info, total_steps_of,
                                    write_config, write_run_file, write_run_info, write_tokenizer)
 from efftrain.train.series import series_points
 from efftrain.train.step import init_state, make_train_step
@@ -406,6 +406,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
                               compiler_options=step_xla)
     train_step = guard_first_compile(train_step, step_xla, f"train.deterministic={str(cfg.train.deterministic).lower()}")
     val_loss_of = make_val_loss(graphdef, cfg, cache.val)
+    mtp_acceptance_of = make_mtp_acceptance(graphdef, cfg, cache.val)
     schedule = lr_schedule(cfg.optim, total_steps)
 
     def set_data_state(_state, data_state, _meta) -> None:
@@ -470,6 +471,8 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
         nonlocal last_checkpoint
         meta = {"tokens_seen": step * cfg.tokens_per_step, "target_tokens": target, "val_loss": val_loss,
                 "wall_time_s": time.time() - t_start, "config_hash": cfg.hash(), "time": time.time()}
+        if kind == "series" and mtp_acceptance_of is not None:
+            meta["mtp_acceptance"] = mtp_acceptance_of(st["params"], st["rest"])
         if skipped:
             meta["skipped_steps"] = list(skipped)
         store.save(kind, step, st, data_iter.get_state(), meta)

@@ -35,6 +35,7 @@ from flax import nnx
 from efftrain.config import Config, ConfigError, from_dict, yaml_load
 from efftrain.data import val_batches
 from efftrain.files import TMP_SUFFIX, write_atomic
+from efftrain.model.mtp import acceptance_rate
 from efftrain.model.transformer import Transformer, build_model
 from efftrain.train.checkpoint import CheckpointStore, checkpoints_dir, write_failure
 from efftrain.train.optimizer import make_optimizer
@@ -163,6 +164,23 @@ def make_val_loss(graphdef, cfg: Config, val_tokens: np.ndarray) -> Callable[[An
         return float(np.mean(jax.device_get([step(params, rest, b) for b in batches])))
 
     return val_loss
+
+
+def make_mtp_acceptance(graphdef, cfg: Config, val_tokens: np.ndarray) -> Callable[[Any, Any], float] | None:
+    """acceptance(params, rest) on the same val batches as `make_val_loss`: the mean over batches of
+    efftrain.model.mtp.acceptance_rate (how often MTP module 1's draft of token i+2 equals the main
+    model's next-token guess, i.e. a speculative-decoding acceptance rate); None without MTP modules.
+    Recorded in every series checkpoint's meta, so the grid can follow it along the series."""
+    if not cfg.model.mtp.depth:
+        return None
+    step = jax.jit(lambda params, rest, window: acceptance_rate(nnx.merge(graphdef, params, rest), window[:, :-1]))
+    batches = [jnp.asarray(b) for b in val_batches(val_tokens, seq_len=cfg.data.seq_len,
+                                                   batch_size=cfg.train.batch_size, n_batches=cfg.train.eval_batches)]
+
+    def acceptance(params, rest) -> float:
+        return float(np.mean(jax.device_get([step(params, rest, b) for b in batches])))
+
+    return acceptance
 
 
 # ---- writing -------------------------------------------------------------------------------------
