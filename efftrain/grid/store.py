@@ -213,8 +213,8 @@ class ResultsStore:
     # ---- checkpoints -------------------------------------------------------------------------
     def add_checkpoints(self, key: str, series: Iterable[dict[str, Any]], train_tokens: int | None = None) -> None:
         """Series checkpoint metadata (step, tokens_seen, val_loss, target_tokens, mtp_acceptance);
-        idempotent. With
-        `train_tokens` (the run's train split), each checkpoint's epochs = tokens / train_tokens."""
+        idempotent. With `train_tokens` (the run's train split), each checkpoint's epochs = tokens /
+        train_tokens."""
         with self.transaction() as con:
             for m in series:
                 tokens = int(m.get("tokens_seen", m.get("tokens", 0)))
