@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -239,6 +240,32 @@ class OptimConfig(_Section):
     moment_dtype: DType = "float32"
 
 
+MESH_AXES = ("data", "fsdp", "expert")
+
+
+class MeshConfig(_Section):
+    """The device mesh (docs/SCALING.md): its axes' sizes, whose product must be the device count. The
+    batch is split over all three; `fsdp` shards every large parameter (and its optimizer moments) along
+    one divisible dimension, `expert` shards the routed experts' stacked kernels by expert."""
+
+    data: int = Field(-1, description="data-parallel size (params replicated); -1 = the remaining devices")
+    fsdp: int = Field(1, ge=1, description="fully-sharded data parallel: params/moments sharded, gathered by XLA")
+    expert: int = Field(1, ge=1, description="expert parallel: routed experts split over this axis (MoE only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_axes(cls, raw):
+        if isinstance(raw, dict):
+            unknown = [k for k in raw if k not in MESH_AXES]
+            if unknown:
+                raise ValueError(f"unknown mesh axis {unknown[0]!r} (axes: {', '.join(MESH_AXES)})")
+        return raw
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert}
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(16, ge=1, description="global sequences per optimizer step")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -248,10 +275,22 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=0, description="steps between val evals; 0 = only at checkpoints")
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
-    data_parallel: int = Field(-1, description="devices on the data axis; -1 = all")
+    data_parallel: int = Field(-1, description="devices on the data axis; -1 = all (the older spelling of "
+                                               "train.mesh: {data: N}, which may use fewer than all devices)")
+    mesh: MeshConfig | None = Field(None, description="device mesh {data, fsdp, expert}; None = all devices on data "
+                                                      "(or train.data_parallel of them)")
     deterministic: bool = Field(True, description="bitwise-reproducible steps on GPUs (docs/REPRODUCIBILITY.md)")
     init_from: str | None = Field(None, description="start from another run's series checkpoint (a branch): RUN_DIR")
     init_from_step: int | None = Field(None, ge=1, description="the series step of train.init_from to start at")
+
+    @model_serializer(mode="wrap")
+    def _drop_default_mesh(self, handler: SerializerFunctionWrapHandler):
+        # an unset mesh is left out, so that every config written before train.mesh existed keeps its hash
+        # (a grid's cell keys and run directories) and its stored config.yaml
+        out = handler(self)
+        if isinstance(out, dict) and out.get("mesh", 0) is None:
+            out.pop("mesh")
+        return out
 
 
 class CheckpointConfig(_Section):
@@ -357,6 +396,7 @@ def _cross_field_problems(c: Config):
         yield "train.init_from and train.init_from_step must be set together"
     if c.train.data_parallel == 0 or c.train.data_parallel < -1:
         yield f"train.data_parallel ({c.train.data_parallel}) must be -1 (all devices) or >= 1"
+    yield from _mesh_problems(c)
     ck = c.checkpoint
     if (ck.log_start is None) != (ck.log_stop is None) or ((ck.log_start is not None) != (ck.per_decade > 0)):
         yield "checkpoint.log_start, checkpoint.log_stop and checkpoint.per_decade must be set together"
@@ -375,6 +415,30 @@ def _cross_field_problems(c: Config):
             yield f"fp8.{name} {getattr(f, name)} must have positive sizes"
     if f.promote_every is not None and (f.promote_every < f.k_step or f.promote_every % f.k_step):
         yield f"fp8.promote_every ({f.promote_every}) must be a positive multiple of fp8.k_step ({f.k_step})"
+
+
+def _mesh_problems(c: Config):
+    mesh = c.train.mesh
+    if mesh is None:
+        return
+    if c.train.data_parallel != -1:
+        yield (f"train.data_parallel ({c.train.data_parallel}) and train.mesh are both set: train.data_parallel "
+               "is the older spelling of train.mesh: {data: N}; drop it (or set it to -1)")
+    if mesh.data == 0 or mesh.data < -1:
+        yield f"train.mesh.data ({mesh.data}) must be -1 (the remaining devices) or >= 1"
+    moe = c.model.moe
+    if mesh.expert > 1:
+        if not moe.enabled:
+            yield f"train.mesh.expert ({mesh.expert}) needs model.moe.enabled (it splits the routed experts)"
+        elif moe.num_routed_experts % mesh.expert:
+            yield (f"model.moe.num_routed_experts ({moe.num_routed_experts}) must be divisible by "
+                   f"train.mesh.expert ({mesh.expert})")
+    micro = c.train.batch_size // c.train.grad_accum
+    split = mesh.fsdp * mesh.expert * max(mesh.data, 1)
+    if micro % split:
+        what = " x ".join(f"{k} {v}" for k, v in mesh.sizes.items() if v > 1) or "1"
+        yield (f"micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by the mesh's "
+               f"{split} batch shards ({what}; the batch is split over data x fsdp x expert)")
 
 
 def config_warnings(c: Config) -> list[str]:
@@ -527,6 +591,8 @@ RESUME_MUTABLE = (
     "train.eval_batches",
     "train.log_every",
     "train.data_parallel",
+    "train.mesh",  # the layout over devices: a run saved on one mesh resumes on another (docs/SCALING.md)
+    "train.mesh.",
     "train.deterministic",
     "checkpoint.",
     "data.cache_dir",

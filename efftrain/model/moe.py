@@ -58,6 +58,11 @@ Stats (fp32): load [E] (fraction of the N·K slots per expert, before drops; sum
 (max load / mean load), dropped_frac (fraction of the N·K assignments dropped), router_entropy (mean
 token entropy of s'), aux_loss, bias_norm (‖b‖₂). Not in V3: node/group-limited routing (n_group,
 topk_group) — one device here, so it is omitted.
+
+Expert parallelism (train.mesh.expert > 1, docs/SCALING.md): the stacked kernels are split by expert;
+the capacity path constrains its [E, C, D] buffers to the experts' devices
+(`efftrain.train.sharding.constrain_expert_buffer`, a no-op outside such a train step); the dropless
+paths gather the expert weights they need. Routing and stats stay global (one GSPMD program).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
 from efftrain.model.layers import MLP, dtype_of, fp8_for, observe_input, pick
+from efftrain.train.sharding import constrain_expert_buffer
 
 DROPLESS_IMPLS = ("tiles", "ragged")
 DEFAULT_DROPLESS_IMPL = "tiles"
@@ -421,7 +427,9 @@ class MoE(nnx.Module):
             C = capacity_of(N, K, E, self.capacity_factor)
             d = capacity_dispatch(flat, E, C)
             buf = dispatch_rows(x, d.slot_assign, d.assign_slot, K).reshape(E, C, D)
-            out = self._swiglu_grouped(buf, wg, wu, wd).reshape(E * C, D)
+            # expert parallelism (train.mesh.expert > 1): the buffer lives on its experts' devices
+            buf = constrain_expert_buffer(buf)
+            out = constrain_expert_buffer(self._swiglu_grouped(buf, wg, wu, wd)).reshape(E * C, D)
             dropped = jnp.mean((d.assign_slot >= E * C).astype(jnp.float32))
         elif self.dropless_impl == "tiles":
             t = self.tile_rows or default_tile_rows(A, E)

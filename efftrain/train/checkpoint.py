@@ -67,7 +67,23 @@ def _manager(path: Path, *, keep: int | None, async_save: bool, read_only: bool 
 
 
 def abstract_like(tree):
+    """ShapeDtypeStructs of a state, with its arrays' shardings: a restore onto them lays the checkpoint
+    out like `tree`, whatever mesh it was saved from."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _placed(abstract_state):
+    """`abstract_state` with every leaf that has no sharding (e.g. from jax.eval_shape) put on the default
+    device: a checkpoint saved on a mesh of N devices then restores onto one, also where those N devices
+    do not exist (its recorded sharding is never used)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and getattr(leaf, "sharding", None) is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(place, abstract_state)
 
 
 class _QuietOrbaxErrors(logging.Filter):
@@ -250,9 +266,11 @@ class CheckpointStore:
         return dict(out["meta"])
 
     def restore(self, kind: str, step: int, abstract_state) -> tuple[Any, dict, dict]:
-        """(state, data-iterator state, meta), verified against the checksums written with it."""
+        """(state, data-iterator state, meta), verified against the checksums written with it. The state
+        is laid out as `abstract_state`'s shardings say (any mesh; a leaf without one: the default
+        device), not as it was when saved (docs/SCALING.md)."""
         where = self.path(kind, step)
-        items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
+        items = {"state": ocp.args.StandardRestore(_placed(abstract_state)), "data": ocp.args.JsonRestore(),
                  "meta": ocp.args.JsonRestore()}
         if (where / "checksums").is_dir():
             items["checksums"] = ocp.args.JsonRestore()

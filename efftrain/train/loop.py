@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from efftrain.config import Config, ConfigError, config_warnings, flatten_dotted, resume_blocking_diff
 from efftrain.data import make_train_iterator, prepare_data
@@ -50,6 +50,7 @@ from efftrain.train.rundir import (CONFIG, LOCK, METRICS, RUN_INFO, TENSORBOARD,
                                    check_foreign_dir, load_run_config, make_mtp_acceptance, make_val_loss, read_run_info, total_steps_of,
                                    write_config, write_run_file, write_run_info, write_tokenizer)
 from efftrain.train.series import series_points
+from efftrain.train.sharding import batch_sharding, describe, make_mesh as mesh_of, state_bytes, state_shardings
 from efftrain.train.step import init_state, make_train_step
 from efftrain.xla import guard_first_compile, step_options
 
@@ -271,15 +272,9 @@ class TrainResult:
 
 
 def make_mesh(cfg: Config) -> Mesh:
-    devices = jax.devices()
-    n = len(devices) if cfg.train.data_parallel == -1 else cfg.train.data_parallel
-    if n > len(devices):
-        raise ConfigError(f"train.data_parallel ({n}) exceeds the {len(devices)} available devices")
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % n:
-        raise ConfigError(f"micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
-                          f"the {n} data-parallel devices")
-    return Mesh(np.array(devices[:n]), ("data",))
+    """The (data, fsdp, expert) mesh of train.mesh (default: train.data_parallel devices on data);
+    efftrain.train.sharding, docs/SCALING.md."""
+    return mesh_of(cfg)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -287,12 +282,13 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(flags).all() if flags else jnp.asarray(True)
 
 
-def guarded_step(train_step, *, skip: bool, compiler_options: dict | None = None):
+def guarded_step(train_step, *, skip: bool, compiler_options: dict | None = None, state_sharding=None):
     """step(state, batch, tokens_seen) -> (state, metrics, ok), where `ok` is a device-side bool: the
     loss, the gradient norm and every float of the new state are finite. The loop reads it one step
     late (while the next step runs) or where it syncs anyway, so it adds no stall. With `skip`, a step
     that is not ok returns the state it was given (the select is inside the jitted step; the state is
-    briefly held twice); its batch is consumed."""
+    briefly held twice); its batch is consumed. `state_sharding`: the layout the kept state is
+    constrained to (that of train_step's state, efftrain.train.sharding)."""
 
     def finite(metrics, new):
         return jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & _all_finite(new)
@@ -309,7 +305,10 @@ def guarded_step(train_step, *, skip: bool, compiler_options: dict | None = None
     def skipping(state, batch, tokens_seen):
         new, metrics = train_step(state, batch, tokens_seen)
         ok = finite(metrics, new)
-        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state), metrics, ok
+        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        if state_sharding is not None:
+            kept = jax.lax.with_sharding_constraint(kept, state_sharding)
+        return kept, metrics, ok
 
     return jax.jit(skipping, donate_argnums=(0,), compiler_options=compiler_options or None)
 
@@ -398,12 +397,15 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     graphdef, state = init_state(model, tx)
     del model
     mesh = make_mesh(cfg)
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(None, "data", None))
-    state = jax.device_put(state, replicated)
+    shardings = state_shardings(state, mesh)  # replicated unless the mesh has fsdp or expert > 1
+    batch_layout = batch_sharding(mesh)
+    sharded = mesh.shape["fsdp"] > 1 or mesh.shape["expert"] > 1  # else: exactly the data-parallel program
+    state = jax.device_put(state, shardings)
     step_xla = step_options(cfg.train.deterministic)
-    train_step = guarded_step(make_train_step(graphdef, cfg, tx, step_xla), skip=skip_nonfinite > 0,
-                              compiler_options=step_xla)
+    train_step = guarded_step(
+        make_train_step(graphdef, cfg, tx, step_xla, state_sharding=shardings if sharded else None,
+                        mesh=mesh if sharded else None),
+        skip=skip_nonfinite > 0, compiler_options=step_xla, state_sharding=shardings if sharded else None)
     train_step = guard_first_compile(train_step, step_xla, f"train.deterministic={str(cfg.train.deterministic).lower()}")
     val_loss_of = make_val_loss(graphdef, cfg, cache.val)
     mtp_acceptance_of = make_mtp_acceptance(graphdef, cfg, cache.val)
@@ -424,14 +426,14 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
                               log=log) if resuming else None
     if restored is not None:
         kind, start_step, state, meta = restored
-        state = jax.device_put(state, replicated)
+        state = jax.device_put(state, shardings)
         skipped = list(meta.get("skipped_steps", []))
         last_checkpoint = str(store.path(kind, start_step))
         log(f"resuming {run_dir} from the {kind} checkpoint at step {start_step} "
             f"({format_count(meta['tokens_seen'])} tokens)")
     elif cfg.train.init_from is not None:
         state, data_state, start_step = restore_branch_point(cfg, state, cache.identity)
-        state = jax.device_put(state, replicated)
+        state = jax.device_put(state, shardings)
         data_iter.set_state(data_state)
         log(f"branching from {cfg.train.init_from} at step {start_step}")
 
@@ -451,6 +453,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
         "kv_cache_bytes_per_token_per_layer_bf16": kv_cache_bytes_per_token(cfg.model),
         "deterministic": cfg.train.deterministic, "xla_step_options": step_xla,
         "fp8_kernels": implementation_record(cfg.fp8),
+        "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
     }
     write_run_info(run_dir, run_info)
     if start_step == 0:
@@ -458,6 +461,9 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
             f"({format_count(counts['non_embedding'])} non-embedding, {format_count(counts['active'])} active), "
             f"{total_steps} steps x {cfg.tokens_per_step} tokens, {len(points)} series checkpoints, "
             f"devices {len(mesh.devices.flat)}x {jax.devices()[0].device_kind}")
+        if sharded:
+            total, per_device = state_bytes(state, shardings)
+            log(f"mesh {describe(mesh)}: train state {format_count(total)}B, {format_count(per_device)}B per device")
         log(f"versions: jax {jax.__version__}, python {platform.python_version()}; config hash {cfg.hash()}")
 
     metrics_log = MetricsLog(run_dir, cfg.logging.tensorboard, start_step, log)
@@ -525,7 +531,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
             window = np.asarray(next(data_iter)).reshape(accum, batch // accum, seq_len + 1)
             data_time += time.time() - t0
             tokens_seen = jnp.asarray(step * cfg.tokens_per_step, jnp.float32)
-            state, metrics, ok = train_step(state, jax.device_put(window, batch_sharding), tokens_seen)
+            state, metrics, ok = train_step(state, jax.device_put(window, batch_layout), tokens_seen)
             step += 1
             steps_in_window += 1
             if pending is not None:

@@ -70,11 +70,22 @@ def forward_losses(model: Transformer, window: jax.Array, tokens_seen: jax.Array
     return loss, metrics
 
 
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, compiler_options: dict | None = None):
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, compiler_options: dict | None = None,
+                    *, state_sharding=None, mesh=None):
     """Returns step(state, batch [accum, micro, T+1], tokens_seen) -> (state, metrics), jitted,
     with the state donated and compiled with `compiler_options` (default efftrain.xla.step_options).
     With `train.deterministic` the gradients avoid scatter-adds and GPU attention uses a kernel without
-    atomics (`deterministic_gradients`, read while tracing; docs/REPRODUCIBILITY.md)."""
+    atomics (`deterministic_gradients`, read while tracing; docs/REPRODUCIBILITY.md).
+
+    `state_sharding` (a pytree of NamedShardings like the state, efftrain.train.sharding): the gradients
+    and the new state are constrained to it, so FSDP-sharded parameters and moments stay sharded and
+    XLA reduce-scatters their gradients; `mesh` is the mesh model code may constrain activations on
+    while tracing (MoE expert buffers). Both None (the default, and any all-replicated layout): the
+    step is exactly the single-device program."""
+    from efftrain.train.sharding import tracing_mesh
+
+    def constrain(tree, shardings):
+        return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
     def micro_grads(params, rest, window, tokens_seen):
         def loss_of(p):
@@ -89,6 +100,10 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
         return grads, metrics
 
     def step(state: TrainState, batch: jax.Array, tokens_seen: jax.Array):
+        with tracing_mesh(mesh):
+            return sharded_step(state, batch, tokens_seen)
+
+    def sharded_step(state: TrainState, batch: jax.Array, tokens_seen: jax.Array):
         params, rest = state["params"], state["rest"]
         n_micro = batch.shape[0]
         if n_micro == 1:
@@ -105,6 +120,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
             grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, params)
             metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
+        grads = constrain(grads, None if state_sharding is None else state_sharding["params"])
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
@@ -115,7 +131,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
             model = nnx.merge(graphdef, params, rest)
             update_router_bias(model, metrics["moe"]["load"], moe.bias_update_rate)
             _, _, rest = split_model(model)
-        return {"params": params, "rest": rest, "opt": opt}, metrics
+        return constrain({"params": params, "rest": rest, "opt": opt}, state_sharding), metrics
 
     if compiler_options is None:
         compiler_options = step_options(cfg.train.deterministic)
