@@ -2,6 +2,7 @@
 
   efftrain train CONFIG [--set key=value ...] [--out RUN_DIR]   train or resume a run
   efftrain eval RUN_DIR [--step N ...] [--tokens T ...] [--json]  val loss/perplexity per checkpoint
+                                                                 (--text FILE: on a text file instead)
   efftrain ptq RUN_DIR [--methods rtn,gptq,awq] [--bits 2,3,4,8]  QiD of every checkpoint -> ptq.csv
   efftrain info RUN_DIR [--json]                                 the run and its finalized checkpoints
   efftrain presets                                               list the presets in configs/
@@ -9,6 +10,8 @@
   efftrain grid merge DEST SRC [SRC ...] [--prefer dest|source] merge the stores of a grid run in pieces
   efftrain fit TABLE [--law ouyang|kumar|both]                   QiD scaling-law fits with bootstrap CIs
   efftrain report SPEC_OR_DB --out DIR                           HTML + Markdown report with plots
+  efftrain export-hf RUN_DIR --out DIR [--step N | --quantized NAME]  a checkpoint -> transformers checkpoint dir
+  efftrain import-hf DIR --out RUN_DIR                           a local Llama/DeepseekV3 checkpoint -> run dir
 
 Every command exits non-zero with a one-line `error:` cause on bad input. Exit codes (docs/RELIABILITY.md):
 0 done; 1 failure (data, checkpoint, disk full, non-finite training); 2 bad config/arguments or an
@@ -106,6 +109,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from efftrain.eval import eval_run, evaluate_model, val_set  # lazy (module docstring)
 
+    if args.text:
+        return _eval_text(args)
     if args.quantized:
         from efftrain.quant.sweep import load_quantized  # lazy (module docstring)
 
@@ -136,6 +141,47 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_text(args) -> int:
+    from efftrain.hf.text_eval import eval_text  # lazy (module docstring)
+
+    def show(row):
+        if not args.json:
+            print(f"  step {row['step']:>7d}  tokens {row['tokens']:>12,d}  loss {row['loss']:.4f}  "
+                  f"ppl {row['perplexity']:.2f}  bits/byte {row['bits_per_byte']:.4f}", file=sys.stderr)
+
+    rows = eval_text(args.run_dir, args.text, steps=args.step, tokens=args.tokens, quantized=args.quantized,
+                     progress=show)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{args.text}: {rows[0]['text_tokens']:,} tokens in {rows[0]['windows']} window(s)")
+    cols = [("step", "step", "d"), ("tokens", "tokens", ",d"), ("loss", "loss", ".4f"),
+            ("perplexity", "ppl", ".2f"), ("bits_per_byte", "bits/byte", ".4f")]
+    if args.quantized:
+        cols.insert(0, ("checkpoint", "checkpoint", "s"))
+    print(_table(rows, cols))
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from efftrain.hf.export import export_hf  # lazy (module docstring)
+
+    export_hf(args.run_dir, args.out, step=args.step, tokens=args.tokens, quantized=args.quantized,
+              dtype=args.dtype, force=args.force, log=lambda msg: print(msg, file=sys.stderr))
+    print(args.out)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded (efftrain.hf reads local files only)
+    from efftrain.hf.importer import import_hf  # lazy (module docstring)
+
+    import_hf(args.src, args.out, overrides=args.set, step=args.step, tokens=args.tokens,
+              log=lambda msg: print(msg, file=sys.stderr))
+    print(args.out)
+    return 0
+
+
 def cmd_ptq(args) -> int:
     from efftrain.quant.apply import EXPERT_CALIBRATION, METHODS  # lazy (module docstring)
     from efftrain.quant.formats import FORMATS
@@ -158,6 +204,10 @@ def cmd_ptq(args) -> int:
     fields.update({k: v for k, v in optional.items() if v is not None})  # else the PTQSpec default
     if args.checkpoints != "all":
         fields["checkpoints"] = parse_int_list(args.checkpoints, "--checkpoints")
+    if args.recovery:  # recovery fine-tuning rows (docs/RECOVERY.md)
+        from efftrain.quant.recovery import parse_recovery_option
+
+        fields["recovery"] = [parse_recovery_option(text) for text in args.recovery]
     run_ptq_sweep(args.run_dir, make_spec(**fields))
     return 0
 
@@ -348,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: the run's train.eval_batches, as in training)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quantized", metavar="NAME", help="evaluate RUN_DIR/quantized/NAME (from `ptq --save`)")
+    p.add_argument("--text", metavar="FILE", help="loss / perplexity / bits per byte on this UTF-8 text file, "
+                                                  "tokenized with the run's tokenizer, instead of the val split")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ptq", help="quantize every series checkpoint; append QiD rows to RUN_DIR/ptq.csv")
@@ -381,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-gate-weighted", action="store_true",
                    help="weight each token's row of an expert's statistics by its gate")
     p.add_argument("--save", action="store_true", help="also write packed quantized checkpoints to RUN_DIR/quantized/")
+    p.add_argument("--recovery", action="append", metavar="METHOD:K=V,...",
+                   help="also a recovery fine-tuning row per combination (docs/RECOVERY.md), e.g. "
+                        "lora:tokens=65536,rank=8,alpha=16,lr=1e-3 or qat:tokens=65536 (repeatable)")
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser("info", help="the run's config, sizes and finalized checkpoints")
@@ -391,9 +446,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the config presets")
     p.set_defaults(func=cmd_presets)
 
+    _add_hf_commands(sub)  # export-hf, import-hf
     _add_grid_commands(sub)  # grid run|status|export|merge
     _add_analysis_commands(sub)  # fit, report
     return parser
+
+
+def _add_hf_commands(subparsers) -> None:
+    p = subparsers.add_parser("export-hf", help="write a checkpoint as a transformers checkpoint (docs/HF.md)",
+                              description="Safetensors weights, config.json, generation_config.json and the run's "
+                                          "tokenizer, loadable by AutoModelForCausalLM / AutoTokenizer with no "
+                                          "custom code: LlamaForCausalLM (MHA/GQA) or DeepseekV3ForCausalLM (MLA "
+                                          "and/or DeepSeekMoE). Written to a temporary directory renamed to DIR "
+                                          "when whole.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or be empty)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="this series checkpoint (default: the newest)")
+    which.add_argument("--tokens", type=int, help="the series checkpoint nearest to T tokens")
+    which.add_argument("--quantized", metavar="NAME", help="RUN_DIR/quantized/NAME (from `ptq --save`), exported "
+                                                           "as its dequantized weights")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weight dtype (auto: the run's param_dtype, or an imported run's source dtypes)")
+    p.add_argument("--force", action="store_true", help="replace an existing DIR (once the new one is whole)")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = subparsers.add_parser("import-hf", help="make a run directory from a local Llama/DeepseekV3 checkpoint",
+                              description="A local transformers checkpoint directory (config.json, safetensors, "
+                                          "tokenizer.json) becomes a run directory with one series checkpoint, "
+                                          "for eval, ptq and grid branches. Nothing is downloaded.")
+    p.add_argument("src", metavar="DIR", help="local checkpoint directory (a snapshot path, not a hub id)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create (must not exist)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the run's config, e.g. --set data.source=files --set "
+                        "'data.paths=[corpus/*.txt]' --set model.compute_dtype=float32 (repeatable)")
+    p.add_argument("--step", type=int, help="series step to record the checkpoint at (default 1, or what an "
+                                            "efftrain export recorded); train.init_from_step branches from it")
+    p.add_argument("--tokens", type=int, help="tokens the model was trained on, recorded as the checkpoint's "
+                                              "tokens_seen (default 0, or what an efftrain export recorded)")
+    p.set_defaults(func=cmd_import_hf)
 
 
 def _spec_options(p: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ from efftrain.grid.spec import (AVERAGE, COOLDOWN, MAIN, WARN_EPOCHS, Cell, Grid
                                 expected_checkpoints, expected_ptq_keys, expected_ptq_rows, load_spec)
 from efftrain.grid.store import ResultsStore
 from efftrain.model.transformer import build_model
+from efftrain.quant.recovery import check_recovery
 from efftrain.quant.sweep import PTQError, check_group_sizes, read_rows, row_key, run_ptq_sweep
 from efftrain.train.checkpoint import CheckpointStore
 from efftrain.train.loop import Interrupted, StopSignals, train
@@ -315,8 +316,9 @@ def check_epochs(spec: GridSpec, cells: list[Cell], log: Log = print) -> dict[st
 
 def preflight(spec: GridSpec, cells: list[Cell], log: Log = print) -> None:
     """Refuse a grid, before any training starts, whose data paths find no files, whose PTQ settings
-    cannot apply to some cell's weights (e.g. a group size that does not divide a layer's input dim),
-    or whose cells would repeat their training data more than `max_epochs` times."""
+    cannot apply to some cell's weights (e.g. a group size that does not divide a layer's input dim, a
+    recovery rank above a layer's width or a recovery budget below one batch), or whose cells would
+    repeat their training data more than `max_epochs` times."""
     first_of_data: dict[str, Cell] = {}
     for c in cells:
         first_of_data.setdefault(c.config.data.model_dump_json(), c)
@@ -337,6 +339,18 @@ def preflight(spec: GridSpec, cells: list[Cell], log: Log = print) -> None:
         except PTQError as e:
             raise GridError(f"grid spec {spec.path}, cell {cell.key} ({cell.name}): {e}; "
                             f"change ptq.group_sizes") from None
+    checked = set()
+    for cell in cells if spec.ptq.recovery else []:  # budgets (batches), ranks (layer widths), targets
+        c = cell.config
+        what = (c.model, c.fp8, c.train.batch_size, c.train.grad_accum, c.data.seq_len)
+        if what in checked:
+            continue
+        checked.add(what)
+        try:
+            check_recovery(nnx.eval_shape(lambda c=c: build_model(c.model, c.fp8, seed=c.train.seed)), c,
+                           spec.ptq.recovery)
+        except PTQError as e:
+            raise GridError(f"grid spec {spec.path}, cell {cell.key} ({cell.name}): {e}; change ptq.recovery") from None
     check_epochs(spec, cells, log)
 
 

@@ -11,7 +11,8 @@
     zip:                              # ... times each zip group: values at one index go together
       - {model.d_model: [256, 384], train.batch_size: [32, 64]}
     checkpoint: {per_decade: 4}       # merged into every cell's checkpoint section
-    ptq: {methods: [rtn, gptq], bits: [3, 4]}   # efftrain.quant.sweep.PTQSpec fields
+    ptq: {methods: [rtn, gptq], bits: [3, 4]}   # efftrain.quant.sweep.PTQSpec fields, incl. recovery:
+      # recovery: [{method: lora, tokens: 65536, rank: 8}, {method: qat, tokens: 65536}]  (docs/RECOVERY.md)
     runs_dir: runs/qid_scaling        # default runs/<name>, relative to the working directory
     cooldown: [1.0e7, 4.0e7]          # WSD cooldown branches at these token counts, or `series` (below)
     cooldown_fraction: 0.2            # each branch decays linearly over this fraction of T more tokens
@@ -72,7 +73,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from efftrain.config import (PRESET_DIR, Config, ConfigError, deep_merge, from_dict, list_presets, load_raw,
                              set_dotted, yaml_load)
-from efftrain.quant.sweep import PTQSpec, combinations
+from efftrain.quant.sweep import PTQSpec, row_formats
 from efftrain.train.series import series_points, target_tokens
 
 
@@ -696,12 +697,13 @@ def expected_checkpoints(cell: Cell) -> list[int]:
 
 
 def expected_ptq_keys(spec: GridSpec, cell: Cell) -> set[tuple]:
-    """(step, method, bits, group_size, format) of every PTQ row the cell should have."""
+    """(step, method, bits, group_size, format) of every PTQ row the cell should have: the plain rows
+    and the recovery rows (format '<format>+<recovery label>'; efftrain.quant.sweep.row_formats)."""
     ptq = spec.ptq_for(cell)
     steps = expected_checkpoints(cell)  # (the sweep refuses listed steps that the run lacks)
     if ptq.checkpoints != "all":
         steps = [s for s in steps if s in set(ptq.checkpoints)]
-    return {(s, q.method, q.bits, q.group_size, q.fmt) for s in steps for q in combinations(ptq)}
+    return {(s, q.method, q.bits, q.group_size, fmt) for s in steps for q, _, fmt in row_formats(ptq)}
 
 
 def expected_ptq_rows(spec: GridSpec, cell: Cell) -> int:

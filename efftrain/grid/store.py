@@ -10,7 +10,8 @@ Tables
   checkpoints  (run_key, step) PK: tokens, val_loss, target_tokens, epochs (tokens / train_tokens:
                how many times the run had seen its training data)
   ptq          one row per (run_key, step, method, bits, group_size, format) (UNIQUE): every column
-               of the PTQ sweep's rows (efftrain.quant.sweep.CSV_COLUMNS) + variant (the cell name),
+               of the PTQ sweep's rows (efftrain.quant.sweep.CSV_COLUMNS, the recovery columns of
+               recovery rows included) + variant (the cell name),
                replicate, run_key, axes (JSON), schedule, cell_kind, extra (JSON of any other row keys),
                recorded
 
@@ -59,6 +60,12 @@ PTQ_COLUMNS: list[tuple[str, str]] = [
     ("eval_tokens", "INTEGER"), ("eval_seed", "INTEGER"), ("calib_seed", "INTEGER"),
     ("params_quantized", "INTEGER"), ("epochs", "REAL"), ("warmup_steps", "INTEGER"), ("seed", "INTEGER"),
     ("data_seed", "INTEGER"), ("method_label", "TEXT"),
+    # recovery rows (efftrain.quant.recovery.RECOVERY_COLUMNS; NULL in plain PTQ rows)
+    ("recovery_method", "TEXT"), ("recovery_tokens", "INTEGER"), ("recovery_tokens_seen", "INTEGER"),
+    ("recovery_steps", "INTEGER"), ("recovery_rank", "INTEGER"), ("recovery_alpha", "REAL"), ("recovery_lr", "REAL"),
+    ("adapter_params", "INTEGER"), ("recovery_trainable_params", "INTEGER"), ("loss_q_before", "REAL"),
+    ("qid_before", "REAL"), ("qid_before_se", "REAL"), ("recovered_fraction", "REAL"),
+    ("recovered_fraction_se", "REAL"), ("recovery_train_loss", "REAL"),
     # added by the grid
     ("variant", "TEXT"), ("replicate", "TEXT"), ("run_key", "TEXT NOT NULL"), ("axes", "TEXT"), ("schedule", "TEXT"),
     ("cell_kind", "TEXT"), ("extra", "TEXT"), ("recorded", "REAL"),

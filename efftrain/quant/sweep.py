@@ -26,8 +26,18 @@ Rows go to RUN_DIR/ptq.csv (CSV_COLUMNS):
   eval_windows, eval_tokens, eval_seed       the eval set (eval_tokens = windows × seq_len scored tokens)
   warmup_steps, seed, data_seed   the run's optim.warmup_steps, train.seed, data.shuffle_seed
   seconds                   wall time of quantizing and evaluating the combination
+  recovery_* ...             recovery rows only (efftrain.quant.recovery.RECOVERY_COLUMNS; empty in plain
+                            rows): recovery_method, recovery_tokens (budget), recovery_tokens_seen,
+                            recovery_steps, recovery_rank, recovery_alpha, recovery_lr, adapter_params,
+                            recovery_trainable_params, loss_q_before, qid_before, qid_before_se,
+                            recovered_fraction (= (qid_before − qid) / qid_before), recovered_fraction_se,
+                            recovery_train_loss (mean train CE of the last tenth of its steps)
   method_label              the method, marked '+rtn-fallback' when some routed experts had too few
                             calibration tokens and were quantized with RTN (expert_fallbacks of them)
+Recovery rows (PTQSpec.recovery; docs/RECOVERY.md): for each combination and recovery setting that
+applies to it, one more row whose `format` reads '<format>+<setting label>' (e.g. 'int+lora-t65536-r8-a16'),
+so that the row key (step, method, bits, group_size, format) identifies the recovery too; its loss,
+qid and kl columns are those of the recovered model against the same 16-bit checkpoint.
 Rows are appended and fsynced one complete row at a time; rows already present are skipped, so a
 killed sweep resumes where it stopped. A ptq.csv written before some of these columns existed is
 rewritten (atomically) with the current header and empty cells in the new columns, then appended.
@@ -68,6 +78,8 @@ from efftrain.model.transformer import build_model
 from efftrain.quant.apply import (QuantSettings, count_bytes, dequantize_arrays, linears_of,
                                   load_dequantized, packed_arrays, quantize_model)
 from efftrain.quant.formats import make_format
+from efftrain.quant.recovery import (RECOVERY_COLUMNS, RecoverySpec, check_recovery, recovery_line, recovery_row,
+                                     unique_entries)
 from efftrain.train.checkpoint import CheckpointStore
 from efftrain.train.rundir import PTQ_TABLE, QUANTIZED, abstract_train_state, load_run_config, read_run_info
 from efftrain.xla import enable_compilation_cache
@@ -76,7 +88,7 @@ CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_act
                "params_quantized", "method", "bits", "group_size", "format", "loss_16", "loss_q", "qid", "qid_se",
                "kl", "kl_se", "top1_agree", "eff_bits", "model_bytes", "n_quantized", "expert_fallbacks",
                "calib_samples", "calib_seq_len", "calib_seed", "eval_windows", "eval_tokens", "eval_seed",
-               "warmup_steps", "seed", "data_seed", "seconds", "method_label"]
+               "warmup_steps", "seed", "data_seed", "seconds", *RECOVERY_COLUMNS, "method_label"]
 KEY_COLUMNS = ("step", "method", "bits", "group_size", "format")
 CALIB_SEED = 1234  # PTQSpec.calib_seed's default
 
@@ -109,6 +121,19 @@ class PTQSpec(BaseModel):
     awq_duo_scaling: bool = False  # AWQ scales x_mean^α / w_mean^(1-α) (AutoAWQ's duo_scaling)
     quantize_head: bool = False
     save: bool = False
+    # recovery fine-tuning after PTQ (efftrain.quant.recovery; docs/RECOVERY.md): one more row per
+    # combination and entry, e.g. [{method: lora, tokens: 65536, rank: 8, alpha: 16, lr: 1e-3}]
+    recovery: list[RecoverySpec] = []
+
+    @field_validator("recovery", mode="before")
+    @classmethod
+    def _one_recovery(cls, v):
+        return [v] if isinstance(v, dict) else v
+
+    @field_validator("recovery")
+    @classmethod
+    def _distinct_recovery(cls, v):
+        return unique_entries(v)
 
     @field_validator("bits")
     @classmethod
@@ -151,6 +176,15 @@ def combinations(spec: PTQSpec) -> list[QuantSettings]:
         raise PTQError(f"no valid (bits, format) combination in bits={spec.bits} formats={spec.formats} "
                        "(nf4/fp4 need 4 bits, fp8 needs 8)")
     return out
+
+
+def row_formats(spec: PTQSpec, settings: list[QuantSettings] | None = None
+                ) -> list[tuple[QuantSettings, RecoverySpec | None, str]]:
+    """Every row of one checkpoint: (combination, recovery entry or None, its `format` column), plain
+    rows first, then each combination's recovery rows ('<format>+<label>')."""
+    settings = combinations(spec) if settings is None else settings
+    plain = [(s, None, row_format(s)) for s in settings]
+    return plain + [(s, e, f"{row_format(s)}+{e.label}") for s in settings for e in spec.recovery if e.applies_to(s)]
 
 
 def check_group_sizes(model, spec: PTQSpec) -> None:
@@ -263,8 +297,11 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             raise PTQError(f"no series checkpoint at step(s) {sorted(missing)}; available {[m['step'] for m in series]}")
         series = [m for m in series if m["step"] in set(spec.checkpoints)]
     settings = combinations(spec)
+    rows_of = row_formats(spec, settings)
     graphdef, abstract = abstract_train_state(cfg)
-    check_group_sizes(nnx.merge(graphdef, abstract["params"], abstract["rest"]), spec)
+    abstract_model = nnx.merge(graphdef, abstract["params"], abstract["rest"])
+    check_group_sizes(abstract_model, spec)
+    check_recovery(abstract_model, cfg, spec.recovery)
     table = run_dir / PTQ_TABLE
     if upgrade_table(table):
         log(f"ptq: {table}: rewritten with the current columns (new ones empty in its existing rows)")
@@ -284,42 +321,55 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
     run_id = f"{cfg.name}-{cfg.hash()[:8]}"
 
     new_rows = []
-    total = len(series) * len(settings)
+    total = len(series) * len(rows_of)
     for ci, meta in enumerate(series):
-        todo = [s for s in settings if (meta["step"], s.method, s.bits, s.group_size, row_format(s)) not in done]
+        todo = [(s, e, fmt) for s, e, fmt in rows_of
+                if (meta["step"], s.method, s.bits, s.group_size, fmt) not in done]
         log(f"ptq: checkpoint step {meta['step']} ({meta['tokens_seen']:,} tokens): {len(todo)} of "
-            f"{len(settings)} combinations to run [{ci + 1}/{len(series)}]")
+            f"{len(rows_of)} combinations to run [{ci + 1}/{len(series)}]")
         if not todo:
             continue
         state, _, _ = store.restore("series", meta["step"], abstract)
         params, rest = state["params"], state["rest"]
         reference = reference_states(graphdef, params, rest, windows)  # the 16-bit side, shared by the rows
-        for s in todo:
+        common = {
+            "run_id": run_id, "step": meta["step"], "tokens": meta["tokens_seen"],
+            "epochs": meta["tokens_seen"] / train_tokens if train_tokens else None,
+            "params_total": counts["total"], "params_active": counts["active"],
+            "params_nonembed": counts["non_embedding"],
+            "calib_samples": spec.calib_samples, "calib_seq_len": seq_len, "calib_seed": spec.calib_seed,
+            "eval_windows": windows.n, "eval_tokens": windows.tokens, "eval_seed": spec.eval_seed,
+            "warmup_steps": cfg.optim.warmup_steps, "seed": cfg.train.seed, "data_seed": cfg.data.shuffle_seed,
+            **{c: None for c in RECOVERY_COLUMNS},
+        }
+        for s, entry, fmt in todo:
             t0 = time.time()
-            model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
-            report = quantize_model(model, calib, s)
-            _, qparams, _ = nnx.split(model, nnx.Param, ...)
-            losses = compare_params(graphdef, params, qparams, rest, windows, reference)
+            if entry is None:
+                model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
+                report = quantize_model(model, calib, s)
+                _, qparams, _ = nnx.split(model, nnx.Param, ...)
+                fields = {**compare_params(graphdef, params, qparams, rest, windows, reference),
+                          "model_bytes": count_bytes(model, report), "seconds": None}
+            else:
+                fields, report, model = recovery_row(cfg, graphdef, params, rest, s, entry, calib=calib,
+                                                     windows=windows, reference=reference, train_tokens=cache.train)
             row = {
-                "run_id": run_id, "step": meta["step"], "tokens": meta["tokens_seen"],
-                "epochs": meta["tokens_seen"] / train_tokens if train_tokens else None,
-                "params_total": counts["total"], "params_active": counts["active"],
-                "params_nonembed": counts["non_embedding"], "params_quantized": report.n_params,
-                "method": s.method, "bits": s.bits, "group_size": s.group_size, "format": row_format(s), **losses,
-                "eff_bits": report.eff_bits, "model_bytes": count_bytes(model, report),
-                "n_quantized": report.n_weights, "expert_fallbacks": report.expert_fallbacks,
-                "calib_samples": spec.calib_samples, "calib_seq_len": seq_len, "calib_seed": spec.calib_seed,
-                "eval_windows": windows.n, "eval_tokens": windows.tokens, "eval_seed": spec.eval_seed,
-                "warmup_steps": cfg.optim.warmup_steps, "seed": cfg.train.seed, "data_seed": cfg.data.shuffle_seed,
-                "seconds": time.time() - t0, "method_label": report.method_label,
+                **common, "params_quantized": report.n_params,
+                "method": s.method, "bits": s.bits, "group_size": s.group_size, "format": fmt, **fields,
+                "eff_bits": report.eff_bits, "n_quantized": report.n_weights,
+                "expert_fallbacks": report.expert_fallbacks, "method_label": report.method_label,
             }
+            row["seconds"] = time.time() - t0
             if spec.save:
-                save_quantized(run_dir, row, s, report, model)
+                if model is not None:
+                    save_quantized(run_dir, row, s, report, model)
+                else:
+                    log(f"  {quantized_name(row)}: not saved (LoRA adapters are not a plain quantized checkpoint)")
             append_row(table, row)
             new_rows.append(row)
             if on_row is not None:
                 on_row(row)
-            log(row_line(row) + expert_note(report))
+            log((row_line(row) if entry is None else recovery_line(row)) + expert_note(report))
     store.close()
     log(f"ptq: {len(new_rows)} new rows in {table} ({total} combinations in all)")
     return new_rows
