@@ -189,8 +189,8 @@ def poison(monkeypatch, steps):
     """Make the train step's loss and new parameters NaN at the given (1-based) steps."""
     real = loop.make_train_step
 
-    def make(graphdef, cfg, tx, *options):
-        inner = real(graphdef, cfg, tx, *options)
+    def make(graphdef, cfg, tx, *options, **kw):
+        inner = real(graphdef, cfg, tx, *options, **kw)
         bad = jnp.asarray([(s - 1) * cfg.tokens_per_step for s in steps], jnp.float32)
 
         def step(state, batch, tokens_seen):
