@@ -61,7 +61,7 @@ topk_group) — one device here, so it is omitted.
 
 Expert parallelism (train.mesh.expert > 1, docs/SCALING.md): the stacked kernels are split by expert;
 the capacity path constrains its [E, C, D] buffers to the experts' devices
-(`efftrain.train.sharding.constrain_expert_buffer`, a no-op outside such a train step); the dropless
+(`efftrain.model.placement.constrain_expert_buffer`, a no-op outside such a train step); the dropless
 paths gather the expert weights they need. Routing and stats stay global (one GSPMD program).
 """
 
@@ -77,7 +77,7 @@ from flax import nnx
 
 from efftrain.config import FP8Config, ModelConfig
 from efftrain.model.layers import MLP, dtype_of, fp8_for, observe_input, pick
-from efftrain.train.sharding import constrain_expert_buffer
+from efftrain.model.placement import constrain_expert_buffer
 
 DROPLESS_IMPLS = ("tiles", "ragged")
 DEFAULT_DROPLESS_IMPL = "tiles"

@@ -63,6 +63,7 @@ from efftrain.fp8 import fp8_linear
 from efftrain.model.layers import Linear, cross_entropy, deterministic_gradients, linears_of, observe_input
 from efftrain.quant.apply import (EXPERT_WEIGHTS, METHODS, QuantReport, QuantSettings, count_bytes,
                                   quantize_model)
+from efftrain.quant.errors import PTQError
 from efftrain.quant.formats import (Packed, QuantFormat, decode, kernel_format, make_format, resolve_group_size,
                                     rtn_kernel)
 from efftrain.train.optimizer import make_optimizer
@@ -82,9 +83,7 @@ RECOVERY_COLUMNS = ["recovery_method", "recovery_tokens", "recovery_tokens_seen"
                     "recovery_train_loss"]  # (the row's `seconds` include the recovery's training)
 
 
-def _ptq_error(message: str):
-    from efftrain.quant.sweep import PTQError  # lazy: sweep imports this module
-
+def _ptq_error(message: str) -> PTQError:
     return PTQError(message)
 
 

@@ -77,6 +77,7 @@ from efftrain.files import write_atomic
 from efftrain.model.transformer import build_model
 from efftrain.quant.apply import (QuantSettings, count_bytes, dequantize_arrays, linears_of,
                                   load_dequantized, packed_arrays, quantize_model)
+from efftrain.quant.errors import PTQError  # noqa: F401 - raised here, imported from here by callers
 from efftrain.quant.formats import make_format
 from efftrain.quant.recovery import (RECOVERY_COLUMNS, RecoverySpec, check_recovery, recovery_line, recovery_row,
                                      unique_entries)
@@ -91,10 +92,6 @@ CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_act
                "warmup_steps", "seed", "data_seed", "seconds", *RECOVERY_COLUMNS, "method_label"]
 KEY_COLUMNS = ("step", "method", "bits", "group_size", "format")
 CALIB_SEED = 1234  # PTQSpec.calib_seed's default
-
-
-class PTQError(ValueError):
-    """A PTQ request that cannot be carried out; the message names the problem."""
 
 
 class PTQSpec(BaseModel):

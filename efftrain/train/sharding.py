@@ -28,10 +28,7 @@ they need per tile instead (correct, FSDP-like over experts; no ragged all-to-al
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -207,29 +204,3 @@ def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
 
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{a} {s}" for a, s in mesh.shape.items())
-
-
-# ---- model-side constraints (read while tracing the train step) ------------------------------------
-_tracing_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("efftrain_tracing_mesh", default=None)
-
-
-@contextlib.contextmanager
-def tracing_mesh(mesh: Mesh | None) -> Iterator[None]:
-    """While tracing the train step: the mesh that model code may constrain activations on."""
-    token = _tracing_mesh.set(mesh)
-    try:
-        yield
-    finally:
-        _tracing_mesh.reset(token)
-
-
-def constrain_expert_buffer(x: jax.Array) -> jax.Array:
-    """An MoE buffer [E, C, ...] split over `expert` on E (and over data x fsdp on C where divisible),
-    when the train step is traced on a mesh with an expert axis > 1; else x unchanged."""
-    mesh: Any = _tracing_mesh.get()
-    if mesh is None or mesh.shape.get("expert", 1) <= 1 or x.shape[0] % mesh.shape["expert"]:
-        return x
-    rows = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    rows_ok = rows and x.shape[1] % math.prod(mesh.shape[a] for a in rows) == 0
-    spec = P("expert", rows if rows_ok else None, *([None] * (x.ndim - 2)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -29,6 +29,7 @@ from flax import nnx
 from efftrain.config import Config
 from efftrain.model.layers import cross_entropy, deterministic_gradients
 from efftrain.model.mtp import mtp_loss_weight, mtp_losses_and_stats
+from efftrain.model.placement import tracing_mesh
 from efftrain.model.transformer import Transformer
 from efftrain.xla import step_options
 
@@ -82,8 +83,6 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
     XLA reduce-scatters their gradients; `mesh` is the mesh model code may constrain activations on
     while tracing (MoE expert buffers). Both None (the default, and any all-replicated layout): the
     step is exactly the single-device program."""
-    from efftrain.train.sharding import tracing_mesh
-
     def constrain(tree, shardings):
         return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
