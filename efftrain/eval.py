@@ -184,6 +184,12 @@ def compare_params(graphdef, params_16, params_q, rest, windows: EvalSet,
         per_window = scores(paired_eval_fn(graphdef), windows, params_16, params_q, rest)
     else:
         per_window = scores(paired_from_hidden_fn(graphdef), windows, params_16, params_q, rest, per_batch=reference)
+    return summarize_paired(per_window)
+
+
+def summarize_paired(per_window: dict[str, np.ndarray]) -> dict[str, float]:
+    """A PTQ row's loss columns from per-window paired values (loss_16, loss_q, kl, top1_agree):
+    means, and standard errors over the windows of QiD and KL."""
     diff = per_window["loss_q"].astype(np.float64) - per_window["loss_16"]
     qid, qid_se = mean_and_se(diff)
     kl, kl_se = mean_and_se(per_window["kl"])

@@ -18,7 +18,7 @@ from flax import nnx
 from efftrain.cli import main
 from efftrain.config import from_dict
 from efftrain.data import prepare_data
-from efftrain.eval import compare_params, eval_set, reference_states
+from efftrain.eval import compare_params, eval_set, reference_states, summarize_paired
 from efftrain.grid.store import ResultsStore
 from efftrain.model.layers import linears_of
 from efftrain.quant import quantize_rtn
@@ -26,7 +26,7 @@ from efftrain.quant.apply import QuantSettings, quantize_model
 from efftrain.quant.formats import kernel_format, make_format
 from efftrain.quant.recovery import (LoRALinear, LoRAParam, RecoverySpec, add_adapters, check_recovery, fake_quant,
                                      fake_quantize_model, paired_windows, parse_recovery_option, recovery_row,
-                                     summarize, train_recovery)
+                                     train_recovery)
 from efftrain.quant.sweep import PTQError, calibration_windows, make_spec, read_rows, run_ptq_sweep
 from efftrain.train.checkpoint import CheckpointStore
 from efftrain.train.loop import train
@@ -103,7 +103,7 @@ def test_zero_initialised_adapters_leave_the_quantized_model_unchanged(ckpt, met
         assert not np.asarray(m.lora_b[...]).any()
     assert n == sum(8 * sum(k.shape) for k in kernels.values())
     graphdef_a, lora, frozen = nnx.split(model, LoRAParam, ...)
-    after = summarize(paired_windows(ckpt.graphdef, ckpt.params, ckpt.rest, ckpt.windows, ckpt.reference, graphdef_a,
+    after = summarize_paired(paired_windows(ckpt.graphdef, ckpt.params, ckpt.rest, ckpt.windows, ckpt.reference, graphdef_a,
                                      (lora, frozen)))
     for k in ("loss_16", "loss_q", "qid", "kl", "top1_agree"):
         assert after[k] == pytest.approx(plain[k], abs=1e-6), k

@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from efftrain.config import Config, yaml_load
 from efftrain.data.pipeline import make_train_iterator
-from efftrain.eval import EvalSet, mean_and_se, scores
+from efftrain.eval import EvalSet, scores, summarize_paired
 from efftrain.fp8 import fp8_linear
 from efftrain.model.layers import Linear, cross_entropy, deterministic_gradients, linears_of, observe_input
 from efftrain.quant.apply import (EXPERT_WEIGHTS, METHODS, QuantReport, QuantSettings, count_bytes,
@@ -554,16 +554,6 @@ def paired_windows(graphdef_16, params_16, rest_16, windows: EvalSet, reference:
     return scores(_paired_fn(graphdef_16, graphdef_x), windows, params_16, rest_16, states_x, per_batch=reference)
 
 
-def summarize(per_window: dict[str, np.ndarray]) -> dict[str, float]:
-    """The PTQ row's loss columns from per-window values (the arithmetic of efftrain.eval.compare_params)."""
-    diff = per_window["loss_q"].astype(np.float64) - per_window["loss_16"]
-    qid, qid_se = mean_and_se(diff)
-    kl, kl_se = mean_and_se(per_window["kl"])
-    return {"loss_16": mean_and_se(per_window["loss_16"])[0], "loss_q": mean_and_se(per_window["loss_q"])[0],
-            "qid": qid, "qid_se": qid_se, "kl": kl, "kl_se": kl_se,
-            "top1_agree": float(np.mean(per_window["top1_agree"], dtype=np.float64))}
-
-
 def recovered_fraction(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> tuple[float, float]:
     """(f, se) with f = (B − A)/B = 1 − A/B, A and B the mean per-window QiD after and before; se by the
     delta method over the (paired) windows: Var f ≈ [Var a/B² − 2A·Cov(a, b)/B³ + A²·Var b/B⁴] / n."""
@@ -612,7 +602,7 @@ def recovery_row(cfg: Config, graphdef, params, rest, s: QuantSettings, entry: R
         after = paired_windows(graphdef, params, rest, windows, reference, graphdef, (qat_qparams, qat_rest))
         n_trainable = int(sum(x.size for x in jax.tree.leaves(params)))
         model_bytes = count_bytes(out_model, report)
-    before_s, after_s = summarize(before), summarize(after)
+    before_s, after_s = summarize_paired(before), summarize_paired(after)
     frac, frac_se = recovered_fraction(before, after)
     row = {**after_s, "model_bytes": model_bytes,
            "recovery_method": entry.method, "recovery_tokens": entry.tokens,
