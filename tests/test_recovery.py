@@ -331,3 +331,19 @@ def test_report_states_whether_recoverability_falls_with_d_over_n(tmp_path):
     assert "## Recovery fine-tuning" in text and "recoverability falls as D/N grows" in text
     assert "no detectable trend" in text and not ctx.notes
     assert (tmp_path / "recovery_lora-t4096-r8-a16_rtn_g-1_int.png").is_file()
+
+
+def test_recovery_benchmark_smoke(tmp_path):
+    """benchmarks/bench_recovery.py --small runs both methods and writes their timings."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_recovery.py"
+    spec = importlib.util.spec_from_file_location("bench_recovery", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--small", "--out", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["method"] for r in rows] == ["lora", "qat"] and all(r["steps"] == 2 for r in rows)
+    assert all(r["first_row_s"] > 0 and r["warm_row_s"] > 0 for r in rows)
