@@ -608,6 +608,7 @@ def test_deepseek_ablation_compares_techniques_at_equal_active_params():
 
     from efftrain.model.layers import linears_of
     from efftrain.model.transformer import build_model, parameter_counts
+    from efftrain.quant.sweep import check_group_sizes
 
     spec, cells = expand_spec(EXPERIMENTS / "deepseek_ablation.yaml")
     assert set(spec.variants) == {"dense", "mla", "moe", "mtp", "fp8", "all-on"}
@@ -617,6 +618,7 @@ def test_deepseek_ablation_compares_techniques_at_equal_active_params():
         if c.seed == 0:
             model = nnx.eval_shape(lambda c=c: build_model(c.config.model, c.config.fp8, seed=0))
             counts[c.replicate] = parameter_counts(model)["active"]
+            check_group_sizes(model, spec.ptq)  # the sweep would refuse the cell after training
             attention[c.replicate] = sum(lin.kernel.size for path, lin in linears_of(model)
                                          if path.startswith("blocks/1/attn"))
     assert 0.9 <= attention["mla"] / attention["dense"] <= 1.1
