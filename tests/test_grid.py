@@ -502,6 +502,28 @@ def test_workers_run_families_in_parallel_processes(tmp_path, cache_dir):
         assert len(store.ptq_rows()) == 4
 
 
+def test_a_stopped_worker_takes_no_further_family(monkeypatch):
+    """After the grid forwards a stop (SIGUSR1) a worker starts no queued family (the H200 run's last
+    piece overran its limit training families queued after the stop), and SIGUSR1 outside training
+    is noted instead of killing the worker."""
+    import signal
+
+    monkeypatch.setattr(grid_runner, "_stop_asked", False)
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        grid_runner._init_worker(_OneSlot(), share_gpu=False)
+        signal.raise_signal(signal.SIGUSR1)  # the default action would end this process
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert grid_runner._stop_asked
+    assert grid_runner._worker("/nonexistent/spec.yaml", ["abc"], False, [], "/nonexistent") == {}
+
+
+class _OneSlot:
+    def get(self):
+        return None
+
+
 def test_gpu_round_robin_and_slurm_options(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert grid_runner.visible_gpus() == ["2", "3"]

@@ -407,9 +407,20 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+_stop_asked = False  # in a worker: the grid forwarded a stop (SIGUSR1); families not yet begun are skipped
+
+
+def _note_stop(signum, frame) -> None:
+    global _stop_asked
+    _stop_asked = True
+
+
 def _init_worker(slots, share_gpu: bool) -> None:
     """Pin the worker to its GPU. Importing this module loads JAX but starts no backend (that waits for
-    the first computation), so the variables set here still decide which device the worker gets."""
+    the first computation), so the variables set here still decide which device the worker gets. A stop
+    forwarded outside training (SIGUSR1, whose default would kill the worker mid-sweep) is noted, not fatal:
+    the sweep running finishes its row loop and the worker takes no further family."""
+    signal.signal(signal.SIGUSR1, _note_stop)
     gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -418,13 +429,20 @@ def _init_worker(slots, share_gpu: bool) -> None:
 
 
 def _worker(spec_path: str, keys: list[str], retry_failed: bool, set_overrides, runs_dir: str) -> dict[str, str]:
+    global _stop_asked
+    if _stop_asked:  # a stop came while this family waited in the pool's queue: leave it for the next run
+        return {}
     absl.logging.set_verbosity(absl.logging.ERROR)
     spec = load_spec(spec_path, set_overrides=set_overrides, runs_dir=runs_dir)
     cells = [spec.cell(k) for k in keys]
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     tag = f"[worker {os.getpid()}" + (f" gpu {gpu}]" if gpu else "]")
-    return run_family(spec, cells, retry_failed=retry_failed, only=set(keys),
-                      log=lambda msg: print(f"{tag} {msg}", flush=True))
+    try:
+        return run_family(spec, cells, retry_failed=retry_failed, only=set(keys),
+                          log=lambda msg: print(f"{tag} {msg}", flush=True))
+    except Interrupted:
+        _stop_asked = True
+        raise
 
 
 def _run_parallel(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str] | None, workers: int, *,
@@ -437,15 +455,23 @@ def _run_parallel(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str
         slots.put(gpus[i % len(gpus)] if gpus else None)
     log(f"{workers} worker processes" + (f" on GPUs {', '.join(gpus[:workers])}" if gpus else " (no GPUs)"))
     results: dict[str, str] = {}
+    futures = {}
+
+    def stop_all(pool):  # families not yet handed to a worker are dropped, the running ones told to stop
+        for fut in futures:
+            fut.cancel()
+        _ask_workers_to_stop(pool)
+
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(slots, bool(gpus) and workers > len(gpus))) as pool, \
-            StopSignals(lambda _: _ask_workers_to_stop(pool)) as stop:
-        futures = {}
+            StopSignals(lambda _: stop_all(pool)) as stop:
         for fam, cells in families.items():
             fam_keys = [c.key for c in cells if keys is None or c.key in keys or c.kind == MAIN]
             futures[pool.submit(_worker, str(spec.path), fam_keys, retry_failed, set_overrides,
                                 str(spec.runs_dir))] = fam
         for fut in as_completed(futures):
+            if fut.cancelled():
+                continue
             try:
                 results.update(fut.result())
             except Exception as e:  # noqa: BLE001 - a crashed worker (e.g. OOM-killed) fails only its family
