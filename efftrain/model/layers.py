@@ -59,9 +59,18 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype_of(cfg.param_dtype)))
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         self.fp8 = fp8_for(fp8, fp8_role)
+        # PTQ activation fake-quantizer (efftrain.quant.activations.ActQuant), static (in the graphdef);
+        # None: the input is used as it comes
+        self.act_quant = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        observe_input(self, x)
+        observe_input(self, x)  # the observer sees the unquantized input
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return self.project(x)
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """The GEMM on an input already observed (and activation-quantized)."""
         x = x.astype(self.compute_dtype)
         w = self.kernel[...]
         if self.fp8 is not None:
@@ -70,13 +79,21 @@ class Linear(nnx.Module):
 
 
 def apply_shared_input(layers: tuple[Linear, ...], x: jax.Array) -> tuple[jax.Array, ...]:
-    """(layer(x) for layer in layers), e.g. q/k/v or gate/up. With simulated FP8 the same numbers, but x
-    is quantized once for all of them (efftrain.fp8.fp8_linear_shared)."""
+    """(layer(x) for layer in layers), e.g. q/k/v or gate/up. With simulated FP8 or an activation
+    quantizer the same numbers, but x is quantized once for all of them (efftrain.fp8.fp8_linear_shared;
+    Linear.act_quant, applied before the FP8 GEMM as in Linear.__call__)."""
     fp8, dtype = layers[0].fp8, layers[0].compute_dtype
-    if fp8 is None or len(layers) == 1 or any(l.fp8 != fp8 or l.compute_dtype != dtype for l in layers):
+    act_quant = getattr(layers[0], "act_quant", None)  # recovery's LoRALinear stand-ins have none
+    if ((fp8 is None and act_quant is None) or len(layers) == 1
+            or any(l.fp8 != fp8 or l.compute_dtype != dtype or getattr(l, "act_quant", None) != act_quant
+                   for l in layers)):
         return tuple(layer(x) for layer in layers)
     for layer in layers:
         observe_input(layer, x)
+    if act_quant is not None:
+        x = act_quant(x)
+    if fp8 is None:
+        return tuple(layer.project(x) for layer in layers)
     ws = tuple(layer.kernel[...].astype(dtype) for layer in layers)
     return tuple(y.astype(dtype) for y in fp8_linear_shared(x.astype(dtype), ws, fp8))
 

@@ -384,6 +384,9 @@ class MoE(nnx.Module):
         self.w_up = nnx.Param(init(rngs.params(), (E, D, H), pdt))
         self.w_down = nnx.Param(init_down(rngs.params(), (E, H, D), pdt))
         self.shared = MLP(D, m.num_shared_experts * H, cfg=cfg, rngs=rngs, fp8=fp8) if m.num_shared_experts else None
+        # PTQ activation fake-quantizer of the routed experts' GEMM inputs (gate/up and down), static, as
+        # Linear.act_quant (efftrain.quant.activations); the router and the shared experts (Linears) have their own
+        self.act_quant = None
 
     # -- routing ---------------------------------------------------------------------------------
     def route(self, x2d: jax.Array) -> Routing:
@@ -407,9 +410,13 @@ class MoE(nnx.Module):
             return tuple(y.astype(self.compute_dtype) for y in outs)
         return tuple(jnp.einsum("grk,gkn->grn", a, w) for w in ws)
 
+    def _quantize_input(self, a: jax.Array) -> jax.Array:
+        """An expert GEMM's input through `act_quant` (per row: rows are tokens; zero rows stay zero)."""
+        return a if self.act_quant is None else self.act_quant(a)
+
     def _swiglu_grouped(self, buf: jax.Array, wg, wu, wd) -> jax.Array:
         gate, up = self._bmm(buf, wg, wu)
-        return self._bmm(jax.nn.silu(gate) * up, wd)[0]
+        return self._bmm(self._quantize_input(jax.nn.silu(gate) * up), wd)[0]
 
     def _expert_weights(self):
         c = self.compute_dtype
@@ -421,7 +428,7 @@ class MoE(nnx.Module):
         E, K = self.n_experts, self.top_k
         A = N * K
         flat = expert_idx.reshape(A)
-        x = x2d.astype(self.compute_dtype)
+        x = self._quantize_input(x2d).astype(self.compute_dtype)  # per token: the same before or after dispatch
         wg, wu, wd = self._expert_weights()
         if self.dispatch == "capacity":
             C = capacity_of(N, K, E, self.capacity_factor)
@@ -441,13 +448,14 @@ class MoE(nnx.Module):
                 out = self._swiglu_grouped(buf, take(wg), take(wu), take(wd))
             else:
                 mm = partial(tile_matmul, group_expert=d.group_expert)
-                out = mm(jax.nn.silu(mm(buf, wg)) * mm(buf, wu), wd)
+                out = mm(self._quantize_input(jax.nn.silu(mm(buf, wg)) * mm(buf, wu)), wd)
             out = out.reshape(n_tiles * t, D)
             dropped = jnp.zeros((), jnp.float32)
         else:  # ragged
             d = ragged_dispatch(flat, E)
             buf = dispatch_rows(x, d.slot_assign, d.assign_slot, K)  # [A, D] sorted by expert
             h = jax.nn.silu(jax.lax.ragged_dot(buf, wg, d.counts)) * jax.lax.ragged_dot(buf, wu, d.counts)
+            h = self._quantize_input(h)
             out = jax.lax.ragged_dot(h.astype(self.compute_dtype), wd, d.counts).astype(self.compute_dtype)
             dropped = jnp.zeros((), jnp.float32)
         y = combine_rows(out, gates, d.slot_assign, d.assign_slot, K)
