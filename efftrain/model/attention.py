@@ -135,6 +135,7 @@ class Attention(nnx.Module):
         self.v = Linear(d, self.n_kv * self.head_dim, cfg=cfg, rngs=rngs, fp8=fp8)
         self.o = Linear(self.n_heads * self.head_dim, d, cfg=cfg, rngs=rngs, fp8=fp8,
                         std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        self.kv_quant = None  # KVQuant | None (efftrain.quant.kvcache): fake-quantized cache entries
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         q, k, v = apply_shared_input((self.q, self.k, self.v), x)
@@ -143,5 +144,7 @@ class Attention(nnx.Module):
         v = rearrange(v, "b t (n h) -> b t n h", n=self.n_kv)
         theta = self.cfg.rope_theta
         q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
+        if self.kv_quant is not None:  # what a KV cache stores: rotated keys and values, per kv head
+            k, v = self.kv_quant(k), self.kv_quant(v)
         out = causal_attention(q, k, v, scale=self.head_dim ** -0.5, cfg=self.cfg)
         return self.o(rearrange(out, "b t n h -> b t (n h)"))

@@ -108,6 +108,7 @@ class MLAttention(nnx.Module):
         self.kv_up = Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), cfg=cfg, rngs=rngs, fp8=fp8)
         self.o = Linear(n * self.v_dim, d, cfg=cfg, rngs=rngs, fp8=fp8,
                         std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        self.kv_quant = None  # KVQuant | None (efftrain.quant.kvcache): fake-quantized c_kv and k_rope
 
     # -- shared projections ---------------------------------------------------------------------
     def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -122,6 +123,8 @@ class MLAttention(nnx.Module):
         kv = self.kv_down(x)
         c_kv = self.kv_norm(kv[..., : self.kv_lora_rank])
         k_rope = apply_rope(kv[..., None, self.kv_lora_rank:], positions, self.cfg.rope_theta)[..., 0, :]
+        if self.kv_quant is not None:  # quantized here, so that __call__ and decode both read the cache
+            c_kv, k_rope = self.kv_quant(c_kv), self.kv_quant(k_rope)  # each with its own scales
         return c_kv, k_rope
 
     def keys_values(self, c_kv: jax.Array, k_rope: jax.Array) -> tuple[jax.Array, jax.Array]:
