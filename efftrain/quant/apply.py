@@ -20,6 +20,15 @@ Methods (`METHODS`):
   awq-linear  the earlier per-Linear variant, kept as an ablation: one scale per Linear searched on that
               Linear's own output (efftrain.quant.awq.quantize_awq), sequential inputs like GPTQ, the
               1/s kept explicit (charged 16 bits per input row and stored as `awq_inv_scale`).
+  billm       BiLLM (Huang et al. 2024, arXiv 2402.04291; efftrain.quant.billm), 1-bit (`bits` must be 1;
+              `group_size` is its block β, `damp` its dampening): Hessians from the captured inputs and
+              sequential calibration exactly as gptq, routed experts on the same per-expert Hessians in
+              one stacked program; an expert without enough tokens gets the identity Hessian (BiLLM
+              with magnitude salience and no error compensation; method_label
+              'billm+identity-hessian-fallback'). The ptq.csv eff_bits charges BiLLM's full storage
+              (codes, group bitmap, salient-row bitmap, float16 scales: ~3 bits at β = 128), the
+              paper's count (~1.1) is `QuantReport.published_eff_bits`. Not packed: `--save` stores the
+              dequantized weights as floats.
 
 Calibration inputs are captured through the model's own forward: `_block_pass` runs `Block.__call__`
 under `capture_linear_inputs`, which records what every Linear and every MoE router is fed
@@ -60,12 +69,13 @@ from efftrain.model.layers import Linear, linears_of
 from efftrain.model.moe import Router
 from efftrain.quant.awq import quantize_awq
 from efftrain.quant.awq_model import quantize_block_awq, quantize_head_awq
+from efftrain.quant.billm import SEARCH_BATCH, billm_on_device
 from efftrain.quant.formats import (Packed, effective_bits, kernel_format, make_format, pack_kernel,
                                     resolve_group_size, rtn_kernel, unpack)
 from efftrain.quant.gptq import gptq_on_device, hessian_from_inputs, not_positive_definite
 from efftrain.xla import ptq_jit
 
-METHODS = ("rtn", "gptq", "awq", "awq-linear")
+METHODS = ("rtn", "gptq", "awq", "awq-linear", "billm")
 EXPERT_CALIBRATION = ("routed", "all")
 
 
@@ -95,6 +105,8 @@ class QuantSettings:
             raise _unknown_method(self.method)
         if self.min_expert_tokens is not None and self.min_expert_tokens < 1:
             raise ValueError(f"min_expert_tokens must be at least 1, got {self.min_expert_tokens}")
+        if self.method == "billm" and self.bits != 1:
+            raise ValueError(f"billm is a 1-bit method (binary weights): bits must be 1, got {self.bits}")
         if self.expert_calibration not in EXPERT_CALIBRATION:
             raise ValueError(f"expert_calibration must be one of {', '.join(EXPERT_CALIBRATION)}, "
                              f"got {self.expert_calibration!r}")
@@ -118,6 +130,7 @@ class QuantReport:
     n_weights: int = 0  # matrices quantized (each expert's gate/up/down counts once)
     n_params: int = 0  # weight elements quantized
     weight_bits: float = 0.0  # Σ elements × effective bits
+    published_bits: float = 0.0  # billm: Σ elements × the paper's bits per weight (no group bitmap, no scales)
     expert_fallbacks: int = 0  # routed experts with a matrix quantized by RTN for lack of calibration tokens
     expert_matrices: int = 0
     expert_tokens: list = field(default_factory=list)  # per MoE layer: [E] calibration tokens of each expert
@@ -129,9 +142,17 @@ class QuantReport:
         return self.weight_bits / max(self.n_params, 1)
 
     @property
+    def published_eff_bits(self) -> float:
+        """billm: bits per quantized weight as the BiLLM paper counts them (efftrain.quant.billm)."""
+        return self.published_bits / max(self.n_params, 1)
+
+    @property
     def method_label(self) -> str:
-        """The method, marked when some routed experts fell back to RTN (e.g. 'gptq+rtn-fallback')."""
-        return f"{self.method}+rtn-fallback" if self.expert_fallbacks else self.method
+        """The method, marked when some routed experts fell back to RTN (e.g. 'gptq+rtn-fallback'; billm
+        falls back to an identity Hessian: 'billm+identity-hessian-fallback')."""
+        if not self.expert_fallbacks:
+            return self.method
+        return f"{self.method}+{'identity-hessian' if self.method == 'billm' else 'rtn'}-fallback"
 
     def add(self, w_shape: tuple[int, ...], s: QuantSettings, extra_bits_per_row: float = 0.0) -> None:
         n_in, n_out = w_shape[-2:]
@@ -152,6 +173,12 @@ class QuantReport:
             v = np.asarray(v)
             if kind == "gptq_ok" and not v.all():
                 raise ValueError(not_positive_definite(v.reshape(-1), v.ndim > 0))
+            if kind == "billm_ok" and not v.all():
+                raise ValueError("BiLLM: a dampened Hessian is not positive definite (Cholesky failed); raise "
+                                 "damp or use more calibration data")
+            if kind == "billm_bits":  # [storage, published] bits summed over the matrix's elements
+                self.weight_bits += float(v[0])
+                self.published_bits += float(v[1])
             if kind == "fallback":
                 self.expert_fallbacks += int(v.sum())
             if kind == "expert_tokens":
@@ -241,6 +268,9 @@ def quantize_matrix(w: jax.Array, x: jax.Array | None, s: QuantSettings,
                                    return_packed=True)
         # stored: codes of Q(diag(s) w) and 1/s; w_eff = Q(diag(s) w) · (1/s) exactly as AWQ computes it
         return jnp.asarray(w_hat), info["packed"], np.asarray(info["inv_s"], np.float32)
+    if s.method == "billm":
+        raise ValueError("quantize_matrix does rtn, gptq and awq-linear; billm writes its result itself "
+                         "(efftrain.quant.apply.put_billm, or efftrain.quant.billm.quantize_billm)")
     raise ValueError(f"quantize_matrix does rtn, gptq and awq-linear; '{s.method}' quantizes whole blocks "
                      "(efftrain.quant.awq_model)" if s.method == "awq" else str(_unknown_method(s.method)))
 
@@ -249,6 +279,34 @@ def _put(var, report: QuantReport, key: str, s: QuantSettings, w_hat, packed, in
     var[...] = jnp.asarray(w_hat).astype(var[...].dtype)
     report.add(tuple(var[...].shape), s, 16.0 if inv_s is not None else 0.0)
     report.packed[key] = (packed, inv_s)
+
+
+def put_billm(var, H: jax.Array | None, s: QuantSettings, report: QuantReport) -> None:
+    """BiLLM of the Param `var` ([in, out], or a stack [E, in, out] with H [E, in, in]) on the Hessian H
+    (None: the identity) written into it; its bits are read at `report.finish` (no host sync here).
+    A stack runs in stacked programs bounded like GPTQ's (STACKED_GPTQ_BYTES)."""
+    w = var[...]
+    n_in, n_out = w.shape[-2:]
+    if H is None:
+        H = jnp.broadcast_to(jnp.eye(n_in, dtype=jnp.float32), (*w.shape[:-2], n_in, n_in))
+    beta = s.group_for(n_in)
+
+    def run(w_, H_):
+        return billm_on_device(w_, H_, block=beta, damp=s.damp)
+
+    if w.ndim == 2:
+        q, paper, storage, ok = run(w, H)
+    else:  # a few [in, in] arrays and the searches' [batch, β, out] temporaries per expert
+        b = n_in if beta == -1 else beta
+        chunk = max(1, STACKED_GPTQ_BYTES // (4 * (4 * n_in * (n_in + n_out) + 8 * SEARCH_BATCH * b * n_out)))
+        parts = [run(w[e0:e0 + chunk], H[e0:e0 + chunk]) for e0 in range(0, w.shape[0], chunk)]
+        q, paper, storage, ok = (jnp.concatenate([p[i] for p in parts]) for i in range(4))
+    var[...] = q.astype(w.dtype)
+    per_matrix = n_in * n_out
+    report.n_weights += int(np.prod(w.shape[:-2], dtype=np.int64)) if w.ndim > 2 else 1
+    report.n_params += int(w.size)
+    report.defer("billm_ok", ok)
+    report.defer("billm_bits", jnp.stack([jnp.sum(storage), jnp.sum(paper)]) * per_matrix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +334,9 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
             h = out_16  # AWQ: the next block is calibrated on the 16-bit model's activations
             continue
         for name, lin in linears_of(block):  # the router is not a Linear: kept in 16-bit
+            if s.method == "billm":
+                put_billm(lin.kernel, hessian_from_inputs(inputs[name]), s, report)
+                continue
             _put(lin.kernel, report, f"{prefix}/{name}/kernel", s,
                  *quantize_matrix(lin.kernel[...], inputs.get(name), s, report))
         if block.is_moe:
@@ -288,6 +349,8 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
         x = model.final_norm(h).reshape(-1, h.shape[-1]) if needs_inputs else None
         if s.method == "awq":
             quantize_head_awq(model, x, s, report)
+        elif s.method == "billm":
+            put_billm(model.lm_head.kernel, hessian_from_inputs(x), s, report)
         else:
             _put(model.lm_head.kernel, report, "lm_head/kernel", s,
                  *quantize_matrix(model.lm_head.kernel[...], x, s, report))
@@ -371,6 +434,11 @@ def quantize_experts(moe, stats: ExpertStats | None, s: QuantSettings, report: Q
     lacks tokens, or for s.method == 'rtn')."""
     if s.method == "awq-linear" and stats is not None:
         _awq_linear_experts(moe, stats, s, report, prefix)
+    elif s.method == "billm":  # the GPTQ Hessians 2·Gram; the identity where an expert lacks tokens
+        for name, (ok, G) in {"w_gate": (stats.ok_in, stats.gram_in), "w_up": (stats.ok_in, stats.gram_in),
+                              "w_down": (stats.ok_hidden, stats.gram_hidden)}.items():
+            H = jnp.where(ok[:, None, None], 2 * G, jnp.eye(G.shape[-1], dtype=G.dtype))
+            put_billm(getattr(moe, name), H, s, report)
     else:
         calibration = {"w_gate": (stats.ok_in, stats.gram_in), "w_up": (stats.ok_in, stats.gram_in),
                        "w_down": (stats.ok_hidden, stats.gram_hidden)} if s.method == "gptq" and stats else {}
