@@ -50,6 +50,14 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"{what}: expected comma-separated integers, got '{text}'") from None
 
 
+def parse_alpha_list(text: str) -> list[float | None]:
+    """--smoothquant-alphas: comma-separated numbers or 'none'."""
+    try:
+        return [None if x.strip() == "none" else float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--smoothquant-alphas: expected comma-separated numbers or 'none', got '{text}'") from None
+
+
 def parse_choice_list(text: str, what: str, valid: tuple[str, ...], single: bool = False) -> list[str]:
     """Comma-separated names, each one of `valid` (exactly one if `single`); ConfigError naming the valid
     ones otherwise."""
@@ -183,11 +191,12 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_ptq(args) -> int:
-    from efftrain.quant.apply import EXPERT_CALIBRATION, METHODS  # lazy (module docstring)
+    from efftrain.quant.apply import EXPERT_CALIBRATION  # lazy (module docstring)
     from efftrain.quant.formats import FORMATS
-    from efftrain.quant.sweep import make_spec, run_ptq_sweep
+    from efftrain.quant.sweep import (ACTIVATION_CHOICES, KV_CHOICES, KV_GRANULARITIES, ROTATION_CHOICES, SWEEP_METHODS,
+                                      make_spec, run_ptq_sweep)
 
-    fields = {"methods": parse_choice_list(args.methods, "--methods", METHODS),
+    fields = {"methods": parse_choice_list(args.methods, "--methods", SWEEP_METHODS),
               "bits": parse_int_list(args.bits, "--bits"),
               "group_sizes": parse_int_list(args.group_size, "--group-size"),
               "formats": parse_choice_list(args.formats, "--formats", FORMATS),
@@ -196,11 +205,18 @@ def cmd_ptq(args) -> int:
               "awq_clip": not args.no_awq_clip, "awq_duo_scaling": args.awq_duo_scaling,
               "expert_calibration": parse_choice_list(args.expert_calibration, "--expert-calibration",
                                                       EXPERT_CALIBRATION, single=True)[0],
-              "expert_gate_weighted": args.expert_gate_weighted}
+              "expert_gate_weighted": args.expert_gate_weighted,
+              "activations": parse_choice_list(args.activations, "--activations", ACTIVATION_CHOICES),
+              "kv_cache": parse_choice_list(args.kv_cache, "--kv-cache", KV_CHOICES),
+              "kv_granularity": parse_choice_list(args.kv_granularity, "--kv-granularity", KV_GRANULARITIES,
+                                                  single=True)[0],
+              "rotations": parse_choice_list(args.rotations, "--rotations", ROTATION_CHOICES),
+              "rotate_values": args.rotate_values}
     optional = {"min_expert_tokens": args.min_expert_tokens,
                 "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
                 "calib_seed": args.calib_seed, "eval_tokens": args.eval_tokens, "eval_seed": args.eval_seed,
-                "eval_batches": args.eval_batches}
+                "eval_batches": args.eval_batches, "kv_group": args.kv_group, "rotation_seed": args.rotation_seed,
+                "smoothquant_alphas": args.smoothquant_alphas and parse_alpha_list(args.smoothquant_alphas)}
     fields.update({k: v for k, v in optional.items() if v is not None})  # else the PTQSpec default
     if args.checkpoints != "all":
         fields["checkpoints"] = parse_int_list(args.checkpoints, "--checkpoints")
@@ -404,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ptq", help="quantize every series checkpoint; append QiD rows to RUN_DIR/ptq.csv")
     p.add_argument("run_dir")
-    p.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated: rtn, gptq, awq, awq-linear "
-                                                             "(docs/PTQ.md)")
+    p.add_argument("--methods", default="rtn,gptq,awq",
+                   help="comma-separated weight quantizers: rtn, gptq, awq, awq-linear, billm (1-bit), fp8-block "
+                        "(E4M3, 128x128 blocks), none (16-bit weights) (docs/PTQ.md)")
     p.add_argument("--bits", default="2,3,4,8", help="comma-separated weight bits, 2..8")
     p.add_argument("--group-size", default="128", help="comma-separated group sizes (-1 = whole channel)")
     p.add_argument("--formats", default="int", help="comma-separated: int, nf4 (4-bit), fp4 (4-bit), fp8 (8-bit)")
@@ -432,6 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed (each expert on the tokens routed to it) or all (every token, every expert)")
     p.add_argument("--expert-gate-weighted", action="store_true",
                    help="weight each token's row of an expert's statistics by its gate")
+    p.add_argument("--activations", default="none",
+                   help="comma-separated activation quantizers of every block GEMM input: none, int8, int4 "
+                        "(per token), fp8 (E4M3, 1x128 tiles); e.g. --bits 8 --activations int8 = W8A8")
+    p.add_argument("--kv-cache", default="none", help="comma-separated KV-cache quantizers: none, int8, int4, fp8 "
+                                                      "(MHA K/V; MLA's latent c_kv and k_rope)")
+    p.add_argument("--kv-granularity", default="token", help="KV scales per token (per head) or per group")
+    p.add_argument("--kv-group", type=int, help="channels per KV scale with --kv-granularity group (default 64)")
+    p.add_argument("--rotations", default="none",
+                   help="comma-separated residual-stream rotations folded into the weights: none, hadamard, "
+                        "orthogonal (QuaRot)")
+    p.add_argument("--rotate-values", action="store_true", help="with a rotation: also rotate V/O per head")
+    p.add_argument("--rotation-seed", type=int, help="seed of the random rotation (default 0)")
+    p.add_argument("--smoothquant-alphas", metavar="A,...",
+                   help="SmoothQuant migration strengths in [0, 1] for the activation-quantized rows, 'none' for "
+                        "unsmoothed rows too, e.g. none,0.5 (default: none)")
     p.add_argument("--save", action="store_true", help="also write packed quantized checkpoints to RUN_DIR/quantized/")
     p.add_argument("--recovery", action="append", metavar="METHOD:K=V,...",
                    help="also a recovery fine-tuning row per combination (docs/RECOVERY.md), e.g. "

@@ -39,12 +39,14 @@ from efftrain.model.mtp import acceptance_rate
 from efftrain.model.transformer import Transformer
 from efftrain.train.checkpoint import CheckpointError, checkpoints_dir
 from efftrain.train.rundir import finalized, load_model, load_run_config
-from efftrain.train.step import make_hidden_fn, make_paired_eval_fn, make_paired_from_hidden_fn, make_window_loss_fn
+from efftrain.train.step import (make_hidden_fn, make_paired_eval_fn, make_paired_from_hidden_fn, make_paired_other_fn,
+                                 make_window_loss_fn)
 
 # one jitted function per model structure (GraphDefs of equal models compare equal)
 window_loss_fn = functools.lru_cache(maxsize=8)(make_window_loss_fn)
 paired_eval_fn = functools.lru_cache(maxsize=8)(make_paired_eval_fn)
 paired_from_hidden_fn = functools.lru_cache(maxsize=8)(make_paired_from_hidden_fn)
+paired_other_fn = functools.lru_cache(maxsize=8)(make_paired_other_fn)
 hidden_fn = functools.lru_cache(maxsize=8)(make_hidden_fn)
 
 
@@ -185,6 +187,13 @@ def compare_params(graphdef, params_16, params_q, rest, windows: EvalSet,
     else:
         per_window = scores(paired_from_hidden_fn(graphdef), windows, params_16, params_q, rest, per_batch=reference)
     return summarize_paired(per_window)
+
+
+def paired_windows(graphdef_16, params_16, rest_16, windows: EvalSet, reference: list, graphdef_x,
+                   states_x: tuple) -> dict[str, np.ndarray]:
+    """Per eval window: loss_16, loss_q, kl, top1_agree of the 16-bit checkpoint (its `reference` hidden
+    states) and a model x of another structure (graphdef_x with its states)."""
+    return scores(paired_other_fn(graphdef_16, graphdef_x), windows, params_16, rest_16, states_x, per_batch=reference)
 
 
 def summarize_paired(per_window: dict[str, np.ndarray]) -> dict[str, float]:

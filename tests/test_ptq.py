@@ -438,9 +438,73 @@ def test_old_header_table_is_upgraded_and_its_rows_skipped(trained_run, tmp_path
         assert table.read_text() == ",".join(OLD_COLUMNS + ["novel"]) + "\n"
 
 
-@pytest.mark.parametrize("flag, value, valid", [("--methods", "rtn,foo", "rtn, gptq, awq, awq-linear"),
-                                                ("--formats", "int,nf5", "int, nf4, fp4, fp8")])
+@pytest.mark.parametrize("flag, value, valid", [
+    ("--methods", "rtn,foo", "rtn, gptq, awq, awq-linear, billm, fp8-block, none"),
+    ("--formats", "int,nf5", "int, nf4, fp4, fp8"), ("--activations", "int8,int16", "none, int8, int4, fp8"),
+    ("--kv-cache", "none,int2", "none, int8, int4, fp8"), ("--rotations", "none,givens", "none, hadamard, orthogonal")])
 def test_unknown_cli_values_name_the_valid_ones(tmp_path, capsys, flag, value, valid):
     assert main(["ptq", str(tmp_path), flag, value]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {flag}: unknown value(s) '{value.split(',')[1]}'; valid: {valid}\n"
+
+
+# ---- schemes beyond weight-only (issue 19; efftrain.quant.scheme) --------------------------------
+def test_scheme_axes_give_one_keyed_row_each_and_leave_weight_only_rows_unchanged(trained_run, tmp_path):
+    """rtn w8 and 16-bit weights × {no, int8} activations × {no, int4} KV cache × {no, Hadamard} rotation:
+    one row per scheme (the 16-bit model itself left out), named and keyed by its format suffix; the
+    weight-only row equals the one a plain sweep writes; a rotation alone is exact (float32 model); a
+    quantized KV cache costs loss and fewer bytes; a rerun adds nothing."""
+    axes = dict(activations=["none", "int8"], kv_cache=["none", "int4"], rotations=["none", "hadamard"])
+    spec = make_spec(methods=["rtn", "none"], bits=[8], group_sizes=[-1], checkpoints=[500], eval_batches=4, **axes)
+    with fresh_table(trained_run, tmp_path):
+        (plain,) = run_ptq_sweep(trained_run, make_spec(methods=["rtn"], bits=[8], group_sizes=[-1], checkpoints=[500],
+                                                        eval_batches=4), **QUIET)
+    with fresh_table(trained_run, tmp_path) as table:
+        rows = run_ptq_sweep(trained_run, spec, **QUIET)
+        assert run_ptq_sweep(trained_run, spec, **QUIET) == []  # resumable like every sweep
+        stored = read_rows(table)
+    by = {r["format"]: r for r in rows}
+    assert len(rows) == len(by) == 15 and len(stored) == 15
+    assert by["int"]["qid"] == plain["qid"] and by["int"]["scheme"] == "w8a16" and by["int"]["kv_quant"] is None
+    assert (by["int+a8"]["scheme"], by["none+kv-int4"]["scheme"]) == ("w8a8", "w16a16+kv-int4")
+    assert by["int+rot-hadamard+a8+kv-int4"]["scheme"] == "w8a8+rot-hadamard+kv-int4"
+    assert (by["none+kv-int4"]["method"], by["none+kv-int4"]["bits"], by["none+kv-int4"]["eff_bits"]) == ("none", 16, 16.0)
+    rotated = by["none+rot-hadamard"]
+    assert rotated["rotation"] == "hadamard" and abs(rotated["qid"]) < 1e-4 and rotated["kl"] < 1e-6
+    kv = by["none+kv-int4"]
+    assert kv["kl"] > 3 * kv["kl_se"] > 0 and kv["qid"] > 0 and kv["kv_bytes_per_token"] < by["int"]["kv_bytes_per_token"]
+    assert by["int"]["kv_bytes_per_token"] == 2 * 2 * 64 * 2  # 16-bit K and V of d_model 64 in 2 layers
+
+
+def test_binary_fp8_and_smoothquant_rows(trained_run, tmp_path):
+    """BiLLM (1 bit, once per group size whatever `bits` lists), FP8 blocks, and SmoothQuant on the
+    activation-quantized rows: named as the literature does; FP8 weights + activations (the 'fp8' scheme)
+    cost far less than BiLLM's binarization."""
+    spec = make_spec(methods=["billm", "fp8-block"], bits=[3, 4], group_sizes=[32], activations=["none", "fp8"],
+                     smoothquant_alphas=[0.5], checkpoints=[500], eval_batches=4)
+    with fresh_table(trained_run, tmp_path):
+        rows = run_ptq_sweep(trained_run, spec, **QUIET)
+    by = {(r["method"], r["format"]): r for r in rows}
+    assert sorted(by) == [("billm", "int"), ("billm", "int+sq0.5+afp8"), ("fp8-block", "e4m3-block"),
+                          ("fp8-block", "e4m3-block+sq0.5+afp8")]  # no unsmoothed afp8 rows: alphas [0.5] only
+    assert by["billm", "int"]["bits"] == 1 and by["billm", "int"]["scheme"] == "w1a16"
+    fp8 = by["fp8-block", "e4m3-block+sq0.5+afp8"]
+    assert fp8["scheme"] == "fp8+sq0.5" and fp8["smooth_alpha"] == 0.5 and fp8["act_quant"] == "afp8"
+    assert 8 < by["fp8-block", "e4m3-block"]["eff_bits"] < 8.1 and fp8["bits"] == 8
+    assert 0 <= fp8["qid"] < 0.1 * by["billm", "int"]["qid"]
+
+
+def test_scheme_requests_that_cannot_apply_fail_before_any_row(trained_run, tmp_path):
+    with pytest.raises(PTQError, match="smoothquant_alphas .* need activations"):
+        make_spec(methods=["rtn"], smoothquant_alphas=[0.5])
+    with pytest.raises(PTQError, match="rotate_values needs a rotation"):
+        make_spec(rotate_values=True)
+    with pytest.raises(PTQError, match="recovery rows need a weight quantizer"):
+        make_spec(methods=["none"], kv_cache=["int8"], recovery=[{"method": "qat", "tokens": 64}])
+    with pytest.raises(PTQError, match="leave only the 16-bit model"):
+        run_ptq_sweep(trained_run, make_spec(methods=["none"], checkpoints=[500]), **QUIET)
+    with fresh_table(trained_run, tmp_path) as table:
+        with pytest.raises(PTQError, match="kv_cache int8: .*group size 24 does not divide"):
+            run_ptq_sweep(trained_run, make_spec(methods=["rtn"], bits=[4], kv_cache=["int8"], kv_granularity="group",
+                                                 kv_group=24, checkpoints=[500]), **QUIET)
+        assert not table.exists()

@@ -1,10 +1,18 @@
-"""Weight-only post-training quantization (docs/METHODS.md §2; docs/PTQ.md): RTN, GPTQ (arXiv 2210.17323), AWQ
-(arXiv 2306.00978: one Linear in awq.py, a whole block as published in awq_model.py) on int / nf4 / fp4 /
-fp8 grids with per-group float16 scales.
+"""Post-training quantization (docs/METHODS.md §2; docs/PTQ.md).
+
+A PTQ row applies a scheme (scheme.py) to a 16-bit checkpoint, stage by stage:
+  rotation.py      1. residual-stream rotation folded into the weights (QuaRot), exact
+  smoothquant.py   2. SmoothQuant's per-channel migration into the norms, exact
+  apply.py         3. the weight quantizer over the model: rtn.py, gptq.py (arXiv 2210.17323), awq.py /
+                      awq_model.py (arXiv 2306.00978), billm.py (arXiv 2402.04291); FP8 blocks in
+                      activations.py; grids and packing in formats.py
+  activations.py,  4. runtime quantizers the forward reads: every block GEMM's input, the KV cache
+  kvcache.py
+  sweep.py         the sweep over a run's checkpoint series (ptq.csv), recovery.py its fine-tuning rows
 
 Convention: ``y = x @ w`` with ``w[in, out]``; a group is ``group_size`` consecutive input rows of one
-output column (-1 = the whole input dim). Every quantizer returns the dequantized weight in the input's
-shape, dtype and array kind (numpy or jax), ready to substitute for ``w``.
+output column (-1 = the whole input dim). Every weight quantizer returns the dequantized weight in the
+input's shape, dtype and array kind (numpy or jax), ready to substitute for ``w``.
 """
 
 from .awq import quantize_awq

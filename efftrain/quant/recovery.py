@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from efftrain.config import Config, yaml_load
 from efftrain.data.pipeline import make_train_iterator
-from efftrain.eval import EvalSet, scores, summarize_paired
+from efftrain.eval import EvalSet, paired_windows, summarize_paired
 from efftrain.fp8 import fp8_linear
 from efftrain.model.layers import Linear, cross_entropy, deterministic_gradients, linears_of, observe_input
 from efftrain.quant.apply import (EXPERT_WEIGHTS, METHODS, QuantReport, QuantSettings, count_bytes,
@@ -67,7 +67,6 @@ from efftrain.quant.errors import PTQError
 from efftrain.quant.formats import (Packed, QuantFormat, decode, kernel_format, make_format, resolve_group_size,
                                     rtn_kernel)
 from efftrain.train.optimizer import make_optimizer
-from efftrain.train.step import _compare
 from efftrain.xla import step_options
 
 RECOVERY_METHODS = ("lora", "qat")
@@ -534,26 +533,6 @@ def train_recovery(graphdef, trainable, frozen, cfg: Config, entry: RecoverySpec
 # ----------------------------------------------------------------------------------------------
 # Evaluation against the original 16-bit checkpoint
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def _paired_fn(graphdef_16, graphdef_x):
-    """paired(hidden_16, params_16, rest_16, states_x, window): as make_paired_from_hidden_fn, with the
-    second model of another structure (an adapted one), given as the states nnx.merge takes."""
-
-    def paired(hidden_16, params_16, rest_16, states_x, window):
-        model_16 = nnx.merge(graphdef_16, params_16, rest_16)
-        lp16 = jax.nn.log_softmax(model_16.head(model_16.final_norm(hidden_16)).astype(jnp.float32), axis=-1)
-        out = nnx.merge(graphdef_x, *states_x)(window[:, :-1])
-        return _compare(lp16, jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1), window)
-
-    return jax.jit(paired)
-
-
-def paired_windows(graphdef_16, params_16, rest_16, windows: EvalSet, reference: list, graphdef_x,
-                   states_x: tuple) -> dict[str, np.ndarray]:
-    """Per eval window: loss_16, loss_q, kl, top1_agree of the original 16-bit model and model x."""
-    return scores(_paired_fn(graphdef_16, graphdef_x), windows, params_16, rest_16, states_x, per_batch=reference)
-
-
 def recovered_fraction(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> tuple[float, float]:
     """(f, se) with f = (B − A)/B = 1 − A/B, A and B the mean per-window QiD after and before; se by the
     delta method over the (paired) windows: Var f ≈ [Var a/B² − 2A·Cov(a, b)/B³ + A²·Var b/B⁴] / n."""

@@ -32,12 +32,21 @@ Rows go to RUN_DIR/ptq.csv (CSV_COLUMNS):
                             recovery_trainable_params, loss_q_before, qid_before, qid_before_se,
                             recovered_fraction (= (qid_before − qid) / qid_before), recovered_fraction_se,
                             recovery_train_loss (mean train CE of the last tenth of its steps)
+  scheme, act_quant, kv_quant, kv_bytes_per_token, rotation, smooth_alpha
+                            the row's scheme (efftrain.quant.scheme.SCHEME_COLUMNS): its name ('w4a16', 'w8a8',
+                            'fp8', 'w16a16+kv-int4', ...), the activation / KV quantizer labels, the KV cache's
+                            bytes per token (all layers; 16-bit when kv_quant is empty), the rotation, SmoothQuant's α
   method_label              the method, marked '+rtn-fallback' when some routed experts had too few
                             calibration tokens and were quantized with RTN (expert_fallbacks of them)
 Recovery rows (PTQSpec.recovery; docs/RECOVERY.md): for each combination and recovery setting that
 applies to it, one more row whose `format` reads '<format>+<setting label>' (e.g. 'int+lora-t65536-r8-a16'),
 so that the row key (step, method, bits, group_size, format) identifies the recovery too; its loss,
 qid and kl columns are those of the recovered model against the same 16-bit checkpoint.
+Scheme rows (PTQSpec activations, smoothquant_alphas, kv_cache, rotations; methods fp8-block and none;
+efftrain.quant.scheme): the checkpoint is rotated / smoothed / quantized / given runtime quantizers as
+the scheme says, and scored against the same 16-bit hidden states; `format` reads '<weight format>'
+followed by the scheme's suffix ('int+a8', 'none+kv-int4', 'int+rot-hadamard+a8'), weight-only rows
+keep theirs.
 Rows are appended and fsynced one complete row at a time; rows already present are skipped, so a
 killed sweep resumes where it stopped. A ptq.csv written before some of these columns existed is
 rewritten (atomically) with the current header and empty cells in the new columns, then appended.
@@ -61,26 +70,29 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from efftrain.config import format_validation_error
 from efftrain.data import prepare_data
 from efftrain.data.pipeline import read_windows, val_window_count
-from efftrain.eval import compare_params, eval_set, reference_states
+from efftrain.eval import compare_params, eval_set, paired_windows, reference_states, summarize_paired
 from efftrain.files import write_atomic
 from efftrain.model.transformer import build_model
-from efftrain.quant.apply import (QuantSettings, count_bytes, dequantize_arrays, linears_of,
-                                  load_dequantized, packed_arrays, quantize_model)
+from efftrain.quant.activations import ActQuant
+from efftrain.quant.apply import (METHODS, QuantSettings, count_bytes, dequantize_arrays, linears_of,
+                                  load_dequantized, packed_arrays)
 from efftrain.quant.errors import PTQError  # noqa: F401 - raised here, imported from here by callers
 from efftrain.quant.formats import make_format
+from efftrain.quant.kvcache import KVQuant, check_kv_quant
 from efftrain.quant.recovery import (RECOVERY_COLUMNS, RecoverySpec, check_recovery, recovery_line, recovery_row,
                                      unique_entries)
+from efftrain.quant.scheme import FP8_BLOCK, NO_WEIGHTS, SCHEME_COLUMNS, Scheme, apply_scheme
 from efftrain.train.checkpoint import CheckpointStore
 from efftrain.train.rundir import PTQ_TABLE, QUANTIZED, abstract_train_state, load_run_config, read_run_info
 from efftrain.xla import enable_compilation_cache
@@ -89,15 +101,22 @@ CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_act
                "params_quantized", "method", "bits", "group_size", "format", "loss_16", "loss_q", "qid", "qid_se",
                "kl", "kl_se", "top1_agree", "eff_bits", "model_bytes", "n_quantized", "expert_fallbacks",
                "calib_samples", "calib_seq_len", "calib_seed", "eval_windows", "eval_tokens", "eval_seed",
-               "warmup_steps", "seed", "data_seed", "seconds", *RECOVERY_COLUMNS, "method_label"]
+               "warmup_steps", "seed", "data_seed", "seconds", *RECOVERY_COLUMNS, *SCHEME_COLUMNS, "method_label"]
 KEY_COLUMNS = ("step", "method", "bits", "group_size", "format")
 CALIB_SEED = 1234  # PTQSpec.calib_seed's default
+SWEEP_METHODS = (*METHODS, FP8_BLOCK, NO_WEIGHTS)  # PTQSpec.methods
+ACTIVATION_CHOICES = ("none", "int8", "int4", "fp8")
+KV_CHOICES = ("none", "int8", "int4", "fp8")
+KV_GRANULARITIES = ("token", "group")
+ROTATION_CHOICES = ("none", "hadamard", "orthogonal")
 
 
 class PTQSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    methods: list[Literal["rtn", "gptq", "awq", "awq-linear"]] = ["rtn", "gptq", "awq"]
+    # weight quantizers; billm is 1-bit (its rows ignore `bits`), fp8-block is E4M3 in 128×128 blocks (8 bits),
+    # none keeps the weights 16-bit (rows of the other axes alone, e.g. a quantized KV cache)
+    methods: list[Literal["rtn", "gptq", "awq", "awq-linear", "billm", "fp8-block", "none"]] = ["rtn", "gptq", "awq"]
     bits: list[int] = [2, 3, 4, 8]
     group_sizes: list[int] = [128]
     formats: list[Literal["int", "nf4", "fp4", "fp8"]] = ["int"]
@@ -118,6 +137,17 @@ class PTQSpec(BaseModel):
     awq_duo_scaling: bool = False  # AWQ scales x_mean^α / w_mean^(1-α) (AutoAWQ's duo_scaling)
     quantize_head: bool = False
     save: bool = False
+    # schemes beyond weight-only (efftrain.quant.scheme; docs/PTQ.md "Schemes"): each list is one more
+    # axis of the row product; "none" entries give the weight-only rows
+    activations: list[Literal["none", "int8", "int4", "fp8"]] = ["none"]  # every block GEMM's input
+    kv_cache: list[Literal["none", "int8", "int4", "fp8"]] = ["none"]  # MHA K/V, MLA c_kv + k_rope
+    kv_granularity: Literal["token", "group"] = "token"
+    kv_group: int = Field(64, ge=1)
+    rotations: list[Literal["none", "hadamard", "orthogonal"]] = ["none"]  # QuaRot-style residual rotation
+    rotate_values: bool = False  # with a rotation: also a per-head rotation of V / O
+    rotation_seed: int = Field(0, ge=0)
+    # SmoothQuant's migration strengths for the activation-quantized rows; null = not smoothed
+    smoothquant_alphas: list[Annotated[float, Field(ge=0, le=1)] | None] = [None]
     # recovery fine-tuning after PTQ (efftrain.quant.recovery; docs/RECOVERY.md): one more row per
     # combination and entry, e.g. [{method: lora, tokens: 65536, rank: 8, alpha: 16, lr: 1e-3}]
     recovery: list[RecoverySpec] = []
@@ -131,6 +161,27 @@ class PTQSpec(BaseModel):
     @classmethod
     def _distinct_recovery(cls, v):
         return unique_entries(v)
+
+    @field_validator("methods", "activations", "kv_cache", "rotations", "smoothquant_alphas")
+    @classmethod
+    def _no_repeats(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"values repeat: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _schemes_fit(self):
+        if self.smoothquant_alphas != [None] and set(self.activations) == {"none"}:
+            raise ValueError("smoothquant_alphas smooth activations for their quantizer: they need activations "
+                             "int8, int4 or fp8")
+        if not self.smoothquant_alphas:
+            raise ValueError("smoothquant_alphas: give at least one entry (null = no smoothing)")
+        if self.rotate_values and set(self.rotations) == {"none"}:
+            raise ValueError("rotate_values needs a rotation (rotations: hadamard or orthogonal)")
+        if self.recovery and ("none" in self.methods or "fp8-block" in self.methods):
+            raise ValueError("recovery rows need a weight quantizer (rtn, gptq, awq, awq-linear); drop 'none' "
+                             "and 'fp8-block' from methods or the recovery entries")
+        return self
 
     @field_validator("bits")
     @classmethod
@@ -157,31 +208,74 @@ def make_spec(**fields) -> PTQSpec:
 
 
 def combinations(spec: PTQSpec) -> list[QuantSettings]:
-    """Every valid (method, bits, group, format); code-book formats only at their bit width."""
+    """Every valid (method, bits, group, format) of the spec's weight quantizers (efftrain.quant.apply);
+    code-book formats only at their bit width; billm once per group size (1 bit, the int format)."""
     out = []
-    for method, bits, group, fmt in itertools.product(spec.methods, spec.bits, spec.group_sizes, spec.formats):
-        try:
-            make_format(bits, fmt, spec.symmetric)
-        except ValueError:
-            continue  # e.g. nf4 at 3 bits
+    methods = [m for m in spec.methods if m in METHODS]
+    for method, bits, group, fmt in itertools.product(methods, spec.bits, spec.group_sizes, spec.formats):
+        if method == "billm":
+            if (bits, fmt) != (spec.bits[0], spec.formats[0]):
+                continue
+            bits, fmt = 1, "int"
+        else:
+            try:
+                make_format(bits, fmt, spec.symmetric)
+            except ValueError:
+                continue  # e.g. nf4 at 3 bits
         out.append(QuantSettings(method=method, bits=bits, group_size=group, fmt=fmt, symmetric=spec.symmetric,
                                  damp=spec.damp, act_order=spec.act_order, awq_clip=spec.awq_clip,
                                  awq_duo_scaling=spec.awq_duo_scaling, min_expert_tokens=spec.min_expert_tokens,
                                  expert_calibration=spec.expert_calibration,
                                  expert_gate_weighted=spec.expert_gate_weighted, quantize_head=spec.quantize_head))
-    if not out:
+    if not out and methods:
         raise PTQError(f"no valid (bits, format) combination in bits={spec.bits} formats={spec.formats} "
                        "(nf4/fp4 need 4 bits, fp8 needs 8)")
     return out
 
 
-def row_formats(spec: PTQSpec, settings: list[QuantSettings] | None = None
-                ) -> list[tuple[QuantSettings, RecoverySpec | None, str]]:
-    """Every row of one checkpoint: (combination, recovery entry or None, its `format` column), plain
-    rows first, then each combination's recovery rows ('<format>+<label>')."""
-    settings = combinations(spec) if settings is None else settings
-    plain = [(s, None, row_format(s)) for s in settings]
-    return plain + [(s, e, f"{row_format(s)}+{e.label}") for s in settings for e in spec.recovery if e.applies_to(s)]
+def schemes(spec: PTQSpec) -> list[Scheme]:
+    """Every row's scheme without recovery: the weight combinations (plus 'fp8-block' and 'none' when
+    asked for) × rotations × activations × SmoothQuant strengths (activation-quantized rows only) × KV
+    caches; the weight-only rows first, in `combinations` order."""
+    weights = [Scheme(s.method, s) for s in combinations(spec)]
+    weights += [Scheme(m) for m in (FP8_BLOCK, NO_WEIGHTS) if m in spec.methods]
+    kvs = [None if k == "none" else KVQuant(k, spec.kv_granularity, spec.kv_group) for k in spec.kv_cache]
+    acts = [None if a == "none" else ActQuant(a) for a in spec.activations]
+    out = []
+    for rotation, act, alpha, kv, w in itertools.product(spec.rotations, acts, spec.smoothquant_alphas, kvs, weights):
+        if alpha is not None and act is None:
+            continue  # SmoothQuant only prepares activations for their quantizer
+        rot = None if rotation == "none" else rotation
+        scheme = Scheme(w.method, w.weights, acts=act, kv=kv, rotation=rot, rotate_values=spec.rotate_values and rot is not None,
+                        rotation_seed=spec.rotation_seed, smooth_alpha=alpha)
+        if scheme.method == NO_WEIGHTS and act is None and kv is None and rot is None:
+            continue  # the 16-bit model itself: QiD 0 by construction
+        out.append(scheme)
+    if not out:
+        raise PTQError(f"no row to run: methods {spec.methods} with activations {spec.activations}, kv_cache "
+                       f"{spec.kv_cache}, rotations {spec.rotations} leave only the 16-bit model")
+    return sorted(out, key=lambda sc: not sc.weight_only)
+
+
+def row_formats(spec: PTQSpec, rows: list[Scheme] | None = None) -> list[tuple[Scheme, RecoverySpec | None, str]]:
+    """Every row of one checkpoint: (scheme, recovery entry or None, its `format` column), weight-only
+    rows first, then the other schemes' rows ('<format>+<scheme suffix>'), then each weight-only
+    combination's recovery rows ('<format>+<label>')."""
+    rows = schemes(spec) if rows is None else rows
+    plain = [(sc, None, sc.row_format) for sc in rows]
+    return plain + [(sc, e, f"{sc.row_format}+{e.label}") for sc in rows if sc.weight_only
+                    for e in spec.recovery if e.applies_to(sc.weights)]
+
+
+def check_schemes(model, cfg, spec: PTQSpec) -> None:
+    """Fail before any work if a scheme cannot apply to this model (a KV group that does not divide the
+    cached vectors)."""
+    for kind in spec.kv_cache:
+        if kind != "none":
+            try:
+                check_kv_quant(cfg.model, KVQuant(kind, spec.kv_granularity, spec.kv_group))
+            except ValueError as e:
+                raise PTQError(f"kv_cache {kind}: {e}") from None
 
 
 def check_group_sizes(model, spec: PTQSpec) -> None:
@@ -217,11 +311,6 @@ def eval_windows_wanted(spec: PTQSpec, seq_len: int, batch_size: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # ptq.csv
 # ----------------------------------------------------------------------------------------------
-def row_format(s: QuantSettings) -> str:
-    """The `format` column: the weight format, with '+head' when the output head is quantized too."""
-    return f"{s.fmt}+head" if s.quantize_head else s.fmt
-
-
 def row_key(row: dict) -> tuple:
     return (int(row["step"]), str(row["method"]), int(row["bits"]), int(row["group_size"]), str(row["format"]))
 
@@ -293,11 +382,11 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
         if missing:
             raise PTQError(f"no series checkpoint at step(s) {sorted(missing)}; available {[m['step'] for m in series]}")
         series = [m for m in series if m["step"] in set(spec.checkpoints)]
-    settings = combinations(spec)
-    rows_of = row_formats(spec, settings)
+    rows_of = row_formats(spec)
     graphdef, abstract = abstract_train_state(cfg)
     abstract_model = nnx.merge(graphdef, abstract["params"], abstract["rest"])
     check_group_sizes(abstract_model, spec)
+    check_schemes(abstract_model, cfg, spec)
     check_recovery(abstract_model, cfg, spec.recovery)
     table = run_dir / PTQ_TABLE
     if upgrade_table(table):
@@ -339,29 +428,36 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             "warmup_steps": cfg.optim.warmup_steps, "seed": cfg.train.seed, "data_seed": cfg.data.shuffle_seed,
             **{c: None for c in RECOVERY_COLUMNS},
         }
-        for s, entry, fmt in todo:
+        for sc, entry, fmt in todo:
             t0 = time.time()
             if entry is None:
                 model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
-                report = quantize_model(model, calib, s)
-                _, qparams, _ = nnx.split(model, nnx.Param, ...)
-                fields = {**compare_params(graphdef, params, qparams, rest, windows, reference),
-                          "model_bytes": count_bytes(model, report), "seconds": None}
+                report = apply_scheme(model, calib, sc)
+                graphdef_q, qparams, qrest = nnx.split(model, nnx.Param, ...)
+                if graphdef_q == graphdef:  # weight-only: the same structure as the checkpoint
+                    scores_ = compare_params(graphdef, params, qparams, rest, windows, reference)
+                else:  # runtime quantizers or an untied head: another graphdef, scored against the same reference
+                    scores_ = summarize_paired(paired_windows(graphdef, params, rest, windows, reference, graphdef_q,
+                                                              (qparams, qrest)))
+                fields = {**scores_, "model_bytes": count_bytes(model, report), "seconds": None}
             else:
-                fields, report, model = recovery_row(cfg, graphdef, params, rest, s, entry, calib=calib,
+                fields, report, model = recovery_row(cfg, graphdef, params, rest, sc.weights, entry, calib=calib,
                                                      windows=windows, reference=reference, train_tokens=cache.train)
             row = {
                 **common, "params_quantized": report.n_params,
-                "method": s.method, "bits": s.bits, "group_size": s.group_size, "format": fmt, **fields,
-                "eff_bits": report.eff_bits, "n_quantized": report.n_weights,
+                "method": sc.method, "bits": sc.bits, "group_size": sc.group_size, "format": fmt, **fields,
+                **sc.columns(cfg.model),
+                "eff_bits": report.eff_bits if report.n_params else 16.0,  # method none: 16-bit weights
+                "n_quantized": report.n_weights,
                 "expert_fallbacks": report.expert_fallbacks, "method_label": report.method_label,
             }
             row["seconds"] = time.time() - t0
             if spec.save:
-                if model is not None:
-                    save_quantized(run_dir, row, s, report, model)
+                if model is not None and sc.weight_only and sc.method != "billm":
+                    save_quantized(run_dir, row, sc.weights, report, model)
                 else:
-                    log(f"  {quantized_name(row)}: not saved (LoRA adapters are not a plain quantized checkpoint)")
+                    log(f"  {quantized_name(row)}: not saved (only weight-only rows of packed codes are: not LoRA "
+                        "adapters, runtime quantizers, rotations, BiLLM or FP8 blocks)")
             append_row(table, row)
             new_rows.append(row)
             if on_row is not None:

@@ -215,3 +215,17 @@ def make_paired_from_hidden_fn(graphdef):
         return _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window)
 
     return jax.jit(paired)
+
+
+def make_paired_other_fn(graphdef_16, graphdef_x):
+    """`make_paired_from_hidden_fn` with the second model of another structure (an adapted, rotated or
+    runtime-quantized one): paired(hidden_16, params_16, rest_16, states_x, window), states_x the
+    states nnx.merge(graphdef_x, ...) takes."""
+
+    def paired(hidden_16, params_16, rest_16, states_x, window):
+        model_16 = nnx.merge(graphdef_16, params_16, rest_16)
+        lp16 = jax.nn.log_softmax(model_16.head(model_16.final_norm(hidden_16)).astype(jnp.float32), axis=-1)
+        out = nnx.merge(graphdef_x, *states_x)(window[:, :-1])
+        return _compare(lp16, jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1), window)
+
+    return jax.jit(paired)
