@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from efftrain.analysis.compare import SCHEME_MARKERS, is_weight_only
 from efftrain.analysis.fits import (FitResult, fit_table, format_table, table_to_dict, tokens_to_reach,
                                     tokens_to_reach_ci)
 from efftrain.formatting import text_table
@@ -120,11 +121,17 @@ def run_fit(table: str | Path, *, law: str = "ouyang", group_by: Sequence[str] =
             n_boot: int = 1000, seed: int = 0, fixed: dict[str, float] | None = None,
             predict: Sequence[tuple[float, float, float]] = (), threshold: float | None = None,
             at: tuple[float, float] | None = None) -> FitOutput:
-    """Fit `law` ('ouyang', 'kumar' or 'both') to the table's rows (those passing every filter), per
+    """Fit `law` ('ouyang', 'kumar' or 'both') to the table's rows (those passing every filter; only the
+    weight-only ones, efftrain.analysis.compare.is_weight_only, unless a filter is on a scheme column or
+    the method), per
     group of the `group_by` columns, with `n_boot` bootstrap resamples and the `fixed` parameters held;
     predict QiD at each (N, D, P) of `predict`; with `threshold`, the tokens at which QiD reaches it at
     `at` = (N, P), with an interval when the fit has bootstrap replicates."""
-    rows = apply_filters(load_results(table), filters)
+    rows = load_results(table)
+    scheme_filtered = any(parse_filter(text)[0] in ("scheme", *SCHEME_MARKERS, "method") for text in filters)
+    if not scheme_filtered:  # as the report: the weight-only rows, unless a filter picks schemes itself
+        rows = [r for r in rows if is_weight_only(r)] or rows
+    rows = apply_filters(rows, filters)
     group_by = tuple(group_by)
     missing = [g for g in group_by if g not in rows[0]]
     if missing:

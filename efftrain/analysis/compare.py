@@ -14,6 +14,12 @@ differences (efftrain.analysis.stats.paired_difference):
 
 One seed gives an estimate without an interval, and no claim.
 
+What is compared is weight-only PTQ (is_weight_only): the rows of the schemes of issue 19 that quantize
+more than the weights (activations, the KV cache, a rotation or SmoothQuant before the weights, or no
+weight quantization at all: method 'none') are left to their own report sections, so a grid that adds
+them compares, fits and plots its weight-only rows exactly as before. BiLLM and FP8-block weights alone
+are weight-only methods: they join the fits as methods of their own, but are never the default selection.
+
 Per-run slopes (run_slopes, slope_groups): each run's OLS slope of log QiD on log D over its checkpoints
 after LR warmup whose QiD is resolved (QiD > 2·qid_se), at least 3 of them; per variant the mean over
 seeds with a t-interval over the seeds' slopes, and a verdict that names a direction only when that
@@ -37,7 +43,29 @@ TECHNIQUE_FIELDS = {"model.attention": "mha", "model.moe.enabled": False, "model
 
 
 def method_label(m: str) -> str:
-    return {"gptq": "GPTQ", "rtn": "RTN", "awq": "AWQ", "awq-linear": "AWQ (per-Linear)"}.get(m, m)
+    return {"gptq": "GPTQ", "rtn": "RTN", "awq": "AWQ", "awq-linear": "AWQ (per-Linear)", "billm": "BiLLM",
+            "fp8-block": "FP8-block"}.get(m, m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which rows: weight-only PTQ, not the schemes of issue 19
+# ----------------------------------------------------------------------------------------------
+SCHEME_MARKERS = ("act_quant", "kv_quant", "rotation", "smooth_alpha")  # empty in a weight-only row
+SCHEME_WEIGHT_METHODS = ("billm", "fp8-block")  # weight-only methods of issue 19, never picked by default
+
+
+def _empty(v) -> bool:
+    """None, '' (a CSV cell) or a nan: the column was not set for this row."""
+    return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v))
+
+
+def is_weight_only(row: dict) -> bool:
+    """True for a weight-only PTQ row: no activation quantizer, no KV-cache quantizer, no rotation, no
+    SmoothQuant α (all empty, as in every row written before these columns existed) and weights that are
+    quantized (method != 'none'). BiLLM and FP8-block weights without activation quantization are
+    weight-only methods in this sense. Recovery rows are weight-only rows too (their format keeps them
+    apart)."""
+    return str(row.get("method")) != "none" and all(_empty(row.get(c)) for c in SCHEME_MARKERS)
 
 
 # ----------------------------------------------------------------------------------------------

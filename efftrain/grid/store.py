@@ -11,7 +11,8 @@ Tables
                how many times the run had seen its training data)
   ptq          one row per (run_key, step, method, bits, group_size, format) (UNIQUE): every column
                of the PTQ sweep's rows (efftrain.quant.sweep.CSV_COLUMNS, the recovery columns of
-               recovery rows included) + variant (the cell name),
+               recovery rows and the scheme columns scheme, act_quant, kv_quant, kv_bytes_per_token,
+               rotation, smooth_alpha included) + variant (the cell name),
                replicate, run_key, axes (JSON), schedule, cell_kind, extra (JSON of any other row keys),
                recorded
 
@@ -66,6 +67,11 @@ PTQ_COLUMNS: list[tuple[str, str]] = [
     ("adapter_params", "INTEGER"), ("recovery_trainable_params", "INTEGER"), ("loss_q_before", "REAL"),
     ("qid_before", "REAL"), ("qid_before_se", "REAL"), ("recovered_fraction", "REAL"),
     ("recovered_fraction_se", "REAL"), ("recovery_train_loss", "REAL"),
+    # PTQ schemes beyond weight-only (issue 19; NULL in rows written before them: weight-only rows):
+    # the scheme's name ('w8a8', 'w16a16+kv-int4', ...), the activation and KV-cache quantizers' labels,
+    # the KV cache's bytes per token over all layers, the rotation, SmoothQuant's alpha
+    ("scheme", "TEXT"), ("act_quant", "TEXT"), ("kv_quant", "TEXT"), ("kv_bytes_per_token", "REAL"),
+    ("rotation", "TEXT"), ("smooth_alpha", "REAL"),
     # added by the grid
     ("variant", "TEXT"), ("replicate", "TEXT"), ("run_key", "TEXT NOT NULL"), ("axes", "TEXT"), ("schedule", "TEXT"),
     ("cell_kind", "TEXT"), ("extra", "TEXT"), ("recorded", "REAL"),
