@@ -451,7 +451,7 @@ def test_unknown_cli_values_name_the_valid_ones(tmp_path, capsys, flag, value, v
 # ---- schemes beyond weight-only (issue 19; efftrain.quant.scheme) --------------------------------
 def test_scheme_axes_give_one_keyed_row_each_and_leave_weight_only_rows_unchanged(trained_run, tmp_path):
     """rtn w8 and 16-bit weights × {no, int8} activations × {no, int4} KV cache × {no, Hadamard} rotation:
-    one row per scheme (the 16-bit model itself left out), named and keyed by its format suffix; the
+    one row per scheme (the 16-bit model itself too, as the KV axis's 16-bit point), named and keyed by its format suffix; the
     weight-only row equals the one a plain sweep writes; a rotation alone is exact (float32 model); a
     quantized KV cache costs loss and fewer bytes; a rerun adds nothing."""
     axes = dict(activations=["none", "int8"], kv_cache=["none", "int4"], rotations=["none", "hadamard"])
@@ -464,7 +464,8 @@ def test_scheme_axes_give_one_keyed_row_each_and_leave_weight_only_rows_unchange
         assert run_ptq_sweep(trained_run, spec, **QUIET) == []  # resumable like every sweep
         stored = read_rows(table)
     by = {r["format"]: r for r in rows}
-    assert len(rows) == len(by) == 15 and len(stored) == 15
+    assert len(rows) == len(by) == 16 and len(stored) == 16
+    assert by["none"]["qid"] == 0 and by["none"]["scheme"] == "w16a16"  # the 16-bit cache's point of the KV axis
     assert by["int"]["qid"] == plain["qid"] and by["int"]["scheme"] == "w8a16" and by["int"]["kv_quant"] is None
     assert (by["int+a8"]["scheme"], by["none+kv-int4"]["scheme"]) == ("w8a8", "w16a16+kv-int4")
     assert by["int+rot-hadamard+a8+kv-int4"]["scheme"] == "w8a8+rot-hadamard+kv-int4"

@@ -1195,8 +1195,11 @@ def _plot_kv_cache(points: list[KVPoint], path: Path, title: str) -> Path:
 
 
 def section_kv_cache(ctx: Context, doc: Doc) -> None:
-    points = kv_points(ctx.all_rows, ctx.res.runs, ctx.labels)
-    if not points:
+    every = kv_points(ctx.all_rows, ctx.res.runs, ctx.labels)
+    # the KV question on its own: weights alone (16-bit or one quantizer), no activation quantizer, rotation or
+    # smoothing; a grid crossing every axis would otherwise give one sub-section per combination
+    points = [p for p in every if _strip_format(p.weights[3], _SCHEME_TOKEN) == p.weights[3]]
+    if not every:
         return
     doc.h(2, "KV-cache quantization")
     doc.p("Rows with a KV-cache quantizer (efftrain.quant.kvcache): the cached K and V (MHA) or latent c_kv and "
@@ -1208,6 +1211,10 @@ def section_kv_cache(ctx: Context, doc: Doc) -> None:
           "over seeds where there are replicates. MLA vs MHA: each MLA variant against its MHA twin, at the pair of "
           "their points nearest in bytes per token, paired by seed; an interval that contains 0 is \"no detectable "
           "difference\".")
+    left_out = len({p.weights for p in every}) - len({p.weights for p in points})
+    if left_out:
+        doc.p(f"Shown: the weight settings without an activation quantizer, rotation or SmoothQuant. {left_out} "
+              "more setting(s) of this grid combine the KV cache with those; their rows are in the results store.")
     sentences = [kv_sentence(c) for c in kv_attention_comparisons(points, ctx.res.runs, ctx.labels)]
     if sentences:
         doc.ul(sentences)

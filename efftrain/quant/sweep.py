@@ -242,14 +242,14 @@ def schemes(spec: PTQSpec) -> list[Scheme]:
     kvs = [None if k == "none" else KVQuant(k, spec.kv_granularity, spec.kv_group) for k in spec.kv_cache]
     acts = [None if a == "none" else ActQuant(a) for a in spec.activations]
     out = []
-    for rotation, act, alpha, kv, w in itertools.product(spec.rotations, acts, spec.smoothquant_alphas, kvs, weights):
-        if alpha is not None and act is None:
-            continue  # SmoothQuant only prepares activations for their quantizer
+    with_alpha = [(act, alpha) for act in acts  # SmoothQuant only prepares activations for their quantizer
+                  for alpha in ([None] if act is None else spec.smoothquant_alphas)]
+    for rotation, (act, alpha), kv, w in itertools.product(spec.rotations, with_alpha, kvs, weights):
         rot = None if rotation == "none" else rotation
         scheme = Scheme(w.method, w.weights, acts=act, kv=kv, rotation=rot, rotate_values=spec.rotate_values and rot is not None,
                         rotation_seed=spec.rotation_seed, smooth_alpha=alpha)
-        if scheme.method == NO_WEIGHTS and act is None and kv is None and rot is None:
-            continue  # the 16-bit model itself: QiD 0 by construction
+        if scheme.method == NO_WEIGHTS and act is None and kv is None and rot is None and kvs == [None]:
+            continue  # the 16-bit model itself, QiD 0 by construction: kept only as the 16-bit cache's KV point
         out.append(scheme)
     if not out:
         raise PTQError(f"no row to run: methods {spec.methods} with activations {spec.activations}, kv_cache "
