@@ -293,7 +293,8 @@ def test_grid_specs_take_recovery_and_expect_its_rows(tmp_path, cache_dir):
 # The report's section
 # ----------------------------------------------------------------------------------------------
 def test_report_states_whether_recoverability_falls_with_d_over_n(tmp_path):
-    from efftrain.analysis.report import Context, Doc, GridResults, recovery_groups, section_recovery
+    from efftrain.analysis.report_parts import Context, Doc, GridResults
+    from efftrain.analysis.report_recovery import recovery_groups, section_recovery
 
     runs = [{"key": f"k{s}", "name": f"dense,seed={s}", "replicate": "dense", "seed": s, "data_seed": s,
              "kind": "main", "parent": None, "config": {}} for s in range(3)]

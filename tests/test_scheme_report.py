@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from efftrain.analysis.compare import is_weight_only, series_labels
-from efftrain.analysis.report import (KV_16, Context, analyse, build_report, kv_attention_comparisons, kv_points,
-                                      kv_sentence, load_grid_results, rotation_sentence, rotation_slopes,
-                                      scheme_family, scheme_points, _cluster_rows)
+from efftrain.analysis.report import _cluster_rows, analyse, build_report
+from efftrain.analysis.report_parts import Context, load_grid_results
+from efftrain.analysis.report_schemes import (KV_16, kv_attention_comparisons, kv_points, kv_sentence,
+                                              rotation_sentence, rotation_slopes, scheme_family, scheme_points)
 from efftrain.grid.store import PTQ_COLUMNS, ResultsStore
 
 TOKENS = np.geomspace(4e6, 1e8, 7)
