@@ -31,10 +31,19 @@ Programs:
 
 On other backends (CPU, TPU) the options are empty: XLA:CPU runs the same program the same way every
 time, so a CPU run is bitwise reproducible without help (tests/test_train.py asserts it).
+
+Target platform. Every choice made for GPUs (cuDNN or Pallas attention, the Triton and Mosaic FP8 kernels,
+the scatter-free embedding gradient, the GPU compile options) asks `on_gpu()` while tracing, which
+reads `target_platform()`: the platform set by `for_platform` (the train step's `platform` argument),
+else JAX's default backend. So a program lowered on one host for another (`jax.export(...,
+platforms=["tpu"])` on a CPU, tests/test_tpu_lowering.py) makes the choices of the platform it is for;
+on a TPU, and on CPUs, every one of them is the XLA implementation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 from pathlib import Path
@@ -74,8 +83,41 @@ def enable_compilation_cache() -> str | None:
     return str(path)
 
 
+# jax.export's platform names -> jax.default_backend()'s
+_PLATFORM_NAMES = {"cuda": "gpu", "rocm": "gpu"}
+_target_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("efftrain_target_platform",
+                                                                              default=None)
+
+
+def platform_name(platform: str) -> str:
+    """'cpu' | 'gpu' | 'tpu' for a backend or jax.export platform name ('cuda' and 'rocm' are 'gpu')."""
+    name = platform.lower()
+    return _PLATFORM_NAMES.get(name, name)
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for: the innermost `for_platform`'s, else JAX's default
+    backend."""
+    return _target_platform.get() or platform_name(jax.default_backend())
+
+
+@contextlib.contextmanager
+def for_platform(platform: str | None):
+    """Within: `target_platform()` is `platform` (a backend or jax.export name); None changes nothing.
+    A context variable, read at trace time, so it holds in the tracing thread only."""
+    if platform is None:
+        yield
+        return
+    token = _target_platform.set(platform_name(platform))
+    try:
+        yield
+    finally:
+        _target_platform.reset(token)
+
+
 def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    """Whether the program being traced is for a GPU (`target_platform`)."""
+    return target_platform() == "gpu"
 
 
 def autotune_cache_dir() -> str | None:
@@ -93,14 +135,14 @@ def _with_autotune_cache(options: dict) -> dict:
 
 
 def step_options(deterministic: bool) -> dict:
-    """compiler_options of the training step."""
+    """compiler_options of the training step (for `target_platform()`)."""
     if not on_gpu():
         return {}
     return _with_autotune_cache({})
 
 
 def ptq_options() -> dict:
-    """compiler_options of the PTQ programs (float32 matrix algebra)."""
+    """compiler_options of the PTQ programs (float32 matrix algebra; for `target_platform()`)."""
     if not on_gpu():
         return {}
     return _with_autotune_cache({"xla_gpu_enable_triton_gemm": False})

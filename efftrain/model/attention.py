@@ -22,7 +22,8 @@ from efftrain.xla import on_gpu
 def attention_implementation(cfg: ModelConfig, dtype) -> str:
     """The kernel of `causal_attention`: cfg.attention_impl, or for `auto` cuDNN on a GPU in 16-bit
     (Pallas' flash attention when the step is traced for train.deterministic: cuDNN's backward
-    accumulates dQ with atomics), XLA elsewhere."""
+    accumulates dQ with atomics), XLA elsewhere (TPU, CPU). "On a GPU": traced for one
+    (efftrain.xla.on_gpu, the train step's `platform`), whatever the host."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     if not (on_gpu() and dtype in (jnp.bfloat16, jnp.float16)):

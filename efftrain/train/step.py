@@ -31,7 +31,7 @@ from efftrain.model.layers import cross_entropy, deterministic_gradients
 from efftrain.model.mtp import mtp_loss_weight, mtp_losses_and_stats
 from efftrain.model.placement import tracing_mesh
 from efftrain.model.transformer import Transformer
-from efftrain.xla import step_options
+from efftrain.xla import for_platform, step_options
 
 TrainState = dict[str, Any]  # {"params": State, "rest": State, "opt": optax state}
 
@@ -72,7 +72,7 @@ def forward_losses(model: Transformer, window: jax.Array, tokens_seen: jax.Array
 
 
 def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, compiler_options: dict | None = None,
-                    *, state_sharding=None, mesh=None):
+                    *, state_sharding=None, mesh=None, platform: str | None = None):
     """Returns step(state, batch [accum, micro, T+1], tokens_seen) -> (state, metrics), jitted,
     with the state donated and compiled with `compiler_options` (default efftrain.xla.step_options).
     With `train.deterministic` the gradients avoid scatter-adds and GPU attention uses a kernel without
@@ -82,7 +82,12 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
     and the new state are constrained to it, so FSDP-sharded parameters and moments stay sharded and
     XLA reduce-scatters their gradients; `mesh` is the mesh model code may constrain activations on
     while tracing (MoE expert buffers). Both None (the default, and any all-replicated layout): the
-    step is exactly the single-device program."""
+    step is exactly the single-device program.
+
+    `platform` ('cpu' | 'gpu' | 'tpu', or jax.export's 'cuda'): the platform the step is traced and its
+    default compile options chosen for (efftrain.xla.for_platform: cuDNN / Pallas attention and the
+    FP8 kernels on GPUs only, XLA's implementations elsewhere); None, JAX's default backend. Set it to
+    lower the step on one host for another (tests/test_tpu_lowering.py exports it for 'tpu' on a CPU)."""
     def constrain(tree, shardings):
         return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
@@ -99,7 +104,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
         return grads, metrics
 
     def step(state: TrainState, batch: jax.Array, tokens_seen: jax.Array):
-        with tracing_mesh(mesh):
+        with for_platform(platform), tracing_mesh(mesh):
             return sharded_step(state, batch, tokens_seen)
 
     def sharded_step(state: TrainState, batch: jax.Array, tokens_seen: jax.Array):
@@ -133,7 +138,8 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
         return constrain({"params": params, "rest": rest, "opt": opt}, state_sharding), metrics
 
     if compiler_options is None:
-        compiler_options = step_options(cfg.train.deterministic)
+        with for_platform(platform):
+            compiler_options = step_options(cfg.train.deterministic)
     return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
