@@ -609,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings
     from efftrain.data import DataError
     from efftrain.train.checkpoint import CheckpointError
+    from efftrain.train.distributed import DistributedError
     from efftrain.train.loop import Interrupted
     from efftrain.train.rundir import RunDirError
 
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, DistributedError, ValueError) as e:
         if os.environ.get("EFFTRAIN_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,12 @@ Batches may straddle an epoch boundary, so no window is ever dropped. The iterat
 ``{"next_index": k}``: JSON-serialisable, and ``set_state`` reproduces the following batches exactly.
 Reading a window is a memmap slice (no worker processes, no read threads: the data is local).
 
+One process of a multi-process run (efftrain.train.distributed) passes ``rows``, the rows of each
+global batch its devices hold: the same order is batched as window indices and only those rows are
+read (``order.batch(batch_size).map(read rows)``), so row r of batch k is window ``order[k * batch_size
++ r]`` in every process, the union over processes is the one-process batch, and the state is the
+same ``{"next_index": k}`` (a checkpoint moves between process counts).
+
 Validation (the eval set): a seeded random sample of val windows spread over the whole val split.
 The val tokens are cut into disjoint windows of seq_len+1 tokens (window ``j`` is
 ``tokens[j*(seq_len+1) : (j+1)*(seq_len+1)]``, ``val_window_count = n_tokens // (seq_len+1)``: no
@@ -67,28 +73,43 @@ class _ReadWindow:
         return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)
 
 
-def make_train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int) -> grain.IterDataset:
-    """The grain IterDataset behind `make_train_iterator` (infinite; batches int32[B, seq_len+1])."""
+class _ReadRows:
+    """Picklable reader of some rows of a batch of window indices: int[B] -> int32[len(rows), seq_len + 1]."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, rows: np.ndarray):
+        self.tokens, self.seq_len, self.rows = tokens, seq_len, rows
+
+    def __call__(self, windows) -> np.ndarray:
+        return read_windows(self.tokens, np.asarray(windows)[self.rows] * self.seq_len, self.seq_len + 1)
+
+
+def make_train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                       rows: np.ndarray | None = None) -> grain.IterDataset:
+    """The grain IterDataset behind `make_train_iterator` (infinite; batches int32[B, seq_len+1], or
+    int32[len(rows), seq_len+1]: those rows of each batch)."""
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     n = num_windows(len(tokens), seq_len, batch_size)
-    return (
-        grain.MapDataset.range(n)
-        .shuffle(seed=seed)
-        .repeat()
-        .map(_ReadWindow(tokens, seq_len))
-        .batch(batch_size, drop_remainder=True)
-        .to_iter_dataset(_READ_OPTIONS)
-    )
+    order = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+    if rows is None:
+        batches = order.map(_ReadWindow(tokens, seq_len)).batch(batch_size, drop_remainder=True)
+    else:
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= batch_size):
+            raise DataError(f"batch rows {rows.min()}..{rows.max()} are outside a batch of {batch_size}")
+        batches = order.batch(batch_size, drop_remainder=True).map(_ReadRows(tokens, seq_len, rows))
+    return batches.to_iter_dataset(_READ_OPTIONS)
 
 
-def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int) -> grain.DatasetIterator:
-    """Infinite iterator of shuffled np.int32 batches of shape [batch_size, seq_len + 1].
+def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                        rows: np.ndarray | None = None) -> grain.DatasetIterator:
+    """Infinite iterator of shuffled np.int32 batches of shape [batch_size, seq_len + 1] (with `rows`:
+    only those rows of each batch, [len(rows), seq_len + 1]; module docstring).
 
     ``it.get_state()`` is a JSON-serialisable dict; ``it.set_state(state)`` (on this iterator or on a
-    fresh one built with the same arguments) makes the next batches identical to those that followed
-    the saved state."""
-    return iter(make_train_dataset(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed))
+    fresh one built with the same arguments, with or without `rows`) makes the next batches identical
+    to those that followed the saved state."""
+    return iter(make_train_dataset(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, rows=rows))
 
 
 def val_window_count(n_tokens: int, seq_len: int) -> int:

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from efftrain.files import is_disk_full
+from efftrain.train.distributed import host_values
 
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints: the store's directory
 TRASH = ".trash"  # <kind>/.trash/<step>: checkpoints being deleted (never listed: not a step name)
@@ -158,7 +159,7 @@ class CheckpointStore:
     def save(self, kind: str, step: int, state, data_state: dict, meta: dict[str, Any]) -> None:
         """Start writing a checkpoint (async unless the store was opened with async_save=False).
         Raises NonFiniteError (nothing written) if the state holds a NaN or an infinity."""
-        host = jax.device_get(state)
+        host = host_values(state)  # gathered where the state spans processes
         bad = nonfinite_leaves(host)
         if bad:
             raise NonFiniteError(f"refusing to write the {kind} checkpoint at step {step}: non-finite values in "
@@ -281,7 +282,7 @@ class CheckpointStore:
                 f"{where}: cannot restore ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                 "the checkpoint is damaged or was written by a different model config") from None
         state, data_state, meta = out["state"], dict(out["data"]), dict(out["meta"])
-        host = jax.device_get(state)
+        host = host_values(state)  # gathered where the state spans processes
         if "checksums" in items:
             problem = checksum_mismatch(dict(out["checksums"]), host, data_state, meta)
             if problem:

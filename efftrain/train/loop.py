@@ -13,6 +13,10 @@ state halts training within one step (NonFiniteError), or with `skip_nonfinite=N
 unchanged for up to N such steps; small files are written atomically and a torn metrics line is
 dropped on resume; a damaged newest checkpoint is an error, or with `fallback=True` is moved to
 checkpoints/corrupt/ and the previous finalized one is used.
+
+Several processes (efftrain.train.distributed, docs/SCALING.md "Multi-host"): each feeds its own rows of
+every global batch; process 0 alone holds the lock and writes logs, metrics and the run's files; all of
+them save and restore the checkpoints; a stop signal is agreed at the next step that logs or saves.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from efftrain.model.block import kv_cache_bytes_per_token
 from efftrain.model.transformer import build_model, flops_per_token, parameter_counts
 from efftrain.train.checkpoint import (CheckpointError, CheckpointStore, NonFiniteError, abstract_like,
                                        checkpoints_dir, write_failure)
+from efftrain.train.distributed import (any_process, global_batch, host_values, initialize_distributed, is_main,
+                                        main_first, on_every_process, on_main, process_batch_rows, process_count)
 from efftrain.train.optimizer import lr_schedule, make_optimizer
 from efftrain.train.rundir import (CONFIG, LOCK, METRICS, RUN_INFO, TENSORBOARD, TOKENIZER, RunDirError,
                                    check_foreign_dir, load_run_config, make_mtp_acceptance, make_val_loss, read_run_info, total_steps_of,
@@ -271,6 +277,10 @@ class TrainResult:
     graphdef: Any = None
 
 
+def _quiet(*_args) -> None:
+    """The log of a process other than 0."""
+
+
 def make_mesh(cfg: Config) -> Mesh:
     """The (data, fsdp, expert) mesh of train.mesh (default: train.data_parallel devices on data);
     efftrain.train.sharding, docs/SCALING.md."""
@@ -332,7 +342,7 @@ def restore_latest(store: CheckpointStore, abstract, accept: Callable[[Any, dict
                         f"checkpoint ({older[0][0]} step {older[0][1]})" if older else "")
                 raise CheckpointError(f"{e}{hint}") from None
             log(f"warning: {e}")
-            log(f"fallback: moved it to {store.quarantine(kind, step)}")
+            log(f"fallback: moved it to {on_main(lambda: store.quarantine(kind, step))}")
     if candidates:
         raise CheckpointError(f"{store.root}: no checkpoint of the run restores (the damaged ones are in "
                               f"{store.root / 'corrupt'}); use another --out for a new run")
@@ -349,10 +359,11 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None, 
     in run_dir, and Interrupted after a SIGTERM/SIGINT (once the resume checkpoint is written)."""
     if skip_nonfinite < 0:
         raise ConfigError(f"--skip-nonfinite ({skip_nonfinite}) must be >= 0")
+    initialize_distributed()  # several processes when the environment asks (before JAX starts); else nothing
     run_dir = Path(run_dir)
     check_foreign_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
+    lock = on_main(lambda: RunLock(run_dir))  # process 0 holds it for the whole job
     opened: list[Callable[[], None]] = []  # close() of the store and the metrics log while training
     try:
         return _train(cfg, run_dir, stop_at_step=stop_at_step, skip_nonfinite=skip_nonfinite, fallback=fallback,
@@ -365,28 +376,31 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None, 
                 pass
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfinite: int, fallback: bool,
            log: Callable[[str], None], opened: list[Callable[[], None]]) -> TrainResult:
-    resuming = check_run_dir(run_dir, cfg)
+    main = is_main()
+    if not main:
+        log = _quiet  # noqa: F811 - process 0 logs for the job
+    # every process sees the run directory as it was before process 0 writes into it
+    resuming, has_dir = on_every_process(lambda: (check_run_dir(run_dir, cfg), checkpoints_dir(run_dir).is_dir()))
     for warning in config_warnings(cfg):
         log(f"warning: {warning}")
     store = None  # opened before anything is written when resuming: that drops a failed save's leftovers
-    if resuming and checkpoints_dir(run_dir).is_dir():
+    if resuming and has_dir:
         store = CheckpointStore(run_dir, async_save=cfg.checkpoint.async_save)
         opened.append(store.close)
     has_checkpoint = store is not None and bool(store.finalized())
 
     # ---- data --------------------------------------------------------------------------------
-    cache = prepare_data(cfg, progress=lambda msg: log(f"data: {msg}"))
+    cache = main_first(lambda: prepare_data(cfg, progress=lambda msg: log(f"data: {msg}")))  # one builds it
     if has_checkpoint:
         check_corpus(run_dir, cache.identity)
-    write_config(run_dir, cfg)
-    write_tokenizer(run_dir, cache.tokenizer_path)
+    on_main(lambda: (write_config(run_dir, cfg), write_tokenizer(run_dir, cache.tokenizer_path)))
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
-    data_iter = make_train_iterator(cache.train, seq_len=seq_len, batch_size=batch, seed=cfg.data.shuffle_seed)
 
     # ---- model, optimizer, state -------------------------------------------------------------
     total_steps = total_steps_of(cfg)
@@ -397,8 +411,17 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     graphdef, state = init_state(model, tx)
     del model
     mesh = make_mesh(cfg)
+    if process_count() > 1 and mesh.devices.size != jax.device_count():
+        raise ConfigError(f"train.data_parallel ({cfg.train.data_parallel}) uses {mesh.devices.size} of the "
+                          f"{jax.device_count()} devices of {process_count()} processes: a multi-process run "
+                          "uses them all (set train.data_parallel to -1, or train.mesh)")
     shardings = state_shardings(state, mesh)  # replicated unless the mesh has fsdp or expert > 1
     batch_layout = batch_sharding(mesh)
+    accum = cfg.train.grad_accum
+    batch_shape = (accum, batch // accum, seq_len + 1)
+    rows = process_batch_rows(batch_layout, accum, batch // accum) if process_count() > 1 else None
+    data_iter = make_train_iterator(cache.train, seq_len=seq_len, batch_size=batch, seed=cfg.data.shuffle_seed,
+                                    rows=rows)  # this process's rows of each global batch (one process: all)
     sharded = mesh.shape["fsdp"] > 1 or mesh.shape["expert"] > 1  # else: exactly the data-parallel program
     state = jax.device_put(state, shardings)
     step_xla = step_options(cfg.train.deterministic)
@@ -455,22 +478,25 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
         "fp8_kernels": implementation_record(cfg.fp8),
         "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
     }
-    write_run_info(run_dir, run_info)
+    if process_count() > 1:
+        run_info["processes"] = process_count()
+    on_main(lambda: write_run_info(run_dir, run_info))
     if start_step == 0:
         log(f"efftrain {cfg.name}: {format_count(counts['total'])} params "
             f"({format_count(counts['non_embedding'])} non-embedding, {format_count(counts['active'])} active), "
             f"{total_steps} steps x {cfg.tokens_per_step} tokens, {len(points)} series checkpoints, "
-            f"devices {len(mesh.devices.flat)}x {jax.devices()[0].device_kind}")
+            f"devices {len(mesh.devices.flat)}x {jax.devices()[0].device_kind}"
+            + (f" in {process_count()} processes" if process_count() > 1 else ""))
         if sharded:
             total, per_device = state_bytes(state, shardings)
             log(f"mesh {describe(mesh)}: train state {format_count(total)}B, {format_count(per_device)}B per device")
         log(f"versions: jax {jax.__version__}, python {platform.python_version()}; config hash {cfg.hash()}")
 
-    metrics_log = MetricsLog(run_dir, cfg.logging.tensorboard, start_step, log)
-    opened.append(metrics_log.close)
+    metrics_log = on_main(lambda: MetricsLog(run_dir, cfg.logging.tensorboard, start_step, log))  # process 0's
+    if metrics_log is not None:
+        opened.append(metrics_log.close)
     peak = peak_flops(jax.devices()[0])
     n_dev = len(mesh.devices.flat)
-    accum = cfg.train.grad_accum
     result = TrainResult(run_dir=run_dir, steps=start_step, tokens_seen=start_step * cfg.tokens_per_step)
 
     def checkpoint(kind: str, step: int, st, val_loss: float | None, target: int | None = None):
@@ -504,7 +530,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
 
     def log_record(step: int, metrics, val_loss: float | None, was_skipped: bool) -> None:
         nonlocal t_window, steps_in_window, data_time
-        flat = flatten_metrics(jax.device_get(metrics))
+        flat = flatten_metrics(host_values(metrics))
         elapsed = time.time() - t_window
         tok_s = steps_in_window * cfg.tokens_per_step / max(elapsed, 1e-9)
         record = {"step": step, "tokens": step * cfg.tokens_per_step, "lr": float(schedule(step - 1)),
@@ -515,7 +541,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
             record["val_loss"] = val_loss
         if was_skipped:
             record["skipped"] = True
-        metrics_log.write(record)
+        on_main(lambda: metrics_log.write(record))
         result.losses[step] = flat["loss"]
         if cfg.logging.progress:
             log(progress_line(step, total_steps, record, t_start, start_step))
@@ -528,22 +554,25 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     with StopSignals() as stop:
         while step < total_steps:
             t0 = time.time()
-            window = np.asarray(next(data_iter)).reshape(accum, batch // accum, seq_len + 1)
+            window = np.asarray(next(data_iter)).reshape(accum, -1, seq_len + 1)  # this process's rows
             data_time += time.time() - t0
             tokens_seen = jnp.asarray(step * cfg.tokens_per_step, jnp.float32)
-            state, metrics, ok = train_step(state, jax.device_put(window, batch_layout), tokens_seen)
+            state, metrics, ok = train_step(state, global_batch(window, batch_layout, batch_shape), tokens_seen)
             step += 1
             steps_in_window += 1
             if pending is not None:
                 settle(*pending)  # the previous step: done by now, or finishing while this one is queued
             pending = (step, ok, metrics)
-            stopping = stop.signum is not None and step < total_steps  # a signal arrived: save, leave
             is_series = step in series_at and step not in done_series
-            is_resume = not is_series and (step % cfg.checkpoint.resume_every == 0 or step == stop_at_step
-                                           or stopping)
+            periodic = step % cfg.checkpoint.resume_every == 0 or step == stop_at_step
             want_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_series \
                 or step == total_steps
             want_log = step % cfg.train.log_every == 0 or want_eval
+            signalled = stop.signum is not None
+            if process_count() > 1:  # agreed where the loop waits for the step anyway (log, eval, checkpoint)
+                signalled = (want_log or is_series or periodic) and any_process(signalled)
+            stopping = signalled and step < total_steps  # a signal arrived: save, leave
+            is_resume = not is_series and (periodic or stopping)
             if not (want_log or is_series or is_resume):
                 continue
             was_skipped = settle(*pending)
@@ -561,9 +590,9 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
                 checkpoint("resume", step, state, val_loss)
             if stopping:
                 store.wait()
-                raise Interrupted(f"{stop.name} received: stopped after step {step} with the checkpoint "
-                                  f"{last_checkpoint} written; re-run the same command to resume",
-                                  stop.signum)
+                raise Interrupted(f"{stop.name or 'a signal to another process'} received: stopped after step "
+                                  f"{step} with the checkpoint {last_checkpoint} written; re-run the same command "
+                                  "to resume", stop.signum or signal.SIGTERM)
             if stop_at_step is not None and step >= stop_at_step:
                 break
         if pending is not None:
@@ -571,7 +600,8 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
         store.wait()
     opened.clear()
     try:
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
     except OSError as e:
         raise write_failure(str(metrics_log.path), e) from None
     store.close()
