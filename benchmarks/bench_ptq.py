@@ -3,6 +3,12 @@
     python benchmarks/bench_ptq.py --preset dense-25m --methods rtn,gptq,awq --bits 4 --out ptq.json
     python benchmarks/bench_ptq.py --run runs/dense-25m --step 1000 --calib-samples 128
     python benchmarks/bench_ptq.py --small --out /tmp/ptq.json        # CPU smoke test, well under a minute
+    python benchmarks/bench_ptq.py --methods rtn --bits 3,4 --eval-windows 2048 --eval-rows 4 --repeats 3
+
+    # the first row of a new model of known shapes, its programs compiled by an earlier process:
+    python benchmarks/bench_ptq.py --methods rtn --eval-windows 2048 --compilation-cache /tmp/jax-cache --out a.json
+    python benchmarks/bench_ptq.py --methods rtn --eval-windows 2048 --compilation-cache /tmp/jax-cache \
+        --init-seed 1 --out b.json                                    # b.json's first_row_s: from the cache
 
 A "row" is one `quantize_model` call (one (method, bits, group, format) of one checkpoint, as a PTQ sweep
 row, without its evaluation unless --eval-windows > 0). For each method, in one process: the first row's
@@ -10,8 +16,15 @@ latency (compilation included), then --repeats warm rows (median; every one star
 weights, rows of other bit widths reuse the compiled programs), each ending in a device sync. With
 --eval-windows the 16-bit model's hidden states are computed once, before the rows, and reused by every
 row, as the sweep does per checkpoint (`reference_s` in the JSON; --no-reuse runs the 16-bit model in
-each row). Calibration tokens are random ids (the speed does not depend on them); with --run, the
-weights are the checkpoint's.
+each row). With --eval-rows K the warm rows run as the sweep's PTQSpec.eval_rows: in chunks of K rows
+(bit widths alternating) scored together in one pass over the windows (compare_params_many), a row's
+time = its chunk's / K (the JSON's eval_rows); the first row stays a single row, and a first chunk, kept
+out of the median (`first_chunk`: its seconds and compile times), compiles the K-row evaluation before
+the --repeats timed chunks.
+--compilation-cache DIR turns on JAX's persistent compilation cache there (efftrain.xla), so that a
+second process with the same DIR and another --init-seed times the first row of a new model whose
+programs are already compiled. Calibration tokens are random ids (the speed does not depend on them);
+with --run, the weights are the checkpoint's.
 Prints a table and writes the rows, the device and the settings as JSON to --out, with the seconds the
 first row spent compiling, per jitted function (jax.monitoring), and those spent by the warm rows.
 """
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,16 +60,24 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, help="default: the config's seq_len")
-    p.add_argument("--repeats", type=int, default=2, help="warm rows per method (median reported)")
+    p.add_argument("--repeats", type=int, help="warm rows per method, median reported (default 2, 1 with "
+                   "--small); chunks of --eval-rows rows with that")
     p.add_argument("--eval-windows", type=int, default=0, help="also score this many val windows per row")
     p.add_argument("--no-reuse", action="store_true", help="with --eval-windows: run the 16-bit model in every "
                    "row instead of reusing its hidden states per checkpoint (the sweep reuses them)")
+    p.add_argument("--eval-rows", type=int, default=1, help="warm rows scored together per pass over the "
+                   "eval windows, as PTQSpec.eval_rows (default 1: one pass per row)")
+    p.add_argument("--compilation-cache", metavar="DIR", help="JAX's persistent compilation cache in DIR")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random preset's weights (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--small", action="store_true", help="dense-tiny, 8 x 64 calibration tokens, 1 repeat")
+    p.add_argument("--small", action="store_true", help="dense-tiny, 8 x 64 calibration tokens, 1 repeat unless "
+                   "--repeats")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
     if a.small:
-        a.preset, a.calib_samples, a.calib_seq_len, a.repeats = "dense-tiny", 8, 64, 1
+        a.preset, a.calib_samples, a.calib_seq_len = "dense-tiny", 8, 64
+    if a.repeats is None:
+        a.repeats = 1 if a.small else 2
     return a
 
 
@@ -74,7 +96,7 @@ def load(a):
         cfg, model, _ = load_model(a.run, step)
     else:
         cfg = load_config(a.preset, a.set)
-        model = build_model(cfg.model, cfg.fp8, seed=0)
+        model = build_model(cfg.model, cfg.fp8, seed=a.init_seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return cfg, graphdef, params, rest
 
@@ -102,22 +124,35 @@ class CompileTimes:
                 "by_function": [[k, round(v, 2)] for k, v in items[:top]]}
 
 
-def one_row(graphdef, params, rest, calib, s: QuantSettings, windows=None, reference=None) -> float:
-    model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)
-    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+def rows(graphdef, params, rest, calib, settings: list[QuantSettings], windows=None, reference=None) -> float:
+    """Seconds to quantize a fresh copy of the weights with each of `settings` and, with `windows`,
+    score them: one row with compare_params, more together with compare_params_many (the sweep's
+    chunks). The copies are made before the clock starts."""
+    models = [nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest) for _ in settings]
+    jax.block_until_ready(jax.tree.leaves([nnx.state(m) for m in models]))
     t0 = time.perf_counter()
-    quantize_model(model, calib, s)
-    _, qparams, _ = nnx.split(model, nnx.Param, ...)
+    qparams = []
+    for model, s in zip(models, settings):
+        quantize_model(model, calib, s)
+        qparams.append(nnx.split(model, nnx.Param, ...)[1])
     jax.block_until_ready(jax.tree.leaves(qparams))
     if windows is not None:
-        from efftrain.eval import compare_params
+        from efftrain.eval import compare_params, compare_params_many
 
-        compare_params(graphdef, params, qparams, rest, windows, reference)
+        if len(qparams) == 1:
+            compare_params(graphdef, params, qparams[0], rest, windows, reference)
+        else:
+            compare_params_many(graphdef, params, qparams, rest, windows, reference)
     return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.compilation_cache:
+        from efftrain.xla import COMPILATION_CACHE_ENV, enable_compilation_cache
+
+        os.environ[COMPILATION_CACHE_ENV] = a.compilation_cache
+        enable_compilation_cache()
     try:
         methods = parse_choice_list(a.methods, "--methods", METHODS)
     except ConfigError as e:
@@ -140,31 +175,40 @@ def main(argv=None) -> int:
         reference = jax.block_until_ready(reference_states(graphdef, params, rest, windows))
         reference_s = time.perf_counter() - t0
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    rows = []
+    results = []
     compiles = CompileTimes()
+    k = a.eval_rows  # rows per warm chunk
     for method in methods:
-        first = QuantSettings(method=method, bits=bits[0], group_size=a.group_size)
+        def settings(first_row, n):  # n rows, bit widths alternating from the first row's index on
+            return [QuantSettings(method=method, bits=bits[i % len(bits)], group_size=a.group_size)
+                    for i in range(first_row, first_row + n)]
+
         compiles.take()
-        cold = one_row(graphdef, params, rest, calib, first, windows, reference)
+        cold = rows(graphdef, params, rest, calib, settings(0, 1), windows, reference)
         first_compiles = compiles.take()
-        warm = [one_row(graphdef, params, rest, calib,
-                        QuantSettings(method=method, bits=bits[(i + 1) % len(bits)], group_size=a.group_size), windows,
-                        reference)
+        first_chunk = None
+        if k > 1:  # compiles the K-row evaluation, outside the warm rows
+            first_chunk = rows(graphdef, params, rest, calib, settings(1, k), windows, reference)
+            first_chunk = {"seconds": first_chunk, "compile": compiles.take()}
+        warm = [rows(graphdef, params, rest, calib, settings(1 + i * k, k), windows, reference) / k
                 for i in range(a.repeats)]
         per_row = statistics.median(warm) if warm else cold
-        rows.append({"method": method, "bits": bits, "group_size": a.group_size, "first_row_s": cold,
-                     "warm_row_s": per_row, "warm_rows_s": warm, "rows_per_s": 1 / per_row,
-                     "first_row_compile": first_compiles, "warm_rows_compile_s": compiles.take()["total_s"]})
+        results.append({"method": method, "bits": bits, "group_size": a.group_size, "first_row_s": cold,
+                        "first_chunk": first_chunk, "warm_row_s": per_row, "warm_rows_s": warm,
+                        "rows_per_s": 1 / per_row, "first_row_compile": first_compiles,
+                        "warm_rows_compile_s": compiles.take()["total_s"]})
     result = {"source": a.run or a.preset, "step": a.step, "params": int(n_params), "layers": cfg.model.n_layers,
-              "calib_tokens": int(calib.size), "eval_windows": a.eval_windows,
+              "init_seed": None if a.run else a.init_seed, "calib_tokens": int(calib.size),
+              "eval_windows": a.eval_windows, "eval_rows": k, "compilation_cache": a.compilation_cache,
               "reuse_16bit_hidden": reference is not None, "reference_s": reference_s, "device": str(jax.devices()[0]),
-              "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}
+              "backend": jax.default_backend(), "jax": jax.__version__, "rows": results}
     print(f"{result['source']}: {n_params / 1e6:.1f}M params, {cfg.model.n_layers} layers, "
-          f"{calib.size:,} calibration tokens, {result['device']}")
+          f"{calib.size:,} calibration tokens, {a.eval_windows} eval windows, warm rows scored {k} at a time, "
+          f"{result['device']}")
     print(f"{'method':10s} {'first row (s)':>14s} {'warm row (s)':>13s} {'rows/s':>8s}")
-    for r in rows:
+    for r in results:
         print(f"{r['method']:10s} {r['first_row_s']:14.2f} {r['warm_row_s']:13.2f} {r['rows_per_s']:8.3f}")
-        top = ", ".join(f"{k} {v:.1f}s" for k, v in r["first_row_compile"]["by_function"][:4])
+        top = ", ".join(f"{name} {v:.1f}s" for name, v in r["first_row_compile"]["by_function"][:4])
         print(f"{'':10s} first row: {r['first_row_compile']['total_s']:.1f} s compiling ({top})")
     if a.out:
         with open(a.out, "w") as f:

@@ -215,7 +215,8 @@ def cmd_ptq(args) -> int:
     optional = {"min_expert_tokens": args.min_expert_tokens,
                 "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
                 "calib_seed": args.calib_seed, "eval_tokens": args.eval_tokens, "eval_seed": args.eval_seed,
-                "eval_batches": args.eval_batches, "kv_group": args.kv_group, "rotation_seed": args.rotation_seed,
+                "eval_batches": args.eval_batches, "eval_rows": args.eval_rows, "kv_group": args.kv_group,
+                "rotation_seed": args.rotation_seed,
                 "smoothquant_alphas": args.smoothquant_alphas and parse_alpha_list(args.smoothquant_alphas)}
     fields.update({k: v for k, v in optional.items() if v is not None})  # else the PTQSpec default
     if args.checkpoints != "all":
@@ -436,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seed", type=int, help="seed of the val-window sample (default 0)")
     p.add_argument("--eval-batches", type=int,
                    help="instead of --eval-tokens: this many x the run's batch_size val windows")
+    p.add_argument("--eval-rows", type=int,
+                   help="weight-only rows of a checkpoint scored together in one pass over the eval windows "
+                        "(default 4; 1 = one pass per row; each extra row holds one more quantized copy of the "
+                        "parameters on the device)")
     p.add_argument("--symmetric", action="store_true", help="symmetric int grid (default asymmetric min-max)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing Hessian diagonal")
     p.add_argument("--quantize-head", action="store_true",

@@ -39,13 +39,14 @@ from efftrain.model.mtp import acceptance_rate
 from efftrain.model.transformer import Transformer
 from efftrain.train.checkpoint import CheckpointError, checkpoints_dir
 from efftrain.train.rundir import finalized, load_model, load_run_config
-from efftrain.train.step import (make_hidden_fn, make_paired_eval_fn, make_paired_from_hidden_fn, make_paired_other_fn,
-                                 make_window_loss_fn)
+from efftrain.train.step import (make_hidden_fn, make_paired_eval_fn, make_paired_from_hidden_fn, make_paired_many_fn,
+                                 make_paired_other_fn, make_window_loss_fn)
 
 # one jitted function per model structure (GraphDefs of equal models compare equal)
 window_loss_fn = functools.lru_cache(maxsize=8)(make_window_loss_fn)
 paired_eval_fn = functools.lru_cache(maxsize=8)(make_paired_eval_fn)
 paired_from_hidden_fn = functools.lru_cache(maxsize=8)(make_paired_from_hidden_fn)
+paired_many_fn = functools.lru_cache(maxsize=8)(make_paired_many_fn)
 paired_other_fn = functools.lru_cache(maxsize=8)(make_paired_other_fn)
 hidden_fn = functools.lru_cache(maxsize=8)(make_hidden_fn)
 
@@ -135,15 +136,16 @@ def val_set(cfg: Config, n_batches: int | None = None, *, seed: int = 0) -> Eval
     return eval_set(cfg, n, seed=seed, val_tokens=tokens)
 
 
-def scores(fn: Callable, windows: EvalSet, *args, per_batch: list | None = None) -> Any:
+def scores(fn: Callable, windows: EvalSet, *args, per_batch: list | None = None, axis: int = 0) -> Any:
     """fn(*args, batch) over every batch (fn(per_batch[i], *args, batch) with `per_batch`), with one
-    device_get at the end; each output leaf (one value per window) concatenated over batches as a
-    numpy array of `windows.n` values (padding dropped)."""
+    device_get at the end; each output leaf (one value per window along `axis`: 1 for the [K, B]
+    leaves of `paired_many_fn`) concatenated over batches along that axis as a numpy array of
+    `windows.n` values there (padding dropped)."""
     batches = windows.batches()
     outs = [fn(*args, b) for b in batches] if per_batch is None else \
         [fn(extra, *args, b) for extra, b in zip(per_batch, batches)]
     host = jax.device_get(outs)
-    return jax.tree.map(lambda *xs: np.concatenate(xs)[:windows.n], *host)
+    return jax.tree.map(lambda *xs: np.take(np.concatenate(xs, axis=axis), np.arange(windows.n), axis=axis), *host)
 
 
 def reference_states(graphdef, params_16, rest, windows: EvalSet) -> list[jax.Array]:
@@ -187,6 +189,24 @@ def compare_params(graphdef, params_16, params_q, rest, windows: EvalSet,
     else:
         per_window = scores(paired_from_hidden_fn(graphdef), windows, params_16, params_q, rest, per_batch=reference)
     return summarize_paired(per_window)
+
+
+def compare_params_many(graphdef, params_16, params_q_list: list, rest, windows: EvalSet,
+                        reference: list[jax.Array] | None = None) -> list[dict[str, float]]:
+    """`compare_params` of each parameter set in `params_q_list` (all of graphdef's structure, with the
+    shapes and dtypes of one another), scored together in one pass over the windows
+    (`make_paired_many_fn`): the 16-bit head and log-softmax run once per batch for all of them, not
+    once per set. One dict per set, in order, with compare_params' keys and formulas (equal to its
+    values up to float rounding). The sets are stacked into one more copy on the device while they are
+    scored. `reference` None: the 16-bit hidden states are computed here first (`reference_states`)."""
+    layouts = {tuple((x.shape, x.dtype) for x in jax.tree.leaves(p)) for p in params_q_list}
+    if len(layouts) != 1:  # jnp.stack would promote mixed dtypes, changing some rows' numbers
+        raise ValueError("compare_params_many: the parameter sets differ in shapes or dtypes")
+    if reference is None:
+        reference = reference_states(graphdef, params_16, rest, windows)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *params_q_list)
+    per_window = scores(paired_many_fn(graphdef), windows, params_16, stacked, rest, per_batch=reference, axis=1)
+    return [summarize_paired({key: v[k] for key, v in per_window.items()}) for k in range(len(params_q_list))]
 
 
 def paired_windows(graphdef_16, params_16, rest_16, windows: EvalSet, reference: list, graphdef_x,

@@ -70,7 +70,11 @@ def _cache_dir(env: str, default: str) -> Path | None:
 
 def enable_compilation_cache() -> str | None:
     """Turn on JAX's persistent compilation cache for this process; returns the directory in use, or
-    None when opted out."""
+    None when opted out. JAX persists only programs that took at least
+    `jax_persistent_cache_min_compile_time_secs` to compile (default 1 s); most PTQ programs (one per
+    layer shape and method, the paired evaluation) compile in 0.1-1 s each but are many, and a new
+    process would compile them all again: the threshold is lowered to 0 unless it was set to something
+    other than its default."""
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
@@ -80,6 +84,8 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     if jax.config.jax_compilation_cache_max_size == -1:
         jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return str(path)
 
 

@@ -14,7 +14,8 @@ def test_persistent_compilation_cache_is_opt_out(monkeypatch, tmp_path):
             setattr(self, key, value)
 
     def run(env, preset=None):
-        cfg = Config(jax_compilation_cache_dir=preset, jax_compilation_cache_max_size=-1)
+        cfg = Config(jax_compilation_cache_dir=preset, jax_compilation_cache_max_size=-1,
+                     jax_persistent_cache_min_compile_time_secs=1.0)
         monkeypatch.setattr(xla, "jax", SimpleNamespace(config=cfg))
         if env is None:
             monkeypatch.delenv("EFFTRAIN_COMPILATION_CACHE", raising=False)
@@ -26,7 +27,9 @@ def test_persistent_compilation_cache_is_opt_out(monkeypatch, tmp_path):
     path, cfg = run(None)
     assert path == cfg.jax_compilation_cache_dir == str(tmp_path / "efftrain" / "jax")
     assert cfg.jax_compilation_cache_max_size == xla.COMPILATION_CACHE_BYTES
-    assert run("off") == (None, Config(jax_compilation_cache_dir=None, jax_compilation_cache_max_size=-1))
+    assert cfg.jax_persistent_cache_min_compile_time_secs == 0.0  # PTQ's many sub-second programs persist too
+    assert run("off") == (None, Config(jax_compilation_cache_dir=None, jax_compilation_cache_max_size=-1,
+                                       jax_persistent_cache_min_compile_time_secs=1.0))
     assert run(str(tmp_path / "c"))[0] == str(tmp_path / "c")
     assert run(None, preset="/elsewhere")[0] == "/elsewhere"
 

@@ -25,7 +25,8 @@ Rows go to RUN_DIR/ptq.csv (CSV_COLUMNS):
   calib_samples, calib_seq_len, calib_seed   the calibration set
   eval_windows, eval_tokens, eval_seed       the eval set (eval_tokens = windows × seq_len scored tokens)
   warmup_steps, seed, data_seed   the run's optim.warmup_steps, train.seed, data.shuffle_seed
-  seconds                   wall time of quantizing and evaluating the combination
+  seconds                   wall time of quantizing and evaluating the combination (rows scored together,
+                            PTQSpec.eval_rows: its quantization + the shared evaluation / the rows sharing it)
   recovery_* ...             recovery rows only (efftrain.quant.recovery.RECOVERY_COLUMNS; empty in plain
                             rows): recovery_method, recovery_tokens (budget), recovery_tokens_seen,
                             recovery_steps, recovery_rank, recovery_alpha, recovery_lr, adapter_params,
@@ -55,9 +56,13 @@ PTQSpec.calib_seed, from the train split, never from the val tokens the losses a
 
 The 16-bit model's last hidden states on the eval windows are computed once per checkpoint and shared
 by its rows (efftrain.eval.reference_states: windows × seq_len × d_model values on the device), so a
-row runs one model forward, plus the 16-bit final norm and head. Compiled programs persist across
-processes: the sweep turns on JAX's persistent compilation cache (efftrain.xla.enable_compilation_cache:
-~/.cache/efftrain/jax, EFFTRAIN_COMPILATION_CACHE=off opts out).
+row runs one model forward, plus the 16-bit final norm and head. Up to PTQSpec.eval_rows quantized rows
+of the checkpoint's structure (weight-only ones) are scored in one pass over the eval windows
+(efftrain.eval.compare_params_many), so that 16-bit head and its log-softmax run once per batch for
+all of them; each row keeps the single-row formulas (its numbers differ from eval_rows 1 in the last
+float bits at most), and the rows are written one by one in the same order. Compiled programs
+persist across processes: the sweep turns on JAX's persistent compilation cache
+(efftrain.xla.enable_compilation_cache: ~/.cache/efftrain/jax, EFFTRAIN_COMPILATION_CACHE=off opts out).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +86,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from efftrain.config import format_validation_error
 from efftrain.data import prepare_data
 from efftrain.data.pipeline import read_windows, val_window_count
-from efftrain.eval import compare_params, eval_set, paired_windows, reference_states, summarize_paired
+from efftrain.eval import (compare_params, compare_params_many, eval_set, paired_windows, reference_states,
+                           summarize_paired)
 from efftrain.files import write_atomic
 from efftrain.model.transformer import build_model
 from efftrain.quant.activations import ActQuant
-from efftrain.quant.apply import (METHODS, QuantSettings, count_bytes, dequantize_arrays, linears_of,
+from efftrain.quant.apply import (METHODS, QuantReport, QuantSettings, count_bytes, dequantize_arrays, linears_of,
                                   load_dequantized, packed_arrays)
 from efftrain.quant.errors import PTQError  # noqa: F401 - raised here, imported from here by callers
 from efftrain.quant.formats import make_format
@@ -128,6 +134,9 @@ class PTQSpec(BaseModel):
     eval_tokens: int = Field(1_000_000, ge=1)  # scored val tokens (whole windows, at most the val split)
     eval_seed: int = Field(0, ge=0)
     eval_batches: int | None = Field(None, ge=1)  # overrides eval_tokens: eval_batches × batch_size windows
+    # weight-only rows of one checkpoint scored together in one pass over the eval set; 1 = one pass per row;
+    # each extra row keeps one more quantized copy of the parameters on the device
+    eval_rows: int = Field(4, ge=1)
     damp: float = Field(0.01, ge=0)
     act_order: bool = False
     min_expert_tokens: int | None = Field(None, ge=1)  # None: 2 × each expert matrix's input width
@@ -367,6 +376,18 @@ def append_row(path: Path, row: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------
+class _Quantized(NamedTuple):
+    """A quantized row waiting for its chunk's evaluation (`run_ptq_sweep`, PTQSpec.eval_rows)."""
+
+    scheme: Scheme
+    fmt: str  # its `format` column
+    report: QuantReport
+    model: nnx.Module  # holds `params`; kept for spec.save
+    params: nnx.State
+    model_bytes: int
+    seconds: float  # quantization time
+
+
 def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict], None] | None = None,
                   log: Callable[[str], None] = print) -> list[dict]:
     """Append the missing rows of `spec` to RUN_DIR/ptq.csv; returns the new rows."""
@@ -428,21 +449,9 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             "warmup_steps": cfg.optim.warmup_steps, "seed": cfg.train.seed, "data_seed": cfg.data.shuffle_seed,
             **{c: None for c in RECOVERY_COLUMNS},
         }
-        for sc, entry, fmt in todo:
-            t0 = time.time()
-            if entry is None:
-                model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
-                report = apply_scheme(model, calib, sc)
-                graphdef_q, qparams, qrest = nnx.split(model, nnx.Param, ...)
-                if graphdef_q == graphdef:  # weight-only: the same structure as the checkpoint
-                    scores_ = compare_params(graphdef, params, qparams, rest, windows, reference)
-                else:  # runtime quantizers or an untied head: another graphdef, scored against the same reference
-                    scores_ = summarize_paired(paired_windows(graphdef, params, rest, windows, reference, graphdef_q,
-                                                              (qparams, qrest)))
-                fields = {**scores_, "model_bytes": count_bytes(model, report), "seconds": None}
-            else:
-                fields, report, model = recovery_row(cfg, graphdef, params, rest, sc.weights, entry, calib=calib,
-                                                     windows=windows, reference=reference, train_tokens=cache.train)
+
+        def finish(sc, entry, fmt, fields, report, model, seconds):
+            """The complete row: built, saved (spec.save), appended to ptq.csv, passed on and logged."""
             row = {
                 **common, "params_quantized": report.n_params,
                 "method": sc.method, "bits": sc.bits, "group_size": sc.group_size, "format": fmt, **fields,
@@ -450,8 +459,8 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
                 "eff_bits": report.eff_bits if report.n_params else 16.0,  # method none: 16-bit weights
                 "n_quantized": report.n_weights,
                 "expert_fallbacks": report.expert_fallbacks, "method_label": report.method_label,
+                "seconds": seconds,
             }
-            row["seconds"] = time.time() - t0
             if spec.save:
                 if model is not None and sc.weight_only and sc.method != "billm":
                     save_quantized(run_dir, row, sc.weights, report, model)
@@ -463,6 +472,55 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             if on_row is not None:
                 on_row(row)
             log((row_line(row) if entry is None else recovery_line(row)) + expert_note(report))
+
+        chunk: list[_Quantized] = []  # quantized rows of the checkpoint's structure, scored together
+
+        def score_chunk():
+            """Score the chunk's rows in one pass over the eval set, then finish them in order; each row's
+            seconds = its quantization + its share of the pass. A short chunk is padded to eval_rows with
+            copies of its last row, so every row goes through the one eval_rows-row program wherever the
+            chunks happen to break: a sweep killed and rerun computes the same bits as an uninterrupted
+            one (tests/test_grid.py); eval_rows 1 is the single-row program (compare_params)."""
+            if not chunk:
+                return
+            t0 = time.time()
+            if spec.eval_rows == 1:
+                scored = [compare_params(graphdef, params, chunk[0].params, rest, windows, reference)]
+            else:
+                padded = [q.params for q in chunk] + [chunk[-1].params] * (spec.eval_rows - len(chunk))
+                scored = compare_params_many(graphdef, params, padded, rest, windows, reference)[:len(chunk)]
+            share = (time.time() - t0) / len(chunk)
+            for q, scores_ in zip(chunk, scored):
+                finish(q.scheme, None, q.fmt, {**scores_, "model_bytes": q.model_bytes}, q.report, q.model,
+                       q.seconds + share)
+            chunk.clear()
+
+        for sc, entry, fmt in todo:
+            if entry is not None:
+                score_chunk()  # rows leave in todo order
+                t0 = time.time()
+                fields, report, model = recovery_row(cfg, graphdef, params, rest, sc.weights, entry, calib=calib,
+                                                     windows=windows, reference=reference, train_tokens=cache.train)
+                finish(sc, entry, fmt, fields, report, model, time.time() - t0)
+                continue
+            t0 = time.time()
+            model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
+            report = apply_scheme(model, calib, sc)
+            graphdef_q, qparams, qrest = nnx.split(model, nnx.Param, ...)
+            quantized = _Quantized(sc, fmt, report, model, qparams, count_bytes(model, report), time.time() - t0)
+            if graphdef_q == graphdef:  # weight-only: the same structure as the checkpoint
+                chunk.append(quantized)
+                if len(chunk) == spec.eval_rows:
+                    score_chunk()
+                continue
+            # runtime quantizers or an untied head: another graphdef, scored against the same reference
+            score_chunk()
+            t0 = time.time()
+            scores_ = summarize_paired(paired_windows(graphdef, params, rest, windows, reference, graphdef_q,
+                                                      (qparams, qrest)))
+            finish(sc, None, fmt, {**scores_, "model_bytes": quantized.model_bytes}, report, model,
+                   quantized.seconds + time.time() - t0)
+        score_chunk()
     store.close()
     log(f"ptq: {len(new_rows)} new rows in {table} ({total} combinations in all)")
     return new_rows

@@ -14,7 +14,8 @@ Metrics stay on device; the loop fetches them only at log steps, so the loop nev
 Evaluation (main model only, MTP and aux losses excluded): `make_eval_step` gives a batch's mean
 token CE; `make_window_loss_fn` one mean token CE per window; `make_paired_eval_fn` runs 16-bit and
 quantized parameters on the same windows and gives per window both losses, the mean token
-KL(p_16 ‖ p_q) and the top-1 agreement (efftrain.eval batches and summarises them).
+KL(p_16 ‖ p_q) and the top-1 agreement (efftrain.eval batches and summarises them);
+`make_paired_many_fn` scores K quantized parameter sets of one checkpoint in one pass.
 """
 
 from __future__ import annotations
@@ -219,6 +220,26 @@ def make_paired_from_hidden_fn(graphdef):
         model_16 = nnx.merge(graphdef, params_16, rest)
         lp16 = jax.nn.log_softmax(model_16.head(model_16.final_norm(hidden_16)).astype(jnp.float32), axis=-1)
         return _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window)
+
+    return jax.jit(paired)
+
+
+def make_paired_many_fn(graphdef):
+    """`make_paired_from_hidden_fn` for K quantized parameter sets of one checkpoint at once:
+    paired(hidden_16, params_16, stacked_params_q, rest, window), stacked_params_q the K sets stacked
+    along a new leading axis (every leaf [K, ...]); returns the same keys, each [K, B] (row k = the
+    single-row values of set k; loss_16 is the same [B] in every row).
+
+    The 16-bit side (final norm, head matmul over the vocab, fp32 log-softmax) is computed once per
+    batch instead of once per row. The K sets are scored one after another with jax.lax.map, not in
+    a Python loop or vmap: only one set's [B, T, V] logits are live at a time (vmap would hold K), and
+    the program traces and compiles the per-row body once, whatever K is."""
+
+    def paired(hidden_16, params_16, stacked_params_q, rest, window):
+        model_16 = nnx.merge(graphdef, params_16, rest)
+        lp16 = jax.nn.log_softmax(model_16.head(model_16.final_norm(hidden_16)).astype(jnp.float32), axis=-1)
+        return jax.lax.map(lambda params_q: _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window),
+                           stacked_params_q)
 
     return jax.jit(paired)
 
