@@ -11,7 +11,8 @@ batches (random tokens, a fixed function of the step: data loading is tested on 
                       a second loads it and trains the rest: resuming as efftrain does after a kill.
 Compared bitwise against run A: the loss of every step and every leaf of the final state (params, MoE
 router biases, optimizer moments), and, with --ptq, the weights of the final model after RTN and GPTQ
-(3-bit, group 128, 16 random calibration sequences): a PTQ row is as repeatable as its inputs. Each mode gets its own fresh per-fusion autotune cache
+(3-bit, group 128, 16 random calibration sequences) and the scores of their PTQ rows (QiD, KL, top-1 ...
+on 64 random windows, computed as the sweep does). Each mode gets its own fresh per-fusion autotune cache
 (EFFTRAIN_AUTOTUNE_CACHE), so run A autotunes and later processes reuse its choices, as successive
 efftrain processes on one machine do. The JAX compilation cache is off: every process compiles.
 
@@ -121,18 +122,31 @@ def worker(a) -> int:
 
 def quantized_leaves(graphdef, state, cfg) -> list[np.ndarray]:
     """The final model's weights after RTN and after GPTQ (3 bits, g128, 16 random calibration
-    sequences of the config's length), as host arrays."""
+    sequences of the config's length), and their PTQ rows' scores (loss_16, loss_q, qid, kl, top1 and
+    standard errors, as float64 arrays) against the 16-bit model on 64 random windows, computed as the
+    sweep computes them (16-bit hidden states once, rows scored together, PTQSpec.eval_rows), as host
+    arrays."""
     import jax
     from flax import nnx
 
+    from efftrain.eval import EvalSet, compare_params_many, reference_states
     from efftrain.quant.apply import QuantSettings, quantize_model
+    from efftrain.quant.sweep import PTQSpec
 
-    calib = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (16, cfg.data.seq_len)).astype(np.int32)
-    out = []
+    rng = np.random.default_rng(1)
+    calib = rng.integers(0, cfg.model.vocab_size, (16, cfg.data.seq_len)).astype(np.int32)
+    windows = EvalSet(rng.integers(0, cfg.model.vocab_size, (64, cfg.data.seq_len + 1)).astype(np.int32), 16)
+    params, rest = state["params"], state["rest"]
+    out, quantized = [], []
     for method in ("rtn", "gptq"):
-        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state["params"]), state["rest"])
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), params), rest)
         quantize_model(model, calib, QuantSettings(method=method, bits=3))
-        out += [np.asarray(x) for x in jax.device_get(jax.tree.leaves(nnx.state(model, nnx.Param)))]
+        quantized.append(nnx.state(model, nnx.Param))
+        out += [np.asarray(x) for x in jax.device_get(jax.tree.leaves(quantized[-1]))]
+    rows = PTQSpec.model_fields["eval_rows"].default
+    padded = quantized + [quantized[-1]] * (rows - len(quantized))
+    scored = compare_params_many(graphdef, params, padded, rest, windows, reference_states(graphdef, params, rest, windows))
+    out += [np.array([row[k] for k in sorted(row)], np.float64) for row in scored[:len(quantized)]]
     return out
 
 
