@@ -7,8 +7,9 @@ deterministic training step and a fast-compiling PTQ program can live in one pro
 
 Caches (all under $XDG_CACHE_HOME/efftrain, i.e. ~/.cache/efftrain):
 
-  jax/        JAX's persistent compilation cache (`enable_compilation_cache`): a program compiled once
-              on a machine is loaded, not compiled, by later processes. $EFFTRAIN_COMPILATION_CACHE
+  jax/        JAX's persistent compilation cache (`enable_compilation_cache`, turned on by `train` and
+              the PTQ sweep): a program compiled once on a machine is loaded, not compiled, by later
+              processes. $EFFTRAIN_COMPILATION_CACHE
               moves it; `off` (or 0) opts out; a cache directory already set in JAX is left alone.
   autotune/   XLA's per-fusion autotuning results on GPUs (`autotune_cache_dir`): which GEMM/fusion
               kernel XLA picked for each fusion, kept across processes. XLA's own determinism notes

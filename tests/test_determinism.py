@@ -164,11 +164,14 @@ def test_deterministic_step_computes_the_same_training(monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
-def test_run_json_records_the_mode(tiny_config, tmp_path):
-    from efftrain.train.loop import train
+def test_run_json_records_the_mode(tiny_config, tmp_path, monkeypatch):
+    from efftrain.train import loop
 
+    calls = []
+    monkeypatch.setattr(loop, "enable_compilation_cache", lambda: calls.append(1))
     cfg = tiny_config(train__deterministic=False, train__max_steps=2)
-    train(cfg, tmp_path / "run", log=lambda _: None)
+    loop.train(cfg, tmp_path / "run", log=lambda _: None)
+    assert calls == [1]  # training loads the programs other runs of these shapes compiled
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["deterministic"] is False and info["xla_step_options"] == {}  # CPU: no options needed
     assert info["fp8_kernels"] == {"enabled": False}

@@ -58,7 +58,7 @@ from efftrain.train.rundir import (CONFIG, LOCK, METRICS, RUN_INFO, TENSORBOARD,
 from efftrain.train.series import series_points
 from efftrain.train.sharding import batch_sharding, describe, make_mesh as mesh_of, state_bytes, state_shardings
 from efftrain.train.step import init_state, make_train_step
-from efftrain.xla import guard_first_compile, step_options
+from efftrain.xla import enable_compilation_cache, guard_first_compile, step_options
 
 
 class RunLockedError(RunDirError):
@@ -360,6 +360,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop_at_step: int | None = None, 
     if skip_nonfinite < 0:
         raise ConfigError(f"--skip-nonfinite ({skip_nonfinite}) must be >= 0")
     initialize_distributed()  # several processes when the environment asks (before JAX starts); else nothing
+    # a program compiled once on this machine is loaded by later runs of the same shapes (the other seeds
+    # and variants of a grid, a resumed piece, the eval and PTQ programs): the same executable, so the
+    # same bits, and seconds to a minute less of an idle GPU per cell (docs/BENCHMARKS.md, 2026-12-03)
+    enable_compilation_cache()
     run_dir = Path(run_dir)
     check_foreign_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
