@@ -221,6 +221,8 @@ def cmd_ptq(args) -> int:
     fields.update({k: v for k, v in optional.items() if v is not None})  # else the PTQSpec default
     if args.checkpoints != "all":
         fields["checkpoints"] = parse_int_list(args.checkpoints, "--checkpoints")
+    if args.mesh:  # the axes of train.mesh, as --set train.mesh.fsdp=4 gives them
+        fields["mesh"] = parse_assignments(args.mesh.split(","), "--mesh")
     if args.recovery:  # recovery fine-tuning rows (docs/RECOVERY.md)
         from efftrain.quant.recovery import parse_recovery_option
 
@@ -470,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant migration strengths in [0, 1] for the activation-quantized rows, 'none' for "
                         "unsmoothed rows too, e.g. none,0.5 (default: none)")
     p.add_argument("--save", action="store_true", help="also write packed quantized checkpoints to RUN_DIR/quantized/")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="the device mesh each checkpoint is sharded over, e.g. data=2,fsdp=4 (default: the run's "
+                        "train.mesh where it shards parameters and the devices are there; fsdp=1: one device; "
+                        "docs/SCALING.md)")
     p.add_argument("--recovery", action="append", metavar="METHOD:K=V,...",
                    help="also a recovery fine-tuning row per combination (docs/RECOVERY.md), e.g. "
                         "lora:tokens=65536,rank=8,alpha=16,lr=1e-3 or qat:tokens=65536 (repeatable)")

@@ -11,7 +11,9 @@ Every window is scored separately: its mean token cross-entropy (nats) of the ma
 excluded). Windows run in batches of one fixed shape (`eval_batch_size`: the run's micro-batch, or
 more for tiny models; a ragged last batch is padded with copies of a real window whose results are
 dropped), so each jitted function compiles once, and the device results are fetched once, after the
-last batch. Reported:
+last batch. On a run whose train.mesh splits parameters, `eval_run` restores each checkpoint sharded
+over that mesh (efftrain.train.sharding.checkpoint_mesh) and splits every batch over it (`EvalSet.laid_over`), so that
+the same jitted functions run sharded. Reported:
   val_loss     mean of the per-window losses (every window has seq_len scored tokens: = token mean)
   val_loss_se  its standard error over windows, std(ddof=1)/sqrt(windows) (NaN for one window)
   windows      number of val windows scored
@@ -20,6 +22,7 @@ last batch. Reported:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efftrain.config import Config
 from efftrain.data import prepare_data
@@ -39,6 +43,7 @@ from efftrain.model.mtp import acceptance_rate
 from efftrain.model.transformer import Transformer
 from efftrain.train.checkpoint import CheckpointError, checkpoints_dir
 from efftrain.train.rundir import finalized, load_model, load_run_config
+from efftrain.train.sharding import BATCH_AXES, checkpoint_mesh
 from efftrain.train.step import (make_hidden_fn, make_paired_eval_fn, make_paired_from_hidden_fn, make_paired_many_fn,
                                  make_paired_other_fn, make_window_loss_fn)
 
@@ -81,6 +86,7 @@ class EvalSet:
     batch_size: int
     seed: int = 0
     requested: int | None = None  # windows asked for (None: as many as there are)
+    mesh: Mesh | None = None  # each batch split over every axis of it (`laid_over`); None: on the default device
     _device: list[jax.Array] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -94,13 +100,26 @@ class EvalSet:
 
     def batches(self) -> list[jax.Array]:
         """The windows as device batches of one shape [batch_size, seq_len + 1] (the last one padded
-        with copies of the first window; `scores` drops their results). Transferred once."""
+        with copies of the first window; `scores` drops their results). Transferred once. On a mesh,
+        each batch is split over all its devices, as training splits a micro-batch, so that jitted
+        functions of sharded parameters run sharded (GSPMD); its size is rounded up to a multiple of the
+        device count, so that every device holds whole windows."""
         if self._device is None:
             b = min(self.batch_size, self.n)
+            if self.mesh is not None:
+                b = -(-b // self.mesh.size) * self.mesh.size
             pad = -self.n % b
             padded = np.concatenate([self.windows, np.repeat(self.windows[:1], pad, axis=0)])
-            self._device = list(jnp.asarray(padded).reshape(-1, b, padded.shape[1]))
+            if self.mesh is None:
+                self._device = list(jnp.asarray(padded).reshape(-1, b, padded.shape[1]))
+            else:
+                split = NamedSharding(self.mesh, P(BATCH_AXES))
+                self._device = [jax.device_put(x, split) for x in padded.reshape(-1, b, padded.shape[1])]
         return self._device
+
+    def laid_over(self, mesh: Mesh | None) -> "EvalSet":
+        """These windows with their batches split over `mesh` (None: on the default device)."""
+        return dataclasses.replace(self, mesh=mesh, _device=None)
 
 
 EVAL_BATCH_TOKENS = 8192  # an eval batch grows past the micro-batch up to this many tokens ...
@@ -232,10 +251,11 @@ def eval_run(run_dir: str | Path, *, steps: list[int] | None = None, tokens: lis
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     chosen = select_checkpoints(run_dir, steps, tokens)
-    windows = val_set(cfg, n_batches)
+    mesh = checkpoint_mesh(cfg)  # the run's own mesh where it shards parameters (efftrain.train.sharding)
+    windows = val_set(cfg, n_batches).laid_over(mesh)
     rows = []
     for meta in chosen:
-        _, model, _ = load_model(run_dir, meta["step"])
+        _, model, _ = load_model(run_dir, meta["step"], mesh=mesh)
         row = {"step": meta["step"], "tokens": meta["tokens_seen"], **evaluate_model(model, cfg, windows)}
         rows.append(row)
         if progress:

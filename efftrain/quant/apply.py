@@ -73,6 +73,7 @@ from efftrain.quant.billm import SEARCH_BATCH, billm_on_device
 from efftrain.quant.formats import (Packed, effective_bits, kernel_format, make_format, pack_kernel,
                                     resolve_group_size, rtn_kernel, unpack)
 from efftrain.quant.gptq import gptq_on_device, hessian_from_inputs, not_positive_definite
+from efftrain.quant.placement import gather_device, gathered
 from efftrain.xla import ptq_jit
 
 METHODS = ("rtn", "gptq", "awq", "awq-linear", "billm")
@@ -317,44 +318,72 @@ def quantize_model(model, calib_tokens: np.ndarray, s: QuantSettings) -> QuantRe
     the norms and routers the scales are folded into).
 
     calib_tokens [n, T] int: calibration sequences (from the train split).
+
+    A model whose parameters are split over several devices (a sharded checkpoint: efftrain.quant.placement)
+    is quantized one block at a time on one device: the block is gathered there with the calibration states,
+    quantized by the same programs as a one-device model, and put back on its shardings; likewise the
+    output head with the norms in front of it. The embedding lookup runs on the sharded table. The packed
+    codes of each gathered block go to host memory, where they would otherwise pile up on that one device.
+    A model on one device runs exactly as before.
     """
     if s.method not in METHODS:
         raise _unknown_method(s.method)
     report = QuantReport(method=s.method)
     needs_inputs = s.method != "rtn"
+    device = gather_device(model)
     tokens = jnp.asarray(calib_tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     h = model.embed(tokens) if needs_inputs else None
+    if needs_inputs and device is not None:  # the calibration states live where the blocks are quantized
+        h = jax.device_put(h, device)
     for li, block in enumerate(model.blocks):
-        prefix = f"blocks/{li}"
-        inputs, out_16 = _block_pass(block, h, positions) if needs_inputs else ({}, None)
-        experts = expert_stats(block.ffn, inputs["ffn/router"], s, report) if block.is_moe and needs_inputs else None
-        if s.method == "awq":
-            quantize_block_awq(block, inputs, positions, s, report, prefix, experts)
-            h = out_16  # AWQ: the next block is calibrated on the 16-bit model's activations
-            continue
-        for name, lin in linears_of(block):  # the router is not a Linear: kept in 16-bit
-            if s.method == "billm":
-                put_billm(lin.kernel, hessian_from_inputs(inputs[name]), s, report)
-                continue
-            _put(lin.kernel, report, f"{prefix}/{name}/kernel", s,
-                 *quantize_matrix(lin.kernel[...], inputs.get(name), s, report))
-        if block.is_moe:
-            quantize_experts(block.ffn, experts, s, report, f"{prefix}/ffn")
-        if needs_inputs:
-            h = _block_out(block, h, positions)  # GPTQ: the next block sees this block's quantized output
+        with gathered(block, device=device), _codes_to_host(report, device):
+            h = _quantize_block(block, f"blocks/{li}", h, positions, s, report)
     if s.quantize_head:
         if model.lm_head is None:
             raise ValueError("quantize_head needs an untied output head (model.tie_embeddings is true)")
-        x = model.final_norm(h).reshape(-1, h.shape[-1]) if needs_inputs else None
-        if s.method == "awq":
-            quantize_head_awq(model, x, s, report)
-        elif s.method == "billm":
-            put_billm(model.lm_head.kernel, hessian_from_inputs(x), s, report)
-        else:
-            _put(model.lm_head.kernel, report, "lm_head/kernel", s,
-                 *quantize_matrix(model.lm_head.kernel[...], x, s, report))
+        norms = [model.final_norm] + ([layer.out_norm for layer in model.mtp.layers] if model.mtp is not None else [])
+        # the norms too: AWQ folds its scales into them
+        with gathered(model.lm_head, *norms, device=device), _codes_to_host(report, device):
+            x = model.final_norm(h).reshape(-1, h.shape[-1]) if needs_inputs else None
+            if s.method == "awq":
+                quantize_head_awq(model, x, s, report)
+            elif s.method == "billm":
+                put_billm(model.lm_head.kernel, hessian_from_inputs(x), s, report)
+            else:
+                _put(model.lm_head.kernel, report, "lm_head/kernel", s,
+                     *quantize_matrix(model.lm_head.kernel[...], x, s, report))
     return report.finish()
+
+
+def _quantize_block(block, prefix: str, h, positions, s: QuantSettings, report: QuantReport):
+    """Quantize one block in place; the next block's calibration input (None for rtn, which has none)."""
+    needs_inputs = s.method != "rtn"
+    inputs, out_16 = _block_pass(block, h, positions) if needs_inputs else ({}, None)
+    experts = expert_stats(block.ffn, inputs["ffn/router"], s, report) if block.is_moe and needs_inputs else None
+    if s.method == "awq":
+        quantize_block_awq(block, inputs, positions, s, report, prefix, experts)
+        return out_16  # AWQ: the next block is calibrated on the 16-bit model's activations
+    for name, lin in linears_of(block):  # the router is not a Linear: kept in 16-bit
+        if s.method == "billm":
+            put_billm(lin.kernel, hessian_from_inputs(inputs[name]), s, report)
+            continue
+        _put(lin.kernel, report, f"{prefix}/{name}/kernel", s,
+             *quantize_matrix(lin.kernel[...], inputs.get(name), s, report))
+    if block.is_moe:
+        quantize_experts(block.ffn, experts, s, report, f"{prefix}/ffn")
+    # GPTQ: the next block sees this block's quantized output
+    return _block_out(block, h, positions) if needs_inputs else None
+
+
+@contextmanager
+def _codes_to_host(report: QuantReport, device: jax.Device | None) -> Iterator[None]:
+    """On leaving: the packed codes that `report` gained inside copied to host memory when the model is
+    quantized gathered onto `device` (None: left where they are, as on one device)."""
+    before = set(report.packed)
+    yield
+    if device is not None:
+        report.packed.update(jax.device_get({k: v for k, v in report.packed.items() if k not in before}))
 
 
 # ----------------------------------------------------------------------------------------------

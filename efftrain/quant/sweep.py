@@ -83,7 +83,7 @@ import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from efftrain.config import format_validation_error
+from efftrain.config import MeshConfig, format_validation_error
 from efftrain.data import prepare_data
 from efftrain.data.pipeline import read_windows, val_window_count
 from efftrain.eval import (compare_params, compare_params_many, eval_set, paired_windows, reference_states,
@@ -101,6 +101,7 @@ from efftrain.quant.recovery import (RECOVERY_COLUMNS, RecoverySpec, check_recov
 from efftrain.quant.scheme import FP8_BLOCK, NO_WEIGHTS, SCHEME_COLUMNS, Scheme, apply_scheme
 from efftrain.train.checkpoint import CheckpointStore
 from efftrain.train.rundir import PTQ_TABLE, QUANTIZED, abstract_train_state, load_run_config, read_run_info
+from efftrain.train.sharding import checkpoint_mesh, describe, on_mesh
 from efftrain.xla import enable_compilation_cache
 
 CSV_COLUMNS = ["run_id", "step", "tokens", "epochs", "params_total", "params_active", "params_nonembed",
@@ -160,6 +161,9 @@ class PTQSpec(BaseModel):
     # recovery fine-tuning after PTQ (efftrain.quant.recovery; docs/RECOVERY.md): one more row per
     # combination and entry, e.g. [{method: lora, tokens: 65536, rank: 8, alpha: 16, lr: 1e-3}]
     recovery: list[RecoverySpec] = []
+    # the mesh each checkpoint is laid over (efftrain.train.sharding.checkpoint_mesh); null: the run's
+    # train.mesh where it shards parameters and this process has the devices, else one device
+    mesh: MeshConfig | None = None
 
     @field_validator("recovery", mode="before")
     @classmethod
@@ -404,7 +408,9 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             raise PTQError(f"no series checkpoint at step(s) {sorted(missing)}; available {[m['step'] for m in series]}")
         series = [m for m in series if m["step"] in set(spec.checkpoints)]
     rows_of = row_formats(spec)
+    mesh = checkpoint_mesh(cfg, spec.mesh)
     graphdef, abstract = abstract_train_state(cfg)
+    abstract = on_mesh(abstract, mesh)  # restored sharded where the mesh splits parameters
     abstract_model = nnx.merge(graphdef, abstract["params"], abstract["rest"])
     check_group_sizes(abstract_model, spec)
     check_schemes(abstract_model, cfg, spec)
@@ -418,10 +424,12 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
     cache = prepare_data(cfg)
     calib = calibration_windows(cache.train, spec.calib_samples, seq_len, spec.calib_seed)
     wanted = eval_windows_wanted(spec, cfg.data.seq_len, cfg.train.batch_size)
-    windows = eval_set(cfg, wanted, seed=spec.eval_seed, val_tokens=cache.val)
+    windows = eval_set(cfg, wanted, seed=spec.eval_seed, val_tokens=cache.val).laid_over(mesh)
     log(f"ptq: eval set: {windows.n:,} val windows x {cfg.data.seq_len} = {windows.tokens:,} tokens, seed "
         f"{spec.eval_seed} ({wanted:,} windows requested, {val_window_count(len(cache.val), cfg.data.seq_len):,} "
         f"in the val split); calibration: {spec.calib_samples} x {seq_len} train tokens, seed {spec.calib_seed}")
+    log("ptq: parameters on one device" if mesh is None else
+        f"ptq: parameters sharded over {describe(mesh)}; each block gathered onto one device while it is quantized")
     info = read_run_info(run_dir, missing_ok=False)
     counts = info["params"]
     train_tokens = info.get("train_tokens_available")
@@ -504,7 +512,8 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
                 finish(sc, entry, fmt, fields, report, model, time.time() - t0)
                 continue
             t0 = time.time()
-            model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)  # a copy: quantization writes into it
+            # a copy, on the checkpoint's shardings: quantization writes into it
+            model = nnx.merge(graphdef, jax.tree.map(jnp.array, params), rest)
             report = apply_scheme(model, calib, sc)
             graphdef_q, qparams, qrest = nnx.split(model, nnx.Param, ...)
             quantized = _Quantized(sc, fmt, report, model, qparams, count_bytes(model, report), time.time() - t0)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from jax.sharding import Mesh
 
 from efftrain.config import Config, ConfigError, from_dict, yaml_load
 from efftrain.data import val_batches
@@ -39,6 +40,7 @@ from efftrain.model.mtp import acceptance_rate
 from efftrain.model.transformer import Transformer, build_model
 from efftrain.train.checkpoint import CheckpointStore, checkpoints_dir, write_failure
 from efftrain.train.optimizer import make_optimizer
+from efftrain.train.sharding import on_mesh
 from efftrain.train.step import init_state, make_eval_step
 
 CONFIG = "config.yaml"
@@ -139,10 +141,13 @@ def abstract_train_state(cfg: Config):
     return graphdef, abstract
 
 
-def load_model(run_dir: str | Path, step: int, kind: str = "series") -> tuple[Config, Transformer, dict]:
-    """(config, model, meta) of one finalized checkpoint (params and other variables restored)."""
+def load_model(run_dir: str | Path, step: int, kind: str = "series",
+               mesh: Mesh | None = None) -> tuple[Config, Transformer, dict]:
+    """(config, model, meta) of one finalized checkpoint (params and other variables restored): on one
+    device, or with `mesh` sharded over it as training lays the state out (efftrain.train.sharding.on_mesh)."""
     cfg = load_run_config(run_dir)
     graphdef, abstract = abstract_train_state(cfg)
+    abstract = on_mesh(abstract, mesh)
     store = CheckpointStore(run_dir, read_only=True)
     try:
         state, _, meta = store.restore(kind, step, abstract)

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from efftrain.config import MESH_AXES, Config, ConfigError
+from efftrain.config import MESH_AXES, Config, ConfigError, MeshConfig
 
 BATCH_AXES = MESH_AXES  # the micro-batch dimension is split over every mesh axis
 
@@ -204,3 +204,48 @@ def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
 
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{a} {s}" for a, s in mesh.shape.items())
+
+
+# ---- where PTQ and evaluation lay a checkpoint (efftrain.quant.placement) ------------------------
+def _shards_parameters(mesh: MeshConfig) -> bool:
+    return mesh.fsdp * mesh.expert > 1
+
+
+def checkpoint_mesh(cfg: Config, requested: MeshConfig | None = None, devices: list | None = None) -> Mesh | None:
+    """The mesh a checkpoint of `cfg` is laid over for PTQ and evaluation, or None: whole on one device,
+    as before meshes existed.
+
+    `requested` (PTQSpec.mesh, `efftrain ptq --mesh`): that mesh (data -1: as many as the devices that
+    fsdp x expert leave); a ConfigError when this process's devices cannot hold it; None when it splits no
+    parameter (fsdp and expert 1: `--mesh fsdp=1` asks for one device). Without it: the run's own
+    train.mesh where it splits parameters, with its data axis resized to the devices here (data splits
+    only the eval batches); None where it does not, or where fsdp x expert exceeds this process's devices
+    (then nothing can be laid out as trained, and the checkpoint goes onto one device)."""
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = cfg.train.mesh if requested is None else requested
+    if mesh is None or not _shards_parameters(mesh):
+        return None
+    split = mesh.fsdp * mesh.expert
+    data = len(devices) // split if requested is None or mesh.data == -1 else mesh.data
+    if requested is not None:
+        if mesh.data == 0 or mesh.data < -1:
+            raise ConfigError(f"mesh: data ({mesh.data}) must be -1 (the remaining devices) or >= 1")
+        if data < 1 or data * split > len(devices):
+            what = " x ".join(f"{axis} {size}" for axis, size in mesh.sizes.items() if size not in (1, -1))
+            raise ConfigError(f"mesh {what} needs {max(data, 1) * split} devices, but this process has {len(devices)}")
+    elif data < 1:
+        return None
+    # device order as jax lists them; the collectives here (a block's gather, the eval's all-gathers of
+    # fsdp shards) are few, so no topology-aware arrangement
+    grid = np.array(devices[:data * split]).reshape(data, mesh.fsdp, mesh.expert)
+    return Mesh(grid, MESH_AXES)
+
+
+def on_mesh(abstract, mesh: Mesh | None):
+    """`abstract` (ShapeDtypeStructs, e.g. `abstract_train_state`'s) with the shardings training gives the
+    state on `mesh` (efftrain.train.sharding.state_shardings), so that a restore lands sharded; unchanged
+    for None (a restore then puts it on the default device)."""
+    if mesh is None:
+        return abstract
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract, state_shardings(abstract, mesh))
