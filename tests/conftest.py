@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# training and the PTQ sweep turn on JAX's persistent compilation cache (efftrain.xla): off in the tests,
+# which must not write to the user's ~/.cache, and whose thousands of tiny programs it would serialize one
+# by one (the whole suite took twice as long with it); modules that gain from it set up their own
+# (test_faults.py, test_grid.py)
+os.environ.setdefault("EFFTRAIN_COMPILATION_CACHE", "off")
 
 import pytest  # noqa: E402
 
@@ -44,3 +49,23 @@ def tiny_config(cache_dir):
         return from_dict(tiny_raw(cache_dir, **sections))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache of its own for a module of many short runs (and their child processes):
+    each train() builds a fresh jitted step, which would otherwise compile again (~4 s on CPU). Modules
+    opt in with `pytestmark = pytest.mark.usefixtures("compile_cache")`; yields the settings as env vars."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield {name.upper(): str(value) for name, value in settings.items()}
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

@@ -49,22 +49,7 @@ def one_error_line(err: str, *needles: str) -> None:
     assert sum(ln.startswith("error:") for ln in lines) == 1, err
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache shared by this module's many short runs (and its child process): each
-    train() builds a fresh jitted step, which would otherwise compile again (~4 s on CPU)."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield {name.upper(): str(value) for name, value in settings.items()}
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

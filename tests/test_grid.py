@@ -19,6 +19,8 @@ from efftrain.grid.store import TIMING_COLUMNS, ResultsStore
 
 from conftest import tiny_raw
 
+pytestmark = pytest.mark.usefixtures("compile_cache")  # its grids train and compile many small cells
+
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 QUIET = dict(log=lambda *_: None)
 
