@@ -167,7 +167,7 @@ def test_mesh_choice_and_its_errors(fsdp_run, cache_dir, capsys):
         checkpoint_mesh(cfg, MeshConfig(data=4, fsdp=4))
     with pytest.raises(ConfigError, match=r"^mesh fsdp 16 needs 16 devices, but this process has 8$"):
         run_ptq_sweep(fsdp_run, make_spec(methods=["rtn"], bits=[4], mesh={"fsdp": 16}), **QUIET)
-    assert main(["ptq", str(fsdp_run), "--methods", "rtn", "--bits", "4", "--mesh", "fsdp=16"]) == 1
+    assert main(["ptq", str(fsdp_run), "--methods", "rtn", "--bits", "4", "--mesh", "fsdp=16"]) == 2  # a config error (exit 2)
     assert main(["ptq", str(fsdp_run), "--methods", "rtn", "--bits", "4", "--mesh", "tensor=2"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: mesh fsdp 16 needs 16 devices, but this process has 8",

@@ -26,12 +26,25 @@ def test_persistent_compilation_cache_is_opt_out(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path, cfg = run(None)
     assert path == cfg.jax_compilation_cache_dir == str(tmp_path / "efftrain" / "jax")
-    assert cfg.jax_compilation_cache_max_size == xla.COMPILATION_CACHE_BYTES
+    assert cfg.jax_compilation_cache_max_size == -1  # JAX's per-write eviction stays off (prune_cache bounds it)
     assert cfg.jax_persistent_cache_min_compile_time_secs == 0.0  # PTQ's many sub-second programs persist too
     assert run("off") == (None, Config(jax_compilation_cache_dir=None, jax_compilation_cache_max_size=-1,
                                        jax_persistent_cache_min_compile_time_secs=1.0))
     assert run(str(tmp_path / "c"))[0] == str(tmp_path / "c")
     assert run(None, preset="/elsewhere")[0] == "/elsewhere"
+
+
+def test_prune_cache_deletes_the_oldest_files_down_to_the_budget(tmp_path):
+    import os
+
+    for i, size in enumerate([300, 200, 100]):  # written oldest first
+        f = tmp_path / f"entry{i}-cache"
+        f.write_bytes(b"x" * size)
+        os.utime(f, (1000 + i, 1000 + i))
+    assert xla.prune_cache(tmp_path, 350) == 1  # 600 bytes: the oldest (300) goes
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["entry1-cache", "entry2-cache"]
+    assert xla.prune_cache(tmp_path, 350) == 0
+    assert xla.prune_cache(tmp_path / "missing", 0) == 0
 
 
 def test_options_are_empty_off_gpu_and_carry_the_autotune_cache_on_gpu(monkeypatch, tmp_path):
