@@ -143,10 +143,9 @@ def quantized_leaves(graphdef, state, cfg) -> list[np.ndarray]:
         quantize_model(model, calib, QuantSettings(method=method, bits=3))
         quantized.append(nnx.state(model, nnx.Param))
         out += [np.asarray(x) for x in jax.device_get(jax.tree.leaves(quantized[-1]))]
-    rows = PTQSpec.model_fields["eval_rows"].default
-    padded = quantized + [quantized[-1]] * (rows - len(quantized))
-    scored = compare_params_many(graphdef, params, padded, rest, windows, reference_states(graphdef, params, rest, windows))
-    out += [np.array([row[k] for k in sorted(row)], np.float64) for row in scored[:len(quantized)]]
+    scored = compare_params_many(graphdef, params, quantized, rest, windows, reference_states(graphdef, params, rest, windows),
+                                 pad_to=PTQSpec.model_fields["eval_rows"].default)
+    out += [np.array([row[k] for k in sorted(row)], np.float64) for row in scored]
     return out
 
 

@@ -211,13 +211,19 @@ def compare_params(graphdef, params_16, params_q, rest, windows: EvalSet,
 
 
 def compare_params_many(graphdef, params_16, params_q_list: list, rest, windows: EvalSet,
-                        reference: list[jax.Array] | None = None) -> list[dict[str, float]]:
+                        reference: list[jax.Array] | None = None, pad_to: int | None = None) -> list[dict[str, float]]:
     """`compare_params` of each parameter set in `params_q_list` (all of graphdef's structure, with the
     shapes and dtypes of one another), scored together in one pass over the windows
     (`make_paired_many_fn`): the 16-bit head and log-softmax run once per batch for all of them, not
     once per set. One dict per set, in order, with compare_params' keys and formulas (equal to its
     values up to float rounding). The sets are stacked into one more copy on the device while they are
-    scored. `reference` None: the 16-bit hidden states are computed here first (`reference_states`)."""
+    scored. `reference` None: the 16-bit hidden states are computed here first (`reference_states`).
+    `pad_to`: score that many sets, the list padded with copies of its last set (their results dropped),
+    so that every call runs the one pad_to-set program whatever the list's length: rows then do not
+    depend on how they were grouped (the sweep's PTQSpec.eval_rows)."""
+    n = len(params_q_list)
+    if pad_to is not None:
+        params_q_list = list(params_q_list) + [params_q_list[-1]] * (pad_to - n)
     layouts = {tuple((x.shape, x.dtype) for x in jax.tree.leaves(p)) for p in params_q_list}
     if len(layouts) != 1:  # jnp.stack would promote mixed dtypes, changing some rows' numbers
         raise ValueError("compare_params_many: the parameter sets differ in shapes or dtypes")
@@ -225,7 +231,7 @@ def compare_params_many(graphdef, params_16, params_q_list: list, rest, windows:
         reference = reference_states(graphdef, params_16, rest, windows)
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *params_q_list)
     per_window = scores(paired_many_fn(graphdef), windows, params_16, stacked, rest, per_batch=reference, axis=1)
-    return [summarize_paired({key: v[k] for key, v in per_window.items()}) for k in range(len(params_q_list))]
+    return [summarize_paired({key: v[k] for key, v in per_window.items()}) for k in range(n)]
 
 
 def paired_windows(graphdef_16, params_16, rest_16, windows: EvalSet, reference: list, graphdef_x,

@@ -100,9 +100,9 @@ def test_sweep_rows_scored_together_equal_one_pass_per_row(tiny_run, tmp_path, m
 
     chunks = []
 
-    def recorded(graphdef, params_16, params_q_list, *args):
-        chunks.append(len(params_q_list))
-        return compare_params_many(graphdef, params_16, params_q_list, *args)
+    def recorded(graphdef, params_16, params_q_list, *args, pad_to=None):
+        chunks.append(pad_to or len(params_q_list))  # the sets the program scores
+        return compare_params_many(graphdef, params_16, params_q_list, *args, pad_to=pad_to)
 
     monkeypatch.setattr(sweep, "compare_params_many", recorded)
     table = tiny_run / "ptq.csv"

@@ -495,8 +495,8 @@ def run_ptq_sweep(run_dir: str | Path, spec: PTQSpec, *, on_row: Callable[[dict]
             if spec.eval_rows == 1:
                 scored = [compare_params(graphdef, params, chunk[0].params, rest, windows, reference)]
             else:
-                padded = [q.params for q in chunk] + [chunk[-1].params] * (spec.eval_rows - len(chunk))
-                scored = compare_params_many(graphdef, params, padded, rest, windows, reference)[:len(chunk)]
+                scored = compare_params_many(graphdef, params, [q.params for q in chunk], rest, windows, reference,
+                                             pad_to=spec.eval_rows)
             share = (time.time() - t0) / len(chunk)
             for q, scores_ in zip(chunk, scored):
                 finish(q.scheme, None, q.fmt, {**scores_, "model_bytes": q.model_bytes}, q.report, q.model,
