@@ -109,23 +109,25 @@ def worker(a) -> int:
     host = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
     if a.save:
         np.savez(a.save, **{f"leaf{i}": x for i, x in enumerate(host)})
+    groups = ["state"] * len(host)
     if a.ptq:
-        host += quantized_leaves(graphdef, state, cfg)
+        ptq_groups, ptq_leaves = quantized_leaves(graphdef, state, cfg)
+        host, groups = host + ptq_leaves, groups + ptq_groups
     steps_timed = max(a.last - a.first - 1, 1)
     result = {"losses": [float(x) for x in losses], "loss_bits": losses.view(np.uint32).tolist(),
-              "leaf_sha256": [hashlib.sha256(x.tobytes()).hexdigest() for x in host],
+              "leaf_sha256": [hashlib.sha256(x.tobytes()).hexdigest() for x in host], "leaf_groups": groups,
               "first_step_s": t_first - t0, "tokens_per_s": steps_timed * cfg.tokens_per_step / max(elapsed, 1e-9),
               "device": str(jax.devices()[0]), "jax": jax.__version__}
     Path(a.result).write_text(json.dumps(result))
     return 0
 
 
-def quantized_leaves(graphdef, state, cfg) -> list[np.ndarray]:
-    """The final model's weights after RTN and after GPTQ (3 bits, g128, 16 random calibration
+def quantized_leaves(graphdef, state, cfg) -> tuple[list[str], list[np.ndarray]]:
+    """(group names, leaves): the final model's weights after RTN and after GPTQ (3 bits, g128, 16 random calibration
     sequences of the config's length), and their PTQ rows' scores (loss_16, loss_q, qid, kl, top1 and
     standard errors, as float64 arrays) against the 16-bit model on 64 random windows, computed as the
     sweep computes them (16-bit hidden states once, rows scored together, PTQSpec.eval_rows), as host
-    arrays."""
+    arrays; groups "rtn weights", "gptq weights", "rtn row", "gptq row"."""
     import jax
     from flax import nnx
 
@@ -137,16 +139,17 @@ def quantized_leaves(graphdef, state, cfg) -> list[np.ndarray]:
     calib = rng.integers(0, cfg.model.vocab_size, (16, cfg.data.seq_len)).astype(np.int32)
     windows = EvalSet(rng.integers(0, cfg.model.vocab_size, (64, cfg.data.seq_len + 1)).astype(np.int32), 16)
     params, rest = state["params"], state["rest"]
-    out, quantized = [], []
-    for method in ("rtn", "gptq"):
+    methods, groups, out, quantized = ("rtn", "gptq"), [], [], []
+    for method in methods:
         model = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), params), rest)
         quantize_model(model, calib, QuantSettings(method=method, bits=3))
         quantized.append(nnx.state(model, nnx.Param))
-        out += [np.asarray(x) for x in jax.device_get(jax.tree.leaves(quantized[-1]))]
+        weights = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(quantized[-1]))]
+        out, groups = out + weights, groups + [f"{method} weights"] * len(weights)
     scored = compare_params_many(graphdef, params, quantized, rest, windows, reference_states(graphdef, params, rest, windows),
                                  pad_to=PTQSpec.model_fields["eval_rows"].default)
     out += [np.array([row[k] for k in sorted(row)], np.float64) for row in scored]
-    return out
+    return groups + [f"{method} row" for method in methods], out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,11 +188,12 @@ def compare(x: dict, y: dict) -> dict:
     la, lb = np.asarray(x["losses"], np.float64), np.asarray(y["losses"], np.float64)
     same_loss = [p == q for p, q in zip(x["loss_bits"], y["loss_bits"])]
     n = min(len(x["leaf_sha256"]), len(y["leaf_sha256"]))  # a resumed run has no PTQ leaves: the state's
-    differing_leaves = sum(p != q for p, q in zip(x["leaf_sha256"][:n], y["leaf_sha256"][:n]))
+    differing = [g for p, q, g in zip(x["leaf_sha256"][:n], y["leaf_sha256"][:n], x["leaf_groups"][:n]) if p != q]
     first_diff = next((i for i, s in enumerate(same_loss) if not s), None)
-    return {"bitwise": all(same_loss) and differing_leaves == 0, "max_abs_dloss": float(np.max(np.abs(la - lb))),
+    return {"bitwise": all(same_loss) and not differing, "max_abs_dloss": float(np.max(np.abs(la - lb))),
             "first_differing_step": None if first_diff is None else first_diff + 1,
-            "differing_state_leaves": int(differing_leaves), "state_leaves": n}
+            "differing_state_leaves": len(differing), "state_leaves": n,
+            "differing_by_group": {g: differing.count(g) for g in dict.fromkeys(differing)}}
 
 
 def main(argv=None) -> int:
@@ -215,7 +219,7 @@ def main(argv=None) -> int:
         (out / "determinism.json").write_text(json.dumps(report, indent=2))
         verdict = {True: "bitwise identical", False: f"DIFFER (max |Δloss| {cmp.get('max_abs_dloss', 0):.3g}, "
                    f"first at step {cmp.get('first_differing_step')}, {cmp.get('differing_state_leaves')}/"
-                   f"{cmp.get('state_leaves')} state leaves)", None: f"failed: {cmp.get('error')}"}[cmp["bitwise"]]
+                   f"{cmp.get('state_leaves')} state leaves: {cmp.get('differing_by_group')})", None: f"failed: {cmp.get('error')}"}[cmp["bitwise"]]
         print(f"{a.preset} deterministic={mode} {what}: {verdict}", flush=True)
         if cmp.get("stderr_tail"):
             print("  " + "\n  ".join(cmp["stderr_tail"]), flush=True)

@@ -190,16 +190,20 @@ def describe(options: dict) -> str:
     return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()) or "none"
 
 
-def ptq_jit(fn=None, **jit_kwargs):
-    """`jax.jit(fn, **jit_kwargs)` compiled with `ptq_options()`, decided at the first call (so that
-    importing efftrain.quant does not initialise a JAX backend). Usable as `@ptq_jit` or
-    `@ptq_jit(static_argnames=...)`; a call inside another jitted function is inlined into it, as with
-    jax.jit."""
-    if fn is None:
-        return functools.partial(ptq_jit, **jit_kwargs)
-    jitted = None
+def eval_options() -> dict:
+    """compiler_options of the eval programs (held-out loss, paired PTQ scoring; for
+    `target_platform()`): on a GPU, the per-fusion autotune cache, as the training step, so that every
+    process on a machine reuses the first one's kernel choices and scores the same model to the same
+    bits (each process autotuning its own GEMMs picks differently-rounding kernels)."""
+    return step_options(deterministic=True)
 
-    plain = jax.jit(fn, **jit_kwargs)  # inside another jitted function (which carries the options)
+
+def _deferred_jit(options_of, fn, jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with `options_of()`, decided at the first call (so that
+    importing a module does not initialise a JAX backend); a call inside another jitted function is
+    inlined into it (which carries its own options), as with jax.jit."""
+    jitted = None
+    plain = jax.jit(fn, **jit_kwargs)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -207,7 +211,7 @@ def ptq_jit(fn=None, **jit_kwargs):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return plain(*args, **kwargs)
         if jitted is None:
-            options = ptq_options()
+            options = options_of()
             jitted = jax.jit(fn, compiler_options=options, **jit_kwargs) if options else plain
         return jitted(*args, **kwargs)
 
@@ -221,6 +225,21 @@ def ptq_jit(fn=None, **jit_kwargs):
 
     call._cache_size, call.clear_cache = cache_size, clear_cache
     return call
+
+
+def ptq_jit(fn=None, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with `ptq_options()`, decided at the first call. Usable as
+    `@ptq_jit` or `@ptq_jit(static_argnames=...)`."""
+    if fn is None:
+        return functools.partial(ptq_jit, **jit_kwargs)
+    return _deferred_jit(ptq_options, fn, jit_kwargs)
+
+
+def eval_jit(fn=None, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with `eval_options()`, decided at the first call."""
+    if fn is None:
+        return functools.partial(eval_jit, **jit_kwargs)
+    return _deferred_jit(eval_options, fn, jit_kwargs)
 
 
 def guard_first_compile(fn, options: dict, setting: str):

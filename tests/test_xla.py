@@ -49,13 +49,15 @@ def test_prune_cache_deletes_the_oldest_files_down_to_the_budget(tmp_path):
 
 def test_options_are_empty_off_gpu_and_carry_the_autotune_cache_on_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(xla, "on_gpu", lambda: False)
-    assert xla.step_options(True) == xla.step_options(False) == xla.ptq_options() == {}
+    assert xla.step_options(True) == xla.step_options(False) == xla.ptq_options() == xla.eval_options() == {}
     monkeypatch.setattr(xla, "on_gpu", lambda: True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("EFFTRAIN_AUTOTUNE_CACHE", raising=False)
     cache = str(tmp_path / "efftrain" / "autotune")
     assert xla.step_options(True) == {"xla_gpu_per_fusion_autotune_cache_dir": cache}
     assert xla.ptq_options() == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_per_fusion_autotune_cache_dir": cache}
+    # eval programs share the cache: a second process scores a model with the first one's kernels
+    assert xla.eval_options() == {"xla_gpu_per_fusion_autotune_cache_dir": cache}
     assert (tmp_path / "efftrain" / "autotune").is_dir()
     monkeypatch.setenv("EFFTRAIN_AUTOTUNE_CACHE", "off")
     assert xla.step_options(True) == {}
@@ -83,6 +85,22 @@ def test_ptq_jit_compiles_with_its_options_and_inlines_when_nested(monkeypatch):
     monkeypatch.setattr(xla, "ptq_options", lambda: {"xla_no_such_option": 1})
     with pytest.raises(Exception, match="xla_no_such_option"):
         xla.ptq_jit(lambda x: x + 1)(jnp.ones(2))
+
+
+def test_eval_programs_compile_with_eval_options(monkeypatch):
+    """The paired PTQ scoring and held-out loss programs are built with eval_jit, whose options reach
+    XLA (an unknown one is rejected at the first call)."""
+    import jax.numpy as jnp
+    import pytest
+
+    from efftrain.train import step
+
+    monkeypatch.setattr(xla, "eval_options", lambda: {"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        xla.eval_jit(lambda x: x + 1)(jnp.ones(2))
+    for make in (step.make_window_loss_fn, step.make_hidden_fn, step.make_paired_eval_fn,
+                 step.make_paired_from_hidden_fn, step.make_paired_many_fn):
+        assert make(None).__code__ is xla.eval_jit(lambda x: x).__code__, make.__name__  # eval_jit's wrapper
 
 
 def test_guard_first_compile_names_the_setting_in_one_line():

@@ -32,7 +32,7 @@ from efftrain.model.layers import cross_entropy, deterministic_gradients
 from efftrain.model.mtp import mtp_loss_weight, mtp_losses_and_stats
 from efftrain.model.placement import tracing_mesh
 from efftrain.model.transformer import Transformer
-from efftrain.xla import for_platform, step_options
+from efftrain.xla import eval_jit, for_platform, step_options
 
 TrainState = dict[str, Any]  # {"params": State, "rest": State, "opt": optax state}
 
@@ -152,7 +152,7 @@ def make_eval_step(graphdef, cfg: Config):
         out = model(window[:, :-1])
         return cross_entropy(out.logits, window[:, 1:])
 
-    return jax.jit(evaluate)
+    return eval_jit(evaluate)
 
 
 def _token_log_probs(graphdef, params, rest, window):
@@ -174,7 +174,7 @@ def make_window_loss_fn(graphdef):
     def losses(params, rest, window):
         return _window_ce(_token_log_probs(graphdef, params, rest, window), window)
 
-    return jax.jit(losses)
+    return eval_jit(losses)
 
 
 def make_hidden_fn(graphdef):
@@ -184,7 +184,7 @@ def make_hidden_fn(graphdef):
     def hidden(params, rest, window):
         return nnx.merge(graphdef, params, rest)(window[:, :-1]).hidden
 
-    return jax.jit(hidden)
+    return eval_jit(hidden)
 
 
 def _compare(lp16, lpq, window):
@@ -208,7 +208,7 @@ def make_paired_eval_fn(graphdef):
         lp16 = _token_log_probs(graphdef, params_16, rest, window)
         return _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window)
 
-    return jax.jit(paired)
+    return eval_jit(paired)
 
 
 def make_paired_from_hidden_fn(graphdef):
@@ -221,7 +221,7 @@ def make_paired_from_hidden_fn(graphdef):
         lp16 = jax.nn.log_softmax(model_16.head(model_16.final_norm(hidden_16)).astype(jnp.float32), axis=-1)
         return _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window)
 
-    return jax.jit(paired)
+    return eval_jit(paired)
 
 
 def make_paired_many_fn(graphdef):
@@ -241,7 +241,7 @@ def make_paired_many_fn(graphdef):
         return jax.lax.map(lambda params_q: _compare(lp16, _token_log_probs(graphdef, params_q, rest, window), window),
                            stacked_params_q)
 
-    return jax.jit(paired)
+    return eval_jit(paired)
 
 
 def make_paired_other_fn(graphdef_16, graphdef_x):
@@ -255,4 +255,4 @@ def make_paired_other_fn(graphdef_16, graphdef_x):
         out = nnx.merge(graphdef_x, *states_x)(window[:, :-1])
         return _compare(lp16, jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1), window)
 
-    return jax.jit(paired)
+    return eval_jit(paired)
