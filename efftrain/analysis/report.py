@@ -6,14 +6,16 @@ Each section is one function, called by build_report in the order the report sho
 tokens, epochs, tokens per parameter, the config fields that differ), training curves, the measurement's
 noise floor, QiD vs tokens per method with the fitted law, QiD vs N, the k-bit plot, the technique
 comparison, MoE balance and FP8-vs-BF16 gap plots when runs have those metrics, the per-run slopes of log
-QiD vs log D, recovery fine-tuning (recovered fraction against D/N per bit width, when the grid has
+QiD vs log D, the learning-rate schedule at equal tokens (cooldown branches and checkpoint averages
+against their stable run and the runs trained to their budget, when the grid has such cells), recovery
+fine-tuning (recovered fraction against D/N per bit width, when the grid has
 recovery rows), the KV cache (QiD against KV-cache bytes per token, MHA against MLA, when the grid has
 KV-cache rows), the other PTQ schemes (activation quantization, FP8, SmoothQuant, BiLLM, FP8 block
 weights, rotations, with the effect of a rotation on the per-run slopes, when the grid has such rows),
 and the fitted laws.
 
-Modules: this one builds the report and holds the weight-only sections; report_recovery holds the
-recovery fine-tuning section, report_schemes the KV-cache and other PTQ-scheme sections; report_parts
+Modules: this one builds the report and holds the weight-only sections; report_schedule holds the
+learning-rate schedule section, report_recovery the recovery fine-tuning section, report_schemes the KV-cache and other PTQ-scheme sections; report_parts
 holds what they all share (the document model Doc, the loaded GridResults, the interval formatting,
 Context). The section modules import report_parts, never this module.
 
@@ -63,6 +65,7 @@ from efftrain.analysis.fits import LAWS, PUBLISHED, PUBLISHED_NOTES, FitResult, 
 from efftrain.analysis.report_parts import (Context, Doc, _interval, _sfmt, _slope_left_out, differing_fields,
                                             load_grid_results)
 from efftrain.analysis.report_recovery import section_recovery
+from efftrain.analysis.report_schedule import schedule_sentences, section_schedule
 from efftrain.analysis.report_schemes import section_kv_cache, section_schemes
 from efftrain.analysis.stats import Interval
 from efftrain.config import flatten_dotted
@@ -268,6 +271,7 @@ def section_summary(ctx: Context, doc: Doc) -> None:
                 summary.append(slope_sentence(in_slice, m, sel.bits))
                 slope_methods.remove(m)
         summary += [slope_sentence(in_slice, m, sel.bits) for m in slope_methods]
+        summary += schedule_sentences(ctx)
         single = [c.variant for c in ctx.comparison if c.seeds < 2]
         if single:
             summary.append(f"{len(single)} variant(s) have a single seed ({', '.join(single)}): their numbers come "
@@ -617,7 +621,7 @@ def build_report(source: str | Path, out_dir: str | Path, *, method: str | None 
           f"{len(res.rows)} PTQ rows. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.")
     for section in (section_summary, section_grid, section_training, section_noise, section_qid,
                     section_comparison, section_technique_series, section_diagnostics, section_slopes,
-                    section_recovery, section_kv_cache, section_schemes, section_fits, section_notes):
+                    section_schedule, section_recovery, section_kv_cache, section_schemes, section_fits, section_notes):
         section(ctx, doc)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(doc.markdown())
