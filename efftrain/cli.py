@@ -290,7 +290,7 @@ def cmd_grid_run(args) -> int:
     only = [k for item in args.only or [] for k in item.split(",") if k]
     results = run_grid(args.spec, workers=args.workers, retry_failed=args.retry_failed, only=only or None,
                        set_overrides=parse_assignments(args.set, "--set") or None, runs_dir=args.runs_dir,
-                       slurm=args.slurm)
+                       slurm=args.slurm, train_only=args.train_only, no_train=args.no_train)
     failed = [k for k, s in results.items() if s == "failed"]
     if failed:
         print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see `efftrain grid status "
@@ -549,7 +549,14 @@ def _add_grid_commands(subparsers) -> None:
     p.add_argument("--only", action="append", metavar="KEY",
                    help="only these cell keys (repeatable, or a,b); they run in the spec's order")
     p.add_argument("--slurm", metavar="OPTS", help="submit one job per unfinished family through submitit, "
-                                                   "e.g. partition=gpu,time=2:00:00,gpus=1")
+                                                   "e.g. partition=gpu,time=2:00:00,gpus=1; with nodes=N>1 "
+                                                   "one sbatch job per family trains each cell on N nodes")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train the main and cooldown cells, in every task of a multi-process launch (the "
+                        "srun step of a multi-node job; no results-store writes, no PTQ)")
+    p.add_argument("--no-train", action="store_true",
+                   help="everything but training: record, average, PTQ; a cell not yet trained fails (the "
+                        "second step of a multi-node job)")
     _spec_options(p)
     p.set_defaults(func=cmd_grid_run)
 

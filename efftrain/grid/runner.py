@@ -93,10 +93,31 @@ def _train(cell: Cell, log: Log) -> None:
     train(cell.config, cell.run_dir, log=log)
 
 
-def prepare_branch(parent: Cell, cell: Cell, log: Log) -> None:
-    """Make cell.run_dir a run that resumes from the parent's series checkpoint at the branch step."""
-    if (cell.run_dir / CONFIG).exists():
-        return  # prepared before (train resumes from its newest checkpoint)
+def run_trained(cell: Cell) -> bool:
+    """Whether the cell's run holds every series checkpoint it has when finished: its training is over,
+    so a rerun does not restore its state only to find nothing to do (and the single-process step of a
+    multi-node job never trains it on fewer devices)."""
+    return set(expected_checkpoints(cell)) <= set(series_steps(cell.run_dir))
+
+
+def _train_unless_trained(cell: Cell, no_train: bool, log: Log) -> None:
+    if run_trained(cell):
+        return
+    if no_train:
+        raise GridError(f"its run {cell.run_dir} did not finish training (--no-train: it was to be trained by the "
+                        f"multi-node step before; see that job's log)")
+    _train(cell, log)
+
+
+def branch_prepared(cell: Cell) -> bool:
+    """Whether the cooldown branch's run dir was prepared before (train resumes from its newest checkpoint)."""
+    return (cell.run_dir / CONFIG).exists()
+
+
+def prepare_branch(parent: Cell, cell: Cell, log: Log, *, writer: bool = True) -> None:
+    """Make cell.run_dir a run that resumes from the parent's series checkpoint at the branch step.
+    writer=False (the processes other than 0 of a multi-process job): open the same checkpoint stores,
+    which orbax's managers do together across processes, but leave the copy and the config to process 0."""
     step = cell.branch_step
     available = series_steps(parent.run_dir)
     if step not in available:
@@ -106,11 +127,14 @@ def prepare_branch(parent: Cell, cell: Cell, log: Log) -> None:
     try:
         dst = CheckpointStore(cell.run_dir, async_save=False)
         try:
-            dst.copy_from(src, "series", step, as_kind="resume")
+            if writer:
+                dst.copy_from(src, "series", step, as_kind="resume")
         finally:
             dst.close()
     finally:
         src.close()
+    if not writer:
+        return
     write_config(cell.run_dir, cell.config)
     log(f"cooldown branch: starts from {src.path('series', step)} "
         f"({cell.branch_tokens:,} tokens), decays over {cell.config.train.max_steps - step} steps")
@@ -192,9 +216,10 @@ def cell_complete(store: ResultsStore, spec: GridSpec, cell: Cell) -> bool:
     return bool(rec) and rec["status"] == "done" and have == expected
 
 
-def run_cell(spec: GridSpec, cell: Cell, store: ResultsStore, *, retry_failed: bool = False,
+def run_cell(spec: GridSpec, cell: Cell, store: ResultsStore, *, retry_failed: bool = False, no_train: bool = False,
              log: Log = print) -> str:
-    """Bring one cell to done. Returns its status: done | failed | busy (locked by another process)."""
+    """Bring one cell to done. Returns its status: done | failed | busy (locked by another process).
+    no_train: a main or cooldown cell whose run is not trained yet fails instead of training."""
     lock = CellLock(spec.runs_dir, cell.key)
     if not lock.acquire():
         log(f"cell {cell.key} ({cell.name}): running in another process, skipped")
@@ -216,10 +241,11 @@ def run_cell(spec: GridSpec, cell: Cell, store: ResultsStore, *, retry_failed: b
         log(f"cell {cell.key} ({cell.name}): {cell.kind}, run dir {cell.run_dir}")
         try:
             if cell.kind == MAIN:
-                _train(cell, log)
+                _train_unless_trained(cell, no_train, log)
             elif cell.kind == COOLDOWN:
-                prepare_branch(spec.cell(cell.parent), cell, log)
-                _train(cell, log)
+                if not branch_prepared(cell):
+                    prepare_branch(spec.cell(cell.parent), cell, log)
+                _train_unless_trained(cell, no_train, log)
             else:
                 build_average(spec.cell(cell.parent), cell, log)
             record_run(store, cell)
@@ -247,7 +273,7 @@ def run_cell(spec: GridSpec, cell: Cell, store: ResultsStore, *, retry_failed: b
 
 
 def run_family(spec: GridSpec, cells: list[Cell], *, retry_failed: bool = False, only: set[str] | None = None,
-               log: Log = print) -> dict[str, str]:
+               no_train: bool = False, log: Log = print) -> dict[str, str]:
     """A main cell then its derived cells (which need the main run's checkpoints)."""
     store = ResultsStore(spec.db_path)
     out: dict[str, str] = {}
@@ -263,10 +289,42 @@ def run_family(spec: GridSpec, cells: list[Cell], *, retry_failed: bool = False,
                 out[cell.key] = "pending"
                 continue
             prefix = f"[{cell.key}] "
-            out[cell.key] = run_cell(spec, cell, store, retry_failed=retry_failed,
+            out[cell.key] = run_cell(spec, cell, store, retry_failed=retry_failed, no_train=no_train,
                                      log=lambda msg, p=prefix: log(p + msg))
     finally:
         store.close()
+    return out
+
+
+def train_family(spec: GridSpec, cells: list[Cell], *, only: set[str] | None = None, log: Log = print) -> dict[str, str]:
+    """The training of a family's main cell and cooldown branches, in every process of a multi-process job
+    (step 1 of a multi-node SLURM cell, efftrain.grid.multinode: `grid run --train-only`). Every process
+    takes the same decisions (a cell is trained when any process finds its run unfinished); no results
+    store writes, no locks, no PTQ; averages are left to the single-process step. Returns
+    {cell key: trained | failed | pending}."""
+    from efftrain.train.distributed import any_process, is_main, sync
+
+    out: dict[str, str] = {}
+    for cell in cells:
+        if cell.kind == AVERAGE or (only is not None and cell.key not in only and cell.kind != MAIN):
+            continue
+        if cell.kind == COOLDOWN and out.get(cell.parent) != "trained":
+            out[cell.key] = "pending"
+            continue
+        prefix = f"[{cell.key}] "
+        try:
+            if any_process(not run_trained(cell)):
+                log(f"{prefix}cell {cell.key} ({cell.name}): {cell.kind}, training in run dir {cell.run_dir}")
+                if cell.kind == COOLDOWN and any_process(not branch_prepared(cell)):
+                    prepare_branch(spec.cell(cell.parent), cell, lambda msg, p=prefix: log(p + msg), writer=is_main())
+                    sync(f"branch {cell.key}")  # the copy and its config are in place for every process
+                _train(cell, lambda msg, p=prefix: log(p + msg))
+            out[cell.key] = "trained"
+        except Interrupted:
+            raise
+        except Exception as e:  # noqa: BLE001 - as in run_cell: the next step marks the cell failed
+            out[cell.key] = "failed"
+            print(f"{prefix}cell {cell.key} ({cell.name}): training FAILED: {type(e).__name__}: {e}", flush=True)
     return out
 
 
@@ -363,17 +421,35 @@ def register_all(spec: GridSpec) -> None:
 
 def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = False, only=None,
              log: Log = print, set_overrides: dict[str, Any] | None = None, runs_dir: str | Path | None = None,
-             slurm: str | None = None) -> dict[str, str]:
+             slurm: str | None = None, train_only: bool = False, no_train: bool = False) -> dict[str, str]:
     """Run (or complete) the grid; returns {cell key: status} for the cells it handled.
 
     only: cell keys (or unique prefixes); their families' main cells run first when needed.
     set_overrides / runs_dir: as in `load_spec` (e.g. a data.cache_dir for every cell).
+    train_only / no_train: the two steps of a multi-node cell (efftrain.grid.multinode): only the training,
+    in every process of a multi-process launch; everything but the training, in one process.
     """
     absl.logging.set_verbosity(absl.logging.ERROR)
+    if train_only and (no_train or slurm or workers != 1):
+        raise GridError("--train-only is the training step of a multi-node job: it takes no --no-train, --slurm "
+                        "or --workers")
+    if train_only:
+        from efftrain.train.distributed import initialize_distributed
+
+        initialize_distributed()  # the srun step's tasks join one job before JAX starts
     spec = load_spec(spec_path, set_overrides=set_overrides, runs_dir=runs_dir)
     families, keys = _select(spec, only)
     if workers < 1:
         raise GridError(f"--workers must be >= 1, got {workers}")
+    if train_only:
+        from efftrain.train.distributed import is_main
+
+        log = log if is_main() else (lambda _msg: None)  # process 0 logs for the job, as train() does
+        results = {}
+        for cells in families.values():
+            results.update(train_family(spec, cells, only=keys, log=log))
+        log(f"grid {spec.name}: training step: " + ", ".join(f"{k} {s}" for k, s in results.items()))
+        return results
     preflight(spec, [c for cells in families.values() for c in cells], log)
     register_all(spec)
     n_cells = sum(len(c) for c in families.values())
@@ -382,12 +458,14 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
         return submit_slurm(spec, families, keys, slurm, retry_failed=retry_failed, set_overrides=set_overrides,
                             log=log)
     if workers > 1 and len(families) > 1:
+        if no_train:
+            raise GridError("--no-train runs in one process (the second step of a multi-node job): no --workers")
         results = _run_parallel(spec, families, keys, workers, retry_failed=retry_failed,
                                 set_overrides=set_overrides, log=log)
     else:
         results = {}
         for cells in families.values():
-            results.update(run_family(spec, cells, retry_failed=retry_failed, only=keys, log=log))
+            results.update(run_family(spec, cells, retry_failed=retry_failed, only=keys, no_train=no_train, log=log))
     counts = {s: sum(v == s for v in results.values()) for s in sorted(set(results.values()))}
     log(f"grid {spec.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; results in {spec.db_path}")
     return results
@@ -497,7 +575,8 @@ def _ask_workers_to_stop(pool: ProcessPoolExecutor) -> None:
 # ---- SLURM ---------------------------------------------------------------------------------------
 SLURM_ALIASES = {"partition": "slurm_partition", "time": "timeout_min", "gpus": "gpus_per_node",
                  "gpus_per_node": "gpus_per_node", "cpus": "cpus_per_task", "cpus_per_task": "cpus_per_task",
-                 "mem": "mem_gb", "mem_gb": "mem_gb", "nodes": "nodes", "name": "name"}
+                 "mem": "mem_gb", "mem_gb": "mem_gb", "nodes": "nodes", "name": "name",
+                 "tasks_per_node": "tasks_per_node", "ntasks_per_node": "tasks_per_node"}
 
 
 def _minutes(text: str) -> int:
@@ -536,13 +615,21 @@ def parse_slurm(text: str) -> dict[str, Any]:
 
 def submit_slurm(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str] | None, slurm: str, *,
                  retry_failed: bool, set_overrides, log: Log) -> dict[str, str]:
-    """One SLURM job per family with unfinished cells, each running `run_grid(..., only=family)`."""
+    """One SLURM job per family with unfinished cells, each running `run_grid(..., only=family)`; with
+    nodes > 1, a two-step batch job per family instead (efftrain.grid.multinode)."""
+    params = parse_slurm(slurm)
+    if int(params.get("nodes", 1)) > 1:
+        from efftrain.grid.multinode import submit_multinode
+
+        with ResultsStore(spec.db_path) as store:
+            return submit_multinode(spec, families, keys, params,
+                                    pending=lambda cells: not all(cell_complete(store, spec, c) for c in cells),
+                                    retry_failed=retry_failed, set_overrides=set_overrides, log=log)
     try:
         import submitit  # lazy: an optional dependency (efftrain[cluster]), needed only with --slurm
     except ImportError:
         raise GridError("--slurm needs the 'submitit' package: pip install 'efftrain[cluster]' "
                         "(or pip install submitit)") from None
-    params = parse_slurm(slurm)
     folder = spec.runs_dir.resolve() / "slurm"
     executor = submitit.AutoExecutor(folder=str(folder / "%j"))
     executor.update_parameters(**{"name": f"efftrain-{spec.name}", **params})
