@@ -4,10 +4,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# training and the PTQ sweep turn on JAX's persistent compilation cache (efftrain.xla): off in the tests,
-# which must not write to the user's ~/.cache, and whose thousands of tiny programs it would serialize one
-# by one (the whole suite took twice as long with it); modules that gain from it set up their own
-# (test_faults.py, test_grid.py)
+# training and the PTQ sweep turn on JAX's persistent compilation cache in ~/.cache (efftrain.xla): never
+# from the tests. The session has its own cache instead (`_session_compilation_cache`).
 os.environ.setdefault("EFFTRAIN_COMPILATION_CACHE", "off")
 
 import pytest  # noqa: E402
@@ -51,21 +49,46 @@ def tiny_config(cache_dir):
     return make
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache of its own for a module of many short runs (and their child processes):
-    each train() builds a fresh jitted step, which would otherwise compile again (~4 s on CPU). Modules
-    opt in with `pytestmark = pytest.mark.usefixtures("compile_cache")`; yields the settings as env vars."""
+CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the whole session, shared by the xdist workers and every child
+    process (as JAX_* variables): each train() and each PTQ sweep builds fresh jitted functions, so the
+    same programs (the tiny config's step, the PTQ kernels of a layer shape, ...) would otherwise be
+    compiled again in every test that runs them (a fresh directory per session: nothing is carried over
+    from an earlier run). Yields the settings as env vars."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, common to the workers
+    path = root / "xla-cache"
+    path.mkdir(exist_ok=True)
+    settings = dict(zip(CACHE_SETTINGS, (str(path), 0, 0)))
     before = {name: getattr(jax.config, name) for name in settings}
+    env_before = {name.upper(): os.environ.get(name.upper()) for name in settings}
     for name, value in settings.items():
         jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
     compilation_cache.reset_cache()
     yield {name.upper(): str(value) for name, value in settings.items()}
     for name, value in before.items():
         jax.config.update(name, value)
+    for name, value in env_before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def compile_cache(_session_compilation_cache):
+    """The persistent XLA cache's settings as env vars, for modules whose child processes should use it
+    too (the session's cache is on in this process already; child processes inherit it through os.environ,
+    unless a test builds their environment itself)."""
+    return _session_compilation_cache

@@ -352,8 +352,9 @@ def test_linear_shared_input_equals_separate_linears(flags):
     dx_a, dx_b = np.asarray(dx_a, np.float32), np.asarray(dx_b, np.float32)
     assert np.linalg.norm(dx_a - dx_b) < 4e-3 * np.linalg.norm(dx_b)
     ys_a = jax.jit(lambda x, ws: fp8_linear_shared(x, ws, cfg))(x, ws)
-    for y_a, w in zip(ys_a, ws):
-        assert _same_bits(np.asarray(y_a, np.float32), np.asarray(fp8_linear(x, w, cfg), np.float32))
+    ys_b = jax.jit(lambda x, ws: [fp8_linear(x, w, cfg) for w in ws])(x, ws)  # (eagerly: 5 s of compiles)
+    for y_a, y_b in zip(ys_a, ys_b, strict=True):
+        assert _same_bits(np.asarray(y_a, np.float32), np.asarray(y_b, np.float32))
 
 
 @pytest.mark.parametrize("flag", ["forward", "input_grad", "weight_grad"])
@@ -556,6 +557,7 @@ def test_model_linear_uses_fp8_linear():
     layer = Linear(256, 32, cfg=mcfg, rngs=nnx.Rngs(0), fp8=FP8Config(enabled=True))
     x = jnp.asarray(np.random.default_rng(13).standard_normal((2, 4, 256)), jnp.float32)
     w = layer.kernel[...]
-    np.testing.assert_allclose(layer(x), _matmul(x, w), rtol=1e-6, atol=1e-7)
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    # jitted, as the model runs it (eagerly, every primitive of the simulation compiles on its own: ~10 s)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, x), _matmul(x, w), rtol=1e-6, atol=1e-7)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(layer)
     assert np.all(np.isfinite(np.asarray(grads.kernel[...])))

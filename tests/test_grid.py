@@ -492,9 +492,10 @@ def test_export_round_trip(schedule_grid, tmp_path, fmt, capsys):
 # workers and SLURM
 # ----------------------------------------------------------------------------------------------
 def test_workers_run_families_in_parallel_processes(tmp_path, cache_dir):
+    # the cells of the tests above (SMALL): the spawned workers load their programs from the session's
+    # persistent compilation cache (tests/conftest.py) instead of compiling them again
     spec_path = write_spec(tmp_path, cache_dir, {"axes": {"model.mlp_hidden": [48, 64]},
-                                                 "ptq": {"methods": ["rtn"], "bits": [4]}},
-                           train={**SMALL["train"], "max_steps": 3}, checkpoint=SMALL["checkpoint"])
+                                                 "ptq": {"methods": ["rtn"], "bits": [4]}}, **SMALL)
     lines = []
     results = grid_runner.run_grid(spec_path, workers=2, log=lines.append)
     assert set(results.values()) == {"done"} and len(results) == 2, (results, lines)

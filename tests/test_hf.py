@@ -107,8 +107,12 @@ def token_losses(logits, window: np.ndarray) -> np.ndarray:
     return -np.take_along_axis(logp, window[:, 1:, None], axis=-1)[..., 0]
 
 
+# jitted, as eval runs it (eagerly, every primitive of each model compiles on its own)
+_logits = nnx.jit(lambda model, inputs: model(inputs).logits)
+
+
 def efftrain_losses(model, window: np.ndarray) -> np.ndarray:
-    return token_losses(model(jnp.asarray(window[:, :-1])).logits, window)
+    return token_losses(_logits(model, jnp.asarray(window[:, :-1])), window)
 
 
 def hf_losses(model, window: np.ndarray) -> np.ndarray:

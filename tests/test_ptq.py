@@ -302,10 +302,19 @@ def test_moe_gptq_stacked_experts_equal_one_expert_at_a_time(monkeypatch, stack_
             assert np.mean(np.isclose(got, expected, atol=1e-5)) > 0.995, (e, name)
 
 
-def test_ptq_cli_writes_csv(trained_run, capsys):
-    assert main(["ptq", str(trained_run), "--methods", "rtn", "--bits", "4,8", "--group-size", "16",
-                 "--checkpoints", "10"]) == 0
-    with (trained_run / "ptq.csv").open() as f:
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, cache_dir):
+    """The tests' tiny config as it is (12 steps; series checkpoints at steps 2, 6 and 12): a val split of
+    a few hundred windows, which the CLI's default eval scores whole (trained_run's has 9,104)."""
+    run = tmp_path_factory.mktemp("ptq-small") / "run"
+    train(from_dict(tiny_raw(cache_dir)), run, **QUIET)
+    return run
+
+
+def test_ptq_cli_writes_csv(small_run, capsys):
+    assert main(["ptq", str(small_run), "--methods", "rtn", "--bits", "4,8", "--group-size", "16",
+                 "--checkpoints", "6"]) == 0
+    with (small_run / "ptq.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["group_size"] == "16"]
     assert sorted(int(r["bits"]) for r in rows) == [4, 8]
     out = capsys.readouterr().out
@@ -315,10 +324,14 @@ def test_ptq_cli_writes_csv(trained_run, capsys):
     from efftrain.data.pipeline import val_window_count
     from efftrain.train.rundir import load_run_config
 
-    cfg = load_run_config(trained_run)
-    every = val_window_count(len(prepare_data(cfg).val), cfg.data.seq_len)
-    assert 1000 < every < 1_000_000 // 64 and f"{every:,} val windows x 64 = {every * 64:,} tokens" in out
-    assert all(r["eval_windows"] == str(every) and r["eval_tokens"] == str(every * 64) for r in rows)
+    cfg = load_run_config(small_run)
+    seq = cfg.data.seq_len
+    every = val_window_count(len(prepare_data(cfg).val), seq)
+    # more than training's eval windows (eval_batches x batch_size), fewer than the 1M tokens requested
+    assert cfg.train.eval_batches * cfg.train.batch_size < every < 1_000_000 // seq
+    assert f"{every:,} val windows x {seq} = {every * seq:,} tokens" in out
+    assert f"({1_000_000 // seq:,} windows requested, {every:,} in the val split)" in out
+    assert all(r["eval_windows"] == str(every) and r["eval_tokens"] == str(every * seq) for r in rows)
     assert all((r["calib_samples"], r["calib_seed"], r["eval_seed"]) == ("128", "1234", "0") for r in rows)
 
 

@@ -187,6 +187,8 @@ def test_fp8_simulated_training_tracks_bf16_within_one_percent(tiny_config, tmp_
 def test_series_checkpoints_record_the_mtp_acceptance_rate(tiny_config, tmp_path):
     """An MTP run's series checkpoints carry mtp_acceptance: acceptance_rate recomputed on the same val
     batches from the checkpoint's own parameters; a run without MTP records none."""
+    from flax import nnx
+
     from efftrain.data import val_batches
     from efftrain.data.pipeline import prepare_data
     from efftrain.model.mtp import acceptance_rate
@@ -196,11 +198,12 @@ def test_series_checkpoints_record_the_mtp_acceptance_rate(tiny_config, tmp_path
                       checkpoint={"tokens": [512], "resume_every": 100, "async_save": False})
     result = train(cfg, tmp_path / "mtp", log=lambda *_: None)
     val = prepare_data(cfg).val
+    rate = nnx.jit(acceptance_rate)  # (eagerly, every primitive of the model compiles on its own)
     for meta in result.series:
         _, model, _ = load_model(tmp_path / "mtp", meta["step"])
         batches = val_batches(val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
                               n_batches=cfg.train.eval_batches)
-        expected = np.mean([float(acceptance_rate(model, jax.numpy.asarray(b)[:, :-1])) for b in batches])
+        expected = np.mean([float(rate(model, jax.numpy.asarray(b)[:, :-1])) for b in batches])
         assert 0.0 <= meta["mtp_acceptance"] <= 1.0
         np.testing.assert_allclose(meta["mtp_acceptance"], expected, rtol=1e-6)
     plain = train(tiny_config(train__max_steps=2), tmp_path / "plain", log=lambda *_: None)
