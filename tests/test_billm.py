@@ -107,9 +107,11 @@ def test_billm_checks_its_inputs():
 
 
 def test_billm_in_quantize_model():
+    # every block matrix 32 x 32 (mlp_hidden = expert_hidden = d_model): two BiLLM programs to compile,
+    # one matrix and one expert stack (the kernel's shapes are test_billm_beats_plain_binarization's)
     cfg = from_dict(tiny_raw("unused", train={"max_steps": 1},
                              model={"vocab_size": 384, "d_model": 32, "n_layers": 2, "n_heads": 2,
-                                    "mlp_hidden": 64, "compute_dtype": "float32",
+                                    "mlp_hidden": 32, "compute_dtype": "float32",
                                     "moe": {"enabled": True, "num_routed_experts": 4, "top_k": 2,
                                             "expert_hidden": 32, "first_dense_layers": 1}}))
     tokens = np.random.default_rng(0).integers(0, 384, (16, 32))  # ~256 tokens per expert >= 2 x 32

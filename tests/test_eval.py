@@ -36,10 +36,13 @@ def log_softmax64(logits):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+_logits = nnx.jit(lambda model, inputs: model(inputs).logits)  # (eagerly, every primitive compiles on its own)
+
+
 def reference(graphdef, params, rest, windows):
     """float64 numpy log-probs [n, T, V] of the main model on each window (run one window at a time)."""
     model = nnx.merge(graphdef, params, rest)
-    return np.concatenate([log_softmax64(model(jnp.asarray(w[None, :-1])).logits) for w in windows])
+    return np.concatenate([log_softmax64(_logits(model, jnp.asarray(w[None, :-1]))) for w in windows])
 
 
 def ce64(logp, windows):

@@ -138,8 +138,10 @@ def test_bench_ptq_scores_warm_rows_in_chunks(tmp_path, cache_dir):
     spec = importlib.util.spec_from_file_location("bench_ptq", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    data = ["--set", f"data.cache_dir={cache_dir}", "--set", "data.max_documents=60",
-            "--set", "data.tokenizer_train_chars=200000", "--set", "data.val_fraction=0.2"]
+    # the tests' tiny model and data (tests/conftest.py: its tokenizer and token cache are the session's)
+    data = [f"data.{k}={v}" for k, v in tiny_raw(cache_dir)["data"].items() if k != "source"]
+    data += [f"model.{k}={v}" for k, v in tiny_raw(cache_dir)["model"].items()]
+    data = [arg for kv in data for arg in ("--set", kv)]
     out = tmp_path / "ptq.json"
     assert bench.main(["--small", "--methods", "rtn", "--bits", "3,4", "--eval-windows", "64", "--eval-rows", "2",
                        "--repeats", "2", "--init-seed", "1", *data, "--out", str(out)]) == 0

@@ -13,6 +13,10 @@ from efftrain.model.layers import RMSNorm, apply_rope, cross_entropy
 from efftrain.model.transformer import build_model, flops_per_token, parameter_counts
 
 
+# the models run jitted, as in training and eval (eagerly, every primitive compiles on its own)
+forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
 def cfg_of(**model):
     base = {"vocab_size": 128, "d_model": 32, "n_layers": 2, "n_heads": 4, "mlp_hidden": 48,
             "compute_dtype": "float32"}
@@ -22,7 +26,7 @@ def cfg_of(**model):
 def test_shapes_and_param_counts_match_closed_form():
     cfg = cfg_of()
     model = build_model(cfg.model)
-    out = model(jnp.zeros((3, 10), jnp.int32))
+    out = forward(model, jnp.zeros((3, 10), jnp.int32))
     assert out.logits.shape == (3, 10, 128) and out.logits.dtype == jnp.float32
     assert out.hidden.shape == (3, 10, 32) and out.moe == {}
     d, f, v, L = 32, 48, 128, 2
@@ -65,7 +69,7 @@ def test_attention_matches_float64_reference(kv_heads):
     cfg = cfg_of(n_kv_heads=kv_heads).model
     attn = Attention(cfg, rngs=nnx.Rngs(params=0))
     x = jax.random.normal(jax.random.key(1), (2, 9, 32))
-    y = attn(x, jnp.broadcast_to(jnp.arange(9), (2, 9)))
+    y = nnx.jit(lambda m, x: m(x, jnp.broadcast_to(jnp.arange(9), (2, 9))))(attn, x)
     np.testing.assert_allclose(np.asarray(y), naive_attention(x, attn, cfg), rtol=2e-4, atol=1e-6)
 
 
@@ -73,7 +77,7 @@ def test_model_is_causal():
     model = build_model(cfg_of().model)
     a = jnp.array([[5, 6, 7, 8, 9, 10]])
     b = a.at[0, 4].set(99)
-    la, lb = model(a).logits, model(b).logits
+    la, lb = forward(model, a).logits, forward(model, b).logits
     np.testing.assert_array_equal(la[0, :4], lb[0, :4])
     assert not np.allclose(la[0, 4], lb[0, 4])
 
@@ -107,7 +111,7 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close():
     b16 = build_model(cfg_of(compute_dtype="bfloat16").model)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(b16, nnx.Param)))
     tokens = jnp.arange(12).reshape(2, 6)
-    np.testing.assert_allclose(b16(tokens).logits, f32(tokens).logits, atol=3e-2)
+    np.testing.assert_allclose(forward(b16, tokens).logits, forward(f32, tokens).logits, atol=3e-2)
 
 
 def test_flops_per_token_convention():
@@ -124,7 +128,8 @@ def test_cudnn_path_pads_odd_sequence_lengths_exactly(monkeypatch):
 
     cfg = cfg_of().model
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 37, 4, 8)) for i in range(3))
-    plain = attention.causal_attention(q, k, v, scale=0.3, cfg=cfg)
+    attend = lambda q, k, v: attention.causal_attention(q, k, v, scale=0.3, cfg=cfg)  # noqa: E731
+    plain = jax.jit(attend)(q, k, v)
     seen = []
     real = jax.nn.dot_product_attention
 
@@ -134,6 +139,6 @@ def test_cudnn_path_pads_odd_sequence_lengths_exactly(monkeypatch):
 
     monkeypatch.setattr(attention, "attention_implementation", lambda cfg, dtype: "cudnn")
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
-    padded = attention.causal_attention(q, k, v, scale=0.3, cfg=cfg)
+    padded = jax.jit(lambda q, k, v: attend(q, k, v))(q, k, v)  # a new function: traced anew
     assert seen == [64]
     np.testing.assert_allclose(padded, plain, rtol=1e-6, atol=1e-7)
