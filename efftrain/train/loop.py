@@ -293,21 +293,22 @@ def _all_finite(tree) -> jax.Array:
 
 
 def guarded_step(train_step, *, skip: bool, compiler_options: dict | None = None, state_sharding=None):
-    """step(state, batch, tokens_seen) -> (state, metrics, ok), where `ok` is a device-side bool: the
-    loss, the gradient norm and every float of the new state are finite. The loop reads it one step
-    late (while the next step runs) or where it syncs anyway, so it adds no stall. With `skip`, a step
-    that is not ok returns the state it was given (the select is inside the jitted step; the state is
-    briefly held twice); its batch is consumed. `state_sharding`: the layout the kept state is
-    constrained to (that of train_step's state, efftrain.train.sharding)."""
+    """step(state, batch, tokens_seen) -> (state, metrics, ok) from the plain step function
+    `train_step` (make_train_step(jit=False)), jitted with the state donated and `compiler_options`.
+    `ok` is a device-side bool: the loss, the gradient norm and every float of the new state are
+    finite. The loop reads it one step late (while the next step runs) or where it syncs anyway, so it
+    adds no stall. With `skip`, a step that is not ok returns the state it was given (the select is
+    inside the jitted step; the state is briefly held twice); its batch is consumed. `state_sharding`:
+    the layout the kept state is constrained to (that of train_step's state, efftrain.train.sharding)."""
 
     def finite(metrics, new):
         return jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & _all_finite(new)
 
-    if not skip:
-        flag = jax.jit(finite)
+    if not skip:  # the step's own program, the flag in a second one
+        jitted, flag = jax.jit(train_step, donate_argnums=(0,), compiler_options=compiler_options or None), jax.jit(finite)
 
         def step(state, batch, tokens_seen):
-            new, metrics = train_step(state, batch, tokens_seen)
+            new, metrics = jitted(state, batch, tokens_seen)
             return new, metrics, flag(metrics, new)
 
         return step
@@ -431,7 +432,7 @@ def _train(cfg: Config, run_dir: Path, *, stop_at_step: int | None, skip_nonfini
     step_xla = step_options(cfg.train.deterministic)
     train_step = guarded_step(
         make_train_step(graphdef, cfg, tx, step_xla, state_sharding=shardings if sharded else None,
-                        mesh=mesh if sharded else None),
+                        mesh=mesh if sharded else None, jit=False),
         skip=skip_nonfinite > 0, compiler_options=step_xla, state_sharding=shardings if sharded else None)
     train_step = guard_first_compile(train_step, step_xla, f"train.deterministic={str(cfg.train.deterministic).lower()}")
     val_loss_of = make_val_loss(graphdef, cfg, cache.val)

@@ -73,9 +73,11 @@ def forward_losses(model: Transformer, window: jax.Array, tokens_seen: jax.Array
 
 
 def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, compiler_options: dict | None = None,
-                    *, state_sharding=None, mesh=None, platform: str | None = None):
+                    *, state_sharding=None, mesh=None, platform: str | None = None, jit: bool = True):
     """Returns step(state, batch [accum, micro, T+1], tokens_seen) -> (state, metrics), jitted,
     with the state donated and compiled with `compiler_options` (default efftrain.xla.step_options).
+    `jit=False`: the same step as a plain function, for a caller that composes it into its own
+    top-level jit (compile options are only accepted there: efftrain.train.loop.guarded_step).
     With `train.deterministic` the gradients avoid scatter-adds and GPU attention uses a kernel without
     atomics (`deterministic_gradients`, read while tracing; docs/REPRODUCIBILITY.md).
 
@@ -138,6 +140,8 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, com
             _, _, rest = split_model(model)
         return constrain({"params": params, "rest": rest, "opt": opt}, state_sharding), metrics
 
+    if not jit:
+        return step
     if compiler_options is None:
         with for_platform(platform):
             compiler_options = step_options(cfg.train.deterministic)
