@@ -106,6 +106,19 @@ class MoEConfig(_Section):
         "tiles", description="dropless kernel: padded tiles of batched matmuls (fast) or jax.lax.ragged_dot "
                              "(exact reference, slow on GPU)")
     tile_rows: int | None = Field(None, ge=1, description="rows per tile of the dropless tile path; None = auto")
+    expert_exchange: Literal["gspmd", "all_to_all"] = Field(
+        "gspmd", description="with train.mesh.expert > 1: gspmd = one global dispatch, XLA places it (default); "
+                             "all_to_all = each device dispatches its own tokens to the experts' devices with "
+                             "two all-to-alls per layer (efftrain/model/expert_parallel.py, docs/SCALING.md); "
+                             "a no-op without an expert axis")
+
+    @model_serializer(mode="wrap")
+    def _drop_default_exchange(self, handler: SerializerFunctionWrapHandler):
+        # the default is left out, so that every config written before expert_exchange existed keeps its hash
+        out = handler(self)
+        if isinstance(out, dict) and out.get("expert_exchange") == "gspmd":
+            out.pop("expert_exchange")
+        return out
 
 
 class MTPConfig(_Section):
@@ -431,8 +444,10 @@ def _mesh_problems(c: Config):
         if not moe.enabled:
             yield f"train.mesh.expert ({mesh.expert}) needs model.moe.enabled (it splits the routed experts)"
         elif moe.num_routed_experts % mesh.expert:
+            why = (" (model.moe.expert_exchange=all_to_all places the same number of experts on every expert "
+                   "device)" if moe.expert_exchange == "all_to_all" else "")
             yield (f"model.moe.num_routed_experts ({moe.num_routed_experts}) must be divisible by "
-                   f"train.mesh.expert ({mesh.expert})")
+                   f"train.mesh.expert ({mesh.expert}){why}")
     micro = c.train.batch_size // c.train.grad_accum
     split = mesh.fsdp * mesh.expert * max(mesh.data, 1)
     if micro % split:
@@ -460,6 +475,9 @@ def config_warnings(c: Config) -> list[str]:
         ignored("mla", m.mla, f"model.attention is {m.attention}")
     if not m.moe.enabled:
         ignored("moe", m.moe, "model.moe.enabled is false")
+    elif m.moe.expert_exchange == "all_to_all" and (c.train.mesh is None or c.train.mesh.expert <= 1):
+        out.append("model.moe.expert_exchange=all_to_all has no effect without train.mesh.expert > 1 "
+                   "(the plain dispatch runs)")
     return out
 
 

@@ -59,10 +59,14 @@ Stats (fp32): load [E] (fraction of the N·K slots per expert, before drops; sum
 token entropy of s'), aux_loss, bias_norm (‖b‖₂). Not in V3: node/group-limited routing (n_group,
 topk_group) — one device here, so it is omitted.
 
-Expert parallelism (train.mesh.expert > 1, docs/SCALING.md): the stacked kernels are split by expert;
-the capacity path constrains its [E, C, D] buffers to the experts' devices
-(`efftrain.model.placement.constrain_expert_buffer`, a no-op outside such a train step); the dropless
-paths gather the expert weights they need. Routing and stats stay global (one GSPMD program).
+Expert parallelism (train.mesh.expert > 1, docs/SCALING.md): the stacked kernels are split by expert.
+`moe.expert_exchange: gspmd` (default): one global dispatch; the capacity path constrains its [E, C, D]
+buffers to the experts' devices (`efftrain.model.placement.constrain_expert_buffer`, a no-op outside
+such a train step); the dropless paths gather the expert weights they need. Routing and stats stay
+global (one GSPMD program). `all_to_all`: `routed` hands over to efftrain.model.expert_parallel (only
+while the step is traced on such a mesh): each device dispatches its own tokens to the experts' devices
+with an all-to-all and gets the outputs back with another; capacity is per (source device, expert);
+dropless is exact; the stats are psum-ed, so they stay global.
 """
 
 from __future__ import annotations
@@ -365,6 +369,7 @@ class MoE(nnx.Module):
         self.n_experts, self.top_k, self.d_model, self.hidden = E, m.top_k, D, H
         self.score_func, self.normalize_gates, self.routed_scaling = m.score_func, m.normalize_gates, m.routed_scaling
         self.dispatch, self.capacity_factor = m.dispatch, m.capacity_factor
+        self.expert_exchange = getattr(m, "expert_exchange", "gspmd")
         self.seq_aux_weight, self.switch_aux_weight = m.seq_aux_loss_weight, m.switch_aux_loss_weight
         impl = dropless_impl or getattr(m, "dropless_impl", DEFAULT_DROPLESS_IMPL)
         if impl not in DROPLESS_IMPLS:
@@ -422,8 +427,37 @@ class MoE(nnx.Module):
         c = self.compute_dtype
         return self.w_gate[...].astype(c), self.w_up[...].astype(c), self.w_down[...].astype(c)
 
+    def dropless_experts(self, x: jax.Array, flat: jax.Array, n_experts: int, top_k: int, wg, wu, wd):
+        """The dropless kernel (tiles or ragged_dot): x [N, D] in compute dtype, flat [N·top_k] expert ids
+        in [0, n_experts) with the weights [n_experts, ...] -> (out [S, D] per buffer row, Dispatch)."""
+        D = x.shape[-1]
+        A = flat.shape[0]
+        if self.dropless_impl == "tiles":
+            t = self.tile_rows or default_tile_rows(A, n_experts)
+            d = tile_dispatch(flat, n_experts, t)
+            n_tiles = d.group_expert.shape[0]
+            buf = dispatch_rows(x, d.slot_assign, d.assign_slot, top_k).reshape(n_tiles, t, D)
+            if self.fp8 is not None or TILE_WEIGHT_GRAD_SUM == "xla":  # fp8_linear has its own VJP
+                take = partial(jnp.take, indices=d.group_expert, axis=0, indices_are_sorted=True)
+                out = self._swiglu_grouped(buf, take(wg), take(wu), take(wd))
+            else:
+                mm = partial(tile_matmul, group_expert=d.group_expert)
+                out = mm(self._quantize_input(jax.nn.silu(mm(buf, wg)) * mm(buf, wu)), wd)
+            return out.reshape(n_tiles * t, D), d
+        d = ragged_dispatch(flat, n_experts)
+        buf = dispatch_rows(x, d.slot_assign, d.assign_slot, top_k)  # [A, D] sorted by expert
+        h = jax.nn.silu(jax.lax.ragged_dot(buf, wg, d.counts)) * jax.lax.ragged_dot(buf, wu, d.counts)
+        h = self._quantize_input(h)
+        return jax.lax.ragged_dot(h.astype(self.compute_dtype), wd, d.counts).astype(self.compute_dtype), d
+
     def routed(self, x2d: jax.Array, expert_idx: jax.Array, gates: jax.Array):
         """Σ_k gates · expert(x) for x2d [N, D] -> (y [N, D] fp32, dropped fraction, dispatch)."""
+        if self.expert_exchange == "all_to_all":  # only while traced on an expert mesh, else None
+            from efftrain.model import expert_parallel
+
+            exchanged = expert_parallel.routed(self, x2d, expert_idx, gates)
+            if exchanged is not None:
+                return exchanged
         N, D = x2d.shape
         E, K = self.n_experts, self.top_k
         A = N * K
@@ -438,25 +472,8 @@ class MoE(nnx.Module):
             buf = constrain_expert_buffer(buf)
             out = constrain_expert_buffer(self._swiglu_grouped(buf, wg, wu, wd)).reshape(E * C, D)
             dropped = jnp.mean((d.assign_slot >= E * C).astype(jnp.float32))
-        elif self.dropless_impl == "tiles":
-            t = self.tile_rows or default_tile_rows(A, E)
-            d = tile_dispatch(flat, E, t)
-            n_tiles = d.group_expert.shape[0]
-            buf = dispatch_rows(x, d.slot_assign, d.assign_slot, K).reshape(n_tiles, t, D)
-            if self.fp8 is not None or TILE_WEIGHT_GRAD_SUM == "xla":  # fp8_linear has its own VJP
-                take = partial(jnp.take, indices=d.group_expert, axis=0, indices_are_sorted=True)
-                out = self._swiglu_grouped(buf, take(wg), take(wu), take(wd))
-            else:
-                mm = partial(tile_matmul, group_expert=d.group_expert)
-                out = mm(self._quantize_input(jax.nn.silu(mm(buf, wg)) * mm(buf, wu)), wd)
-            out = out.reshape(n_tiles * t, D)
-            dropped = jnp.zeros((), jnp.float32)
-        else:  # ragged
-            d = ragged_dispatch(flat, E)
-            buf = dispatch_rows(x, d.slot_assign, d.assign_slot, K)  # [A, D] sorted by expert
-            h = jax.nn.silu(jax.lax.ragged_dot(buf, wg, d.counts)) * jax.lax.ragged_dot(buf, wu, d.counts)
-            h = self._quantize_input(h)
-            out = jax.lax.ragged_dot(h.astype(self.compute_dtype), wd, d.counts).astype(self.compute_dtype)
+        else:
+            out, d = self.dropless_experts(x, flat, E, K, wg, wu, wd)
             dropped = jnp.zeros((), jnp.float32)
         y = combine_rows(out, gates, d.slot_assign, d.assign_slot, K)
         return y, dropped, d

@@ -2,7 +2,7 @@
 traced (efftrain.train.sharding lays out the parameters; this module holds only what model code needs).
 
 Outside a train step traced on a mesh with an `expert` axis > 1, every function here returns its input
-unchanged, so a single-device run and PTQ/eval see the plain program.
+unchanged (`expert_parallel_mesh`: None), so a single-device run and PTQ/eval see the plain program.
 """
 
 from __future__ import annotations
@@ -38,3 +38,13 @@ def constrain_expert_buffer(x: jax.Array) -> jax.Array:
     rows_ok = rows and x.shape[1] % math.prod(mesh.shape[a] for a in rows) == 0
     spec = P("expert", rows if rows_ok else None, *([None] * (x.ndim - 2)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def expert_parallel_mesh() -> Mesh | None:
+    """The mesh the train step is being traced on when it has an `expert` axis > 1 (where
+    `moe.expert_exchange: all_to_all` exchanges tokens, efftrain.model.expert_parallel); else None (PTQ,
+    eval, a single device, a mesh without experts: the plain program)."""
+    mesh: Any = _tracing_mesh.get()
+    if mesh is None or mesh.shape.get("expert", 1) <= 1:
+        return None
+    return mesh
