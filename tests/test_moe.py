@@ -432,6 +432,32 @@ def test_tile_matmul_vjp_matches_autodiff(grad_sum, monkeypatch):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_take_tiles_vjp_matches_autodiff():
+    from efftrain.model.moe import take_tiles
+
+    w = jax.random.normal(jax.random.key(0), (E, 5, 3))
+    group_expert = jnp.array([0, 0, 2, 3, 3, 3, 7], jnp.int32)  # sorted, experts 1/4/5/6 unused
+    r = jax.random.normal(jax.random.key(1), (7, 5, 3))
+    ours = jax.grad(lambda w: jnp.sum(take_tiles(w, group_expert, E) * r))(w)
+    plain = jax.grad(lambda w: jnp.sum(w[group_expert] * r))(w)
+    np.testing.assert_allclose(ours, plain, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(ours[1]).max()) == 0
+
+
+def primitives_of(jaxpr, found=None) -> set[str]:
+    """Names of every primitive in a jaxpr and its sub-jaxprs (jit bodies, custom-VJP rules, scans)."""
+    import jax.extend as jex
+
+    found = set() if found is None else found
+    for eqn in jaxpr.eqns:
+        found.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, (jex.core.ClosedJaxpr, jex.core.Jaxpr)):
+                    primitives_of(getattr(sub, "jaxpr", sub), found)
+    return found
+
+
 @pytest.mark.parametrize("dispatch,impl", [("capacity", None), ("dropless", "tiles"), ("dropless", "ragged")])
 def test_grads_finite_and_router_learns_through_gates(dispatch, impl):
     m = make_moe(dispatch=dispatch, impl=impl, seq_aux_loss_weight=0.0, capacity_factor=1.0)
@@ -472,5 +498,14 @@ def test_fp8_expert_gemms_close_to_high_precision():
     rel = float(jnp.linalg.norm(y8 - y) / jnp.linalg.norm(y))
     assert 0 < rel < 0.1, rel
     graphdef, params, rest = nnx.split(m_fp8, nnx.Param, ...)
-    g = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0] ** 2)))(params)
+    grad = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0] ** 2))
+    g = jax.jit(grad)(params)
     assert all(bool(jnp.isfinite(v).all()) for v in jax.tree.leaves(g))
+    # the tiles' expert weights are summed back without a scatter-add (deterministic, no bf16 atomics)
+    from efftrain.model.layers import deterministic_gradients
+
+    token = deterministic_gradients.set(True)
+    try:
+        assert "scatter-add" not in primitives_of(jax.make_jaxpr(grad)(params).jaxpr)
+    finally:
+        deterministic_gradients.reset(token)

@@ -45,6 +45,8 @@ expert; rank(a) = its position within its expert's group. `cfg.moe.dispatch` pic
     and sums each expert's tiles with a one-hot matmul (no scatter-add). Exact, never drops.
     Cost: ≤ E·(tile−1) padded rows (tile = power of two ≤ 512 with E·tile ≤ N·K/8) and the weight
     gathers/partials: n_tiles·D·H per matrix (bf16 forward, fp32 gradient partials).
+    With simulated FP8 the tiles' weights are gathered for fp8_linear's own VJP (`take_tiles`), whose
+    backward sums the tiles of each expert the same way (fp32, one-hot matmul, no scatter-add).
   * dropless (impl "ragged", `dropless_impl="ragged"`): `jax.lax.ragged_dot` on the sorted [N·K, D] rows;
     exact, no padding, the simplest reference, but slow on the measured GPU stack.
   Rows move between token order and the buffers by gathers whose custom VJPs are gathers too
@@ -348,6 +350,33 @@ def _tile_matmul_bwd(res, g):
 tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def take_tiles(w: jax.Array, group_expert: jax.Array, n_experts: int) -> jax.Array:
+    """w[group_expert] [G, K, N] for w [E, K, N]: each tile's expert weights, for a GEMM with its own
+    VJP (simulated FP8). The backward sums the tiles of each expert in fp32 without a scatter-add
+    (autodiff's transpose of the gather is one: bf16 atomics on a GPU, slow and not deterministic)."""
+    return jnp.take(w, group_expert, axis=0, indices_are_sorted=True)
+
+
+def _take_tiles_fwd(w, group_expert, n_experts):
+    return take_tiles(w, group_expert, n_experts), group_expert
+
+
+def _take_tiles_bwd(n_experts, group_expert, g):
+    return _sum_tiles_per_expert(g.astype(jnp.float32), group_expert, n_experts).astype(g.dtype), None
+
+
+take_tiles.defvjp(_take_tiles_fwd, _take_tiles_bwd)
+
+
+def gather_tile_weights(w: jax.Array, group_expert: jax.Array) -> jax.Array:
+    """Each tile's expert weights for a GEMM with its own VJP: `take_tiles`, or with the "xla" knob
+    above the plain gather (autodiff's scatter-add)."""
+    if TILE_WEIGHT_GRAD_SUM == "xla":
+        return jnp.take(w, group_expert, axis=0, indices_are_sorted=True)
+    return take_tiles(w, group_expert, w.shape[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +467,7 @@ class MoE(nnx.Module):
             n_tiles = d.group_expert.shape[0]
             buf = dispatch_rows(x, d.slot_assign, d.assign_slot, top_k).reshape(n_tiles, t, D)
             if self.fp8 is not None or TILE_WEIGHT_GRAD_SUM == "xla":  # fp8_linear has its own VJP
-                take = partial(jnp.take, indices=d.group_expert, axis=0, indices_are_sorted=True)
+                take = partial(gather_tile_weights, group_expert=d.group_expert)
                 out = self._swiglu_grouped(buf, take(wg), take(wu), take(wd))
             else:
                 mm = partial(tile_matmul, group_expert=d.group_expert)
