@@ -224,3 +224,24 @@ def test_config_field_validation_and_hash(cache_dir):
     assert "expert_exchange" not in default.to_dict()["model"]["moe"]
     assert single.to_dict()["model"]["moe"]["expert_exchange"] == "all_to_all"
     assert from_dict(single.to_dict()) == single and from_dict(default.to_dict()) == default
+
+
+# ---- the benchmark's HLO reading -----------------------------------------------------------------------
+def test_exchange_benchmark_counts_collectives_and_their_result_bytes():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_expert_exchange.py"
+    spec = importlib.util.spec_from_file_location("bench_expert_exchange", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    hlo = """
+  %all-to-all.3 = bf16[4,16,64]{2,1,0} all-to-all(bf16[4,16,64]{2,1,0} %p), channel_id=1, dimensions={0}
+  %all-gather-start = (f32[8,32]{1,0}, f32[64,32]{1,0}) all-gather-start(f32[8,32]{1,0} %w), dimensions={0}
+  %all-gather-done = f32[64,32]{1,0} all-gather-done((f32[8,32]{1,0}, f32[64,32]{1,0}) %all-gather-start)
+  ROOT %all-reduce.1 = (f32[16]{0}, s32[8]{0}) all-reduce(f32[16]{0} %a, s32[8]{0} %b), to_apply=%sum
+  %fusion.2 = f32[16]{0} fusion(f32[16]{0} %all-reduce.1), kind=kLoop, calls=%all-gather.fused
+"""
+    assert bench.collective_bytes(hlo) == {"all-to-all": {"count": 1, "bytes": 4 * 16 * 64 * 2},
+                                           "all-gather": {"count": 1, "bytes": 64 * 32 * 4},
+                                           "all-reduce": {"count": 1, "bytes": 16 * 4 + 8 * 4}}
