@@ -478,7 +478,10 @@ def test_scheme_axes_give_one_keyed_row_each_and_leave_weight_only_rows_unchange
         stored = read_rows(table)
     by = {r["format"]: r for r in rows}
     assert len(rows) == len(by) == 16 and len(stored) == 16
-    assert by["none"]["qid"] == 0 and by["none"]["scheme"] == "w16a16"  # the 16-bit cache's point of the KV axis
+    # the 16-bit model itself (the KV axis's 16-bit point): zero up to float32 rounding, as its quantized side
+    # runs the whole forward in the rows' program and its 16-bit side the head on the reference states
+    # (exactly 0 on some CPUs, 6.5e-9 nats on others)
+    assert abs(by["none"]["qid"]) < 1e-6 and by["none"]["kl"] < 1e-7 and by["none"]["scheme"] == "w16a16"
     assert by["int"]["qid"] == plain["qid"] and by["int"]["scheme"] == "w8a16" and by["int"]["kv_quant"] is None
     assert (by["int+a8"]["scheme"], by["none+kv-int4"]["scheme"]) == ("w8a8", "w16a16+kv-int4")
     assert by["int+rot-hadamard+a8+kv-int4"]["scheme"] == "w8a8+rot-hadamard+kv-int4"
