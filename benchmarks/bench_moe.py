@@ -29,7 +29,7 @@ from flax import nnx
 
 from efftrain.config import ModelConfig, MoEConfig
 from efftrain.model.layers import MLP
-import efftrain.model.moe as moe_lib
+import efftrain.model.dispatch as dispatch_lib
 from efftrain.model.moe import MoE, default_tile_rows
 
 
@@ -120,18 +120,18 @@ def breakdown(a, path: str, x: jax.Array, r: jax.Array) -> dict:
     flat = idx.reshape(-1)
     E, K = a.experts, a.top_k
     if path == "capacity":
-        C = moe_lib.capacity_of(n, K, E, a.capacity_factor)
-        dispatch = lambda f: moe_lib.capacity_dispatch(f, E, C)  # noqa: E731
+        C = dispatch_lib.capacity_of(n, K, E, a.capacity_factor)
+        dispatch = lambda f: dispatch_lib.capacity_dispatch(f, E, C)  # noqa: E731
         rows, groups = E * C, None
     else:
         t = m.tile_rows or default_tile_rows(n * K, E)
-        dispatch = lambda f: moe_lib.tile_dispatch(f, E, t)  # noqa: E731
-        rows, groups = moe_lib.num_tiles(n * K, E, t) * t, t
+        dispatch = lambda f: dispatch_lib.tile_dispatch(f, E, t)  # noqa: E731
+        rows, groups = dispatch_lib.num_tiles(n * K, E, t) * t, t
 
     def move_loss(x2d, gates):
         dd = dispatch(flat)
-        buf = moe_lib.dispatch_rows(x2d, dd.slot_assign, dd.assign_slot, K)
-        y = moe_lib.combine_rows(buf, gates, dd.slot_assign, dd.assign_slot, K)
+        buf = dispatch_lib.dispatch_rows(x2d, dd.slot_assign, dd.assign_slot, K)
+        y = dispatch_lib.combine_rows(buf, gates, dd.slot_assign, dd.assign_slot, K)
         return jnp.sum(y * r2d)
 
     out["move_ms"], _ = median_ms(a, jax.jit(jax.grad(move_loss, argnums=(0, 1))), x2d.astype(m.compute_dtype), gates)
@@ -142,11 +142,11 @@ def breakdown(a, path: str, x: jax.Array, r: jax.Array) -> dict:
             b = buf.reshape(E, -1, d)
             return jnp.sum(m._swiglu_grouped(b, wg, wu, wd).astype(jnp.float32))
     else:
-        ge = moe_lib.tile_dispatch(flat, E, groups).group_expert
+        ge = dispatch_lib.tile_dispatch(flat, E, groups).group_expert
 
         def gemm_loss(buf, wg, wu, wd):
             b = buf.reshape(-1, groups, d)
-            mm = lambda u, w: moe_lib.tile_matmul(u, w, ge)  # noqa: E731
+            mm = lambda u, w: dispatch_lib.tile_matmul(u, w, ge)  # noqa: E731
             return jnp.sum(mm(jax.nn.silu(mm(b, wg)) * mm(b, wu), wd).astype(jnp.float32))
     out["gemm_ms"], _ = median_ms(a, jax.jit(jax.grad(gemm_loss, argnums=(0, 1, 2, 3))), buf, wg, wu, wd)
     out["gemm_rows"] = rows
@@ -164,13 +164,13 @@ def time_path(a, path: str, x: jax.Array, r: jax.Array) -> dict:
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     t0 = time.perf_counter()
-    default_sum = moe_lib.TILE_WEIGHT_GRAD_SUM
+    default_sum = dispatch_lib.TILE_WEIGHT_GRAD_SUM
     if ":" in path:  # the variant is read while tracing
-        moe_lib.TILE_WEIGHT_GRAD_SUM = path.split(":")[1]
+        dispatch_lib.TILE_WEIGHT_GRAD_SUM = path.split(":")[1]
     try:
         out = step(params, x)
     finally:
-        moe_lib.TILE_WEIGHT_GRAD_SUM = default_sum
+        dispatch_lib.TILE_WEIGHT_GRAD_SUM = default_sum
     jax.block_until_ready(out)
     compile_s = time.perf_counter() - t0
     print(f"# {path}: compiled and ran once in {compile_s:.1f} s", file=sys.stderr, flush=True)

@@ -417,9 +417,9 @@ def test_gather_only_vjps_match_autodiff(layout):
 
 @pytest.mark.parametrize("grad_sum", ["onehot", "scatter"])
 def test_tile_matmul_vjp_matches_autodiff(grad_sum, monkeypatch):
-    import efftrain.model.moe as moe_mod
+    import efftrain.model.dispatch as dispatch_mod
 
-    monkeypatch.setattr(moe_mod, "TILE_WEIGHT_GRAD_SUM", grad_sum)
+    monkeypatch.setattr(dispatch_mod, "TILE_WEIGHT_GRAD_SUM", grad_sum)
     ka, kw, kr = jax.random.split(jax.random.key(0), 3)
     a = jax.random.normal(ka, (7, 4, 5))
     w = jax.random.normal(kw, (E, 5, 3))

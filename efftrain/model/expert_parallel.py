@@ -62,17 +62,18 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from efftrain.config import MESH_AXES
+from efftrain.model.dispatch import (Dispatch, capacity_dispatch, capacity_of, combine_rows, dispatch_rows,
+                                     sort_assignments)
 from efftrain.model.placement import expert_parallel_mesh
 
-if TYPE_CHECKING:
-    from efftrain.model.moe import MoE
+MoELayer = Any  # an efftrain.model.moe.MoE, whose methods run the local experts (moe.py imports this module)
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = MESH_AXES  # token rows are split over every mesh axis, as the batch is
@@ -81,8 +82,6 @@ WEIGHT_REPLICA_AXES = tuple(a for a in TOKEN_AXES if a != EXPERT_AXIS)  # the ex
 
 def local_capacity(n_local: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
     """C_l = min(ceil(capacity_factor · N_l·K / E), N_l): slots per (source device, expert)."""
-    from efftrain.model.moe import capacity_of
-
     return capacity_of(n_local, top_k, n_experts, capacity_factor)
 
 
@@ -93,11 +92,9 @@ def applicable(mesh: Mesh | None, n_tokens: int, n_experts: int) -> bool:
     return n_experts % mesh.shape[EXPERT_AXIS] == 0 and n_tokens % math.prod(mesh.shape.values()) == 0
 
 
-def routed(layer: "MoE", x2d: jax.Array, expert_idx: jax.Array, gates: jax.Array, mesh: Mesh | None = None):
+def routed(layer: MoELayer, x2d: jax.Array, expert_idx: jax.Array, gates: jax.Array, mesh: Mesh | None = None):
     """`MoE.routed` through the all-to-all exchange: (y [N, D] fp32, dropped fraction, Dispatch with the
     global counts), or None where it does not apply (no expert mesh being traced: the plain path runs)."""
-    from efftrain.model.moe import Dispatch
-
     mesh = expert_parallel_mesh() if mesh is None else mesh
     N, D = x2d.shape
     E, K = layer.n_experts, layer.top_k
@@ -140,9 +137,7 @@ def _global_stats(counts: jax.Array, n_dropped: jax.Array):
     return jax.lax.psum(counts, TOKEN_AXES), jax.lax.psum(n_dropped, TOKEN_AXES)
 
 
-def _capacity_body(layer: "MoE", mesh: Mesh, check: bool, x, expert_idx, gates, wg, wu, wd):
-    from efftrain.model.moe import capacity_dispatch, combine_rows, dispatch_rows
-
+def _capacity_body(layer: MoELayer, mesh: Mesh, check: bool, x, expert_idx, gates, wg, wu, wd):
     n_local, D = x.shape
     E, K = layer.n_experts, layer.top_k
     ep = mesh.shape[EXPERT_AXIS]
@@ -160,9 +155,7 @@ def _capacity_body(layer: "MoE", mesh: Mesh, check: bool, x, expert_idx, gates, 
     return (y, *_global_stats(d.counts, n_dropped))
 
 
-def _dropless_body(layer: "MoE", mesh: Mesh, check: bool, x, expert_idx, gates, wg, wu, wd):
-    from efftrain.model.moe import combine_rows, dispatch_rows, sort_assignments
-
+def _dropless_body(layer: MoELayer, mesh: Mesh, check: bool, x, expert_idx, gates, wg, wu, wd):
     n_local, D = x.shape
     E, K = layer.n_experts, layer.top_k
     ep = mesh.shape[EXPERT_AXIS]
@@ -190,12 +183,10 @@ def _dropless_body(layer: "MoE", mesh: Mesh, check: bool, x, expert_idx, gates, 
     return (y, *_global_stats(counts, jnp.zeros((), jnp.int32)))
 
 
-def local_experts_dropless(layer: "MoE", rows: jax.Array, ids: jax.Array, wg, wu, wd, *,
+def local_experts_dropless(layer: MoELayer, rows: jax.Array, ids: jax.Array, wg, wu, wd, *,
                            check: bool = False) -> jax.Array:
     """rows [R, D] each for its local expert ids [R] (in [0, E_l)) -> expert_{ids[r]}(rows[r]) [R, D] in
     compute dtype, with the layer's dropless kernel (tiles or ragged_dot) over E_l = wg.shape[0] experts."""
-    from efftrain.model.moe import combine_rows
-
     out, d = layer.dropless_experts(rows, ids, wg.shape[0], 1, wg, wu, wd)
     # back to row order (gather-only backward); the gate is 1: the source device applies g
     ones = _varying(check, jnp.ones((rows.shape[0], 1), jnp.float32), TOKEN_AXES)  # typed like the rows
