@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator,
@@ -69,6 +69,19 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` are rejected for every float field (a diverged run otherwise)
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+    # fields added after configs were first stored, with the value that keeps the older behaviour: left out
+    # of the dump while they hold it, so that every older config keeps its hash (a grid's cell keys and run
+    # directories) and its stored config.yaml
+    OMITTED_AT: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler):
+        out = handler(self)
+        if isinstance(out, dict):
+            for name, value in self.OMITTED_AT.items():
+                if name in out and out[name] == value:
+                    out.pop(name)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,14 +124,7 @@ class MoEConfig(_Section):
                              "all_to_all = each device dispatches its own tokens to the experts' devices with "
                              "two all-to-alls per layer (efftrain/model/expert_parallel.py, docs/SCALING.md); "
                              "a no-op without an expert axis")
-
-    @model_serializer(mode="wrap")
-    def _drop_default_exchange(self, handler: SerializerFunctionWrapHandler):
-        # the default is left out, so that every config written before expert_exchange existed keeps its hash
-        out = handler(self)
-        if isinstance(out, dict) and out.get("expert_exchange") == "gspmd":
-            out.pop("expert_exchange")
-        return out
+    OMITTED_AT: ClassVar[dict[str, Any]] = {"expert_exchange": "gspmd"}
 
 
 class MTPConfig(_Section):
@@ -295,15 +301,7 @@ class TrainConfig(_Section):
     deterministic: bool = Field(True, description="bitwise-reproducible steps on GPUs (docs/REPRODUCIBILITY.md)")
     init_from: str | None = Field(None, description="start from another run's series checkpoint (a branch): RUN_DIR")
     init_from_step: int | None = Field(None, ge=1, description="the series step of train.init_from to start at")
-
-    @model_serializer(mode="wrap")
-    def _drop_default_mesh(self, handler: SerializerFunctionWrapHandler):
-        # an unset mesh is left out, so that every config written before train.mesh existed keeps its hash
-        # (a grid's cell keys and run directories) and its stored config.yaml
-        out = handler(self)
-        if isinstance(out, dict) and out.get("mesh", 0) is None:
-            out.pop("mesh")
-        return out
+    OMITTED_AT: ClassVar[dict[str, Any]] = {"mesh": None}
 
 
 class CheckpointConfig(_Section):
