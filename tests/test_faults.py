@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -307,8 +309,16 @@ def test_disk_full_inside_an_async_checkpoint_write_is_one_line_and_reruns_work(
     run = tmp_path / "run"
     original = j.JsonCheckpointHandler._save_fn
 
+    def straggler(item_dir):  # what tensorstore does after orbax gave up: the state item's writes go on
+        for i in range(30):
+            time.sleep(0.1)
+            target = item_dir.parent / "state.orbax-checkpoint-tmp" / "d" / f"late-{i}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"x" * 64)
+
     async def full_at_series_6(self, x, directory):  # runs in orbax's background commit thread
         if isinstance(x, dict) and x.get("kind") == "series" and x.get("step") == 6:
+            threading.Thread(target=straggler, args=(Path(directory),), daemon=True).start()
             raise OSError(errno.ENOSPC, "No space left on device")
         return await original(self, x, directory)
 

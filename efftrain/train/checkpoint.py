@@ -120,6 +120,32 @@ def _quiet_orbax_failures() -> None:
     sys.unraisablehook = hook
 
 
+def _tree_signature(path: Path) -> tuple:
+    """(files, bytes, newest mtime) of everything under `path`, as far as it can be listed."""
+    files = size = newest = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            files, size, newest = files + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    return files, size, newest
+
+
+def _settle(path: Path, *, quiet_s: float = 0.3, limit_s: float = 30.0) -> None:
+    """Wait until nothing under `path` has changed for `quiet_s` (at most `limit_s`). A failed async save
+    is reported as soon as one of its items fails, while tensorstore still completes the writes of the
+    others in its own threads; a re-run that reused the directory meanwhile would race them."""
+    deadline, before = time.monotonic() + limit_s, _tree_signature(path)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = _tree_signature(path)
+        if now == before:
+            return
+        before = now
+
+
 def _empty(directory: Path) -> None:
     """Delete what `directory` holds, as far as possible: a later open retries, and nothing in the trash
     or in .incoming is ever listed."""
@@ -169,6 +195,7 @@ class CheckpointStore:
         # later checkpoint exists, so a re-run resumes from before it and writes it again.
         self.wait()
         self._empty_trash(kind)
+        self._discard_leftovers(kind, step)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
@@ -186,6 +213,8 @@ class CheckpointStore:
             self.managers[kind].wait_until_finished()
         except Exception as e:
             step = self.pending.get(kind)
+            if step is not None:
+                self._discard_leftovers(kind, step)  # a re-run, even in this process, starts it afresh
             where = f"the {kind} checkpoint" + (f" at step {step} ({self.path(kind, step)})" if step else "")
             raise write_failure(where, e) from None
         finally:
@@ -205,6 +234,18 @@ class CheckpointStore:
 
     def _empty_trash(self, kind: str) -> None:
         _empty(self.root / kind / TRASH)
+
+    def _discard_leftovers(self, kind: str, step: int) -> None:
+        """Move what a failed or killed save of (kind, step) left (orbax's `<step>.orbax-checkpoint-tmp*`,
+        never listed) to the trash, once its last writes have settled: orbax would otherwise reuse it."""
+        for leftover in self.directory(kind).glob(f"{step}.orbax-checkpoint-tmp*"):
+            _settle(leftover)
+            trash = self.root / kind / TRASH / f"{leftover.name}-{time.time_ns()}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                leftover.rename(trash)
+            except OSError:
+                pass  # gone already, or not movable: orbax reports it if it matters
 
     def quarantine(self, kind: str, step: int) -> Path:
         """Move a damaged checkpoint out of the listed ones (one rename) to checkpoints/corrupt/."""
