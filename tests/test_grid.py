@@ -218,6 +218,29 @@ def test_seeds_expand_every_cell_into_paired_replicates(tmp_path, cache_dir):
     assert {c.replicate for c in cells} == {"g"}
 
 
+def test_workers_take_one_replicate_of_every_cell_before_the_next(tmp_path, cache_dir):
+    """spread_replicates: the families in waves of one replicate per distinct cell, so concurrent workers
+    compile distinct programs and later replicates load theirs from the cache; derived cells stay with
+    their main cell, and nothing is dropped or repeated."""
+    spec = load_spec(EXPERIMENTS / "deepseek_ablation.yaml")
+    families = spec.families()
+    spread = grid_runner.spread_replicates(families)
+    assert sorted(spread) == sorted(families) and all(spread[f] == families[f] for f in families)
+    names = [cells[0].name for cells in spread.values()]
+    variants = list(spec.variants)
+    assert names == [f"{v},seed={s}" for s in (0, 1, 2) for v in variants]
+    assert [c[0].name for c in families.values()][:3] == [f"{variants[0]},seed={s}" for s in (0, 1, 2)]
+    # unequal replicate counts and derived cells (the schedule grid: cooldown / average cells)
+    schedule = load_spec(EXPERIMENTS / "lr_schedule.yaml").families()
+    order = list(grid_runner.spread_replicates(schedule))
+    firsts = [schedule[f][0].replicate for f in order]
+    assert sorted(order) == sorted(schedule)
+    wave = len({r for r in firsts})
+    assert len(set(firsts[:wave])) == wave  # the first wave: every distinct cell once
+    with pytest.raises(GridError, match="order must be"):
+        grid_runner.run_grid(EXPERIMENTS / "deepseek_ablation.yaml", order="random")
+
+
 @pytest.mark.parametrize("spec, match", [
     ({"seeds": [0, 0]}, r"'seeds' lists a seed twice"),
     ({"seeds": []}, r"'seeds' must be a non-empty list"),

@@ -18,7 +18,8 @@ KeyboardInterrupt (or a kill) leaves the cell pending/running; rerunning complet
 resumes from its checkpoints, the sweep from ptq.csv, and the store ignores rows it already has.
 
 `workers > 1` runs the cell families (a main cell and its derived cells) in that many spawned worker
-processes, each pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin) when GPUs are present; the
+processes, each pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin) when GPUs are present, taking
+the families one replicate of each distinct cell at a time (`spread_replicates`); the
 store takes concurrent writers (WAL + busy timeout). `slurm="partition=...,time=..."` submits one
 job per unfinished family through submitit instead.
 """
@@ -419,12 +420,29 @@ def register_all(spec: GridSpec) -> None:
                                 ptq_expected=expected_ptq_rows(spec, cell))
 
 
+def spread_replicates(families: dict[str, list[Cell]]) -> dict[str, list[Cell]]:
+    """The families in the order workers take them: the first replicate (seed) of every distinct cell in
+    the spec's order, then the second of each, and so on. Replicates differ only in their seeds, so they
+    run the same compiled programs: taken one after another (the spec's order), W workers start W copies
+    of one program together, each compiling it while the GPU waits; spread, the workers start W distinct
+    programs, and a later replicate loads its programs from the compilation cache the first one filled."""
+    groups: dict[str, list[str]] = {}
+    for fam, cells in families.items():
+        groups.setdefault(cells[0].replicate or fam, []).append(fam)
+    order = [fams[i] for i in range(max(map(len, groups.values()), default=0)) for fams in groups.values()
+             if i < len(fams)]
+    return {fam: families[fam] for fam in order}
+
+
 def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = False, only=None,
              log: Log = print, set_overrides: dict[str, Any] | None = None, runs_dir: str | Path | None = None,
-             slurm: str | None = None, train_only: bool = False, no_train: bool = False) -> dict[str, str]:
+             slurm: str | None = None, train_only: bool = False, no_train: bool = False,
+             order: str = "spread") -> dict[str, str]:
     """Run (or complete) the grid; returns {cell key: status} for the cells it handled.
 
     only: cell keys (or unique prefixes); their families' main cells run first when needed.
+    order: how `workers > 1` take the families: "spread" (`spread_replicates`) or "spec" (the spec's order;
+    benchmarks/bench_grid.py compares the two).
     set_overrides / runs_dir: as in `load_spec` (e.g. a data.cache_dir for every cell).
     train_only / no_train: the two steps of a multi-node cell (efftrain.grid.multinode): only the training,
     in every process of a multi-process launch; everything but the training, in one process.
@@ -441,6 +459,8 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
     families, keys = _select(spec, only)
     if workers < 1:
         raise GridError(f"--workers must be >= 1, got {workers}")
+    if order not in ("spread", "spec"):
+        raise GridError(f"order must be 'spread' or 'spec', got {order!r}")
     if train_only:
         from efftrain.train.distributed import is_main
 
@@ -460,7 +480,8 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
     if workers > 1 and len(families) > 1:
         if no_train:
             raise GridError("--no-train runs in one process (the second step of a multi-node job): no --workers")
-        results = _run_parallel(spec, families, keys, workers, retry_failed=retry_failed,
+        results = _run_parallel(spec, spread_replicates(families) if order == "spread" else families, keys, workers,
+                                retry_failed=retry_failed,
                                 set_overrides=set_overrides, log=log)
     else:
         results = {}
