@@ -128,8 +128,8 @@ def test_all_rows_read_as_one_process_reads_them():
 # ---- two processes ----------------------------------------------------------------------------------
 def clean_env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EFFTRAIN_", "JAX_COORDINATOR"))}
-    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "3",
-            "EFFTRAIN_DISTRIBUTED_TIMEOUT": "60", **extra}
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"  # conftest.py
+    return {**env, "XLA_FLAGS": flags, "TF_CPP_MIN_LOG_LEVEL": "3", "EFFTRAIN_DISTRIBUTED_TIMEOUT": "60", **extra}
 
 
 def launch_train(config: Path, out: Path, env: dict, log: Path) -> subprocess.Popen:

@@ -32,7 +32,7 @@ while [[ "$1" == --* ]]; do shift; done
 pids=()
 for i in 0 1; do
   SLURM_JOB_ID=4242 SLURM_STEP_NODELIST=localhost SLURM_STEP_NUM_TASKS=2 SLURM_NTASKS=2 SLURM_PROCID=$i \\
-  SLURM_LOCALID=$i XLA_FLAGS=--xla_force_host_platform_device_count=4 "$@" > "$FAKE_SRUN_LOG.$i" 2>&1 &
+  SLURM_LOCALID=$i XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1" "$@" > "$FAKE_SRUN_LOG.$i" 2>&1 &
   pids+=($!)
 done
 status=0
@@ -118,7 +118,7 @@ def test_the_job_trains_on_two_processes_and_quantizes_in_one(tmp_path, cache_di
 
     env.update(FAKE_SRUN_LOG=str(tmp_path / "task"), JAX_COORDINATOR_PORT=str(portpicker.pick_unused_port()),
                EFFTRAIN_DISTRIBUTED_TIMEOUT="60", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", EFFTRAIN_COMPILATION_CACHE="off")
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1", EFFTRAIN_COMPILATION_CACHE="off")
     job = subprocess.run(["bash", str(fake_slurm)], env=env, capture_output=True, text=True, timeout=300)
     tasks = [(tmp_path / f"task.{i}").read_text() for i in (0, 1)]
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:] + tasks[0][-3000:] + tasks[1][-2000:]
