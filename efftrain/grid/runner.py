@@ -480,8 +480,8 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
     if workers > 1 and len(families) > 1:
         if no_train:
             raise GridError("--no-train runs in one process (the second step of a multi-node job): no --workers")
-        results = _run_parallel(spec, spread_replicates(families) if order == "spread" else families, keys, workers,
-                                retry_failed=retry_failed,
+        queued = spread_replicates(families) if order == "spread" else families
+        results = _run_parallel(spec, queued, keys, workers, retry_failed=retry_failed,
                                 set_overrides=set_overrides, log=log)
     else:
         results = {}
