@@ -545,7 +545,8 @@ def _add_grid_commands(subparsers) -> None:
     p = gsub.add_parser("run", help="train and PTQ-sweep every cell; rerun to resume")
     p.add_argument("spec", help="grid spec YAML (see experiments/)")
     p.add_argument("--workers", type=int, default=1,
-                   help="cell families run in N processes (GPUs round-robin), one replicate of every cell before the next")
+                   help="cell families run in N processes (GPUs round-robin): costliest cells first, one replicate of "
+                        "every cell before the next, a replicate held while its sibling compiles")
     p.add_argument("--retry-failed", action="store_true", help="also rerun cells that failed before")
     p.add_argument("--only", action="append", metavar="KEY",
                    help="only these cell keys (repeatable, or a,b); they run in the spec's order")

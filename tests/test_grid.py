@@ -13,8 +13,9 @@ import yaml
 
 from efftrain.config import ConfigError
 from efftrain.grid import runner as grid_runner
+from efftrain.grid import schedule
 from efftrain.cli import main as cli
-from efftrain.grid.spec import GridError, expand_spec, expected_checkpoints, expected_ptq_rows, load_spec
+from efftrain.grid.spec import Cell, GridError, expand_spec, expected_checkpoints, expected_ptq_rows, load_spec
 from efftrain.grid.store import TIMING_COLUMNS, ResultsStore
 
 from conftest import tiny_raw
@@ -224,21 +225,85 @@ def test_workers_take_one_replicate_of_every_cell_before_the_next(tmp_path, cach
     their main cell, and nothing is dropped or repeated."""
     spec = load_spec(EXPERIMENTS / "deepseek_ablation.yaml")
     families = spec.families()
-    spread = grid_runner.spread_replicates(families)
+    spread = schedule.spread_replicates(families)
     assert sorted(spread) == sorted(families) and all(spread[f] == families[f] for f in families)
     names = [cells[0].name for cells in spread.values()]
     variants = list(spec.variants)
     assert names == [f"{v},seed={s}" for s in (0, 1, 2) for v in variants]
     assert [c[0].name for c in families.values()][:3] == [f"{variants[0]},seed={s}" for s in (0, 1, 2)]
+    assert schedule.ordered(families, "spread") == spread and schedule.ordered(families, "spec") is families
     # unequal replicate counts and derived cells (the schedule grid: cooldown / average cells)
-    schedule = load_spec(EXPERIMENTS / "lr_schedule.yaml").families()
-    order = list(grid_runner.spread_replicates(schedule))
-    firsts = [schedule[f][0].replicate for f in order]
-    assert sorted(order) == sorted(schedule)
+    lr = load_spec(EXPERIMENTS / "lr_schedule.yaml").families()
+    order = list(schedule.spread_replicates(lr))
+    firsts = [lr[f][0].replicate for f in order]
+    assert sorted(order) == sorted(lr)
     wave = len({r for r in firsts})
     assert len(set(firsts[:wave])) == wave  # the first wave: every distinct cell once
-    with pytest.raises(GridError, match="order must be"):
+    with pytest.raises(GridError, match="order must be one of costliest, spread, spec"):
         grid_runner.run_grid(EXPERIMENTS / "deepseek_ablation.yaml", order="random")
+
+
+def test_costliest_cells_start_first_and_replicates_stay_spread():
+    """ordered(..., "costliest"): the distinct cells by decreasing FLOPs x (1 + techniques), each cell's
+    replicates still one per wave in seed order; the all-on cell (4 techniques, the most FLOPs) first,
+    the dense one last. A family with cooldown branches counts their tokens too."""
+    spec = load_spec(EXPERIMENTS / "deepseek_ablation.yaml")
+    families = spec.families()
+    names = [cells[0].name for cells in schedule.ordered(families, "costliest").values()]
+    first_wave = [n.split(",")[0] for n in names[:len(spec.variants)]]
+    assert sorted(first_wave) == sorted(spec.variants)
+    assert first_wave[0] == "all-on" and first_wave[-1] == "dense"
+    assert first_wave[1] == "mtp"  # one technique each: MTP trains the most FLOPs (its extra block and head)
+    assert names == [f"{v},seed={s}" for s in (0, 1, 2) for v in first_wave]
+    cells = {c[0].replicate: c for c in families.values()}
+    assert [schedule.techniques_enabled(cells[v][0]) for v in ("dense", "mla", "moe", "mtp", "fp8", "all-on")] == \
+        [0, 1, 1, 1, 1, 4]
+    flops = {v: schedule.model_flops_per_token(cells[v][0]) for v in ("dense", "all-on")}
+    cfg = cells["dense"][0].config
+    assert schedule.family_cost(cells["dense"], lambda c: flops["dense"]) == \
+        flops["dense"] * schedule.total_steps_of(cfg) * cfg.tokens_per_step
+    # the lr_schedule grid: a family (main + cooldown + average cells) costs more than its main cell alone
+    lr = load_spec(EXPERIMENTS / "lr_schedule.yaml").families()
+    fam = next(c for c in lr.values() if any(x.kind == "cooldown" for x in c))
+    assert schedule.family_cost(fam, lambda c: 1) > schedule.family_cost(fam[:1], lambda c: 1)
+
+
+def test_a_replicate_waits_while_its_sibling_compiles():
+    """FamilyQueue(hold=True): the second replicate of a cell is passed over (any other family goes first)
+    while the first is running and not compiled; it is released by the first's compiled programs or by
+    its end; when only held families wait, take() gives nothing; hold=False hands out in order."""
+    spec = load_spec(EXPERIMENTS / "deepseek_ablation.yaml")
+    fams = schedule.spread_replicates(spec.families())
+    name = {f: c[0].name for f, c in fams.items()}
+    compiled: set[str] = set()
+    queue = schedule.FamilyQueue(fams, hold=True, compiled=lambda cells: cells[0].key in compiled)
+    taken = [queue.take()[0] for _ in range(6)]  # the first wave: six distinct cells, nothing held
+    assert [name[f] for f in taken] == [f"{v},seed=0" for v in spec.variants]
+    assert queue.take() is None and len(queue.held()) == 12  # every second/third replicate waits
+    compiled.add(taken[2])  # the third variant's seed 0 has evaluated a step
+    nxt = queue.take()[0]
+    assert name[nxt] == f"{list(spec.variants)[2]},seed=1"
+    # seed 2 of that variant: its group is warm now, so it is not held either
+    assert name[queue.take()[0]] == f"{list(spec.variants)[2]},seed=2"
+    assert queue.take() is None
+    queue.finish(taken[0])  # the first variant's seed 0 ended (done or failed): its replicates may start
+    assert [name[queue.take()[0]] for _ in range(2)] == [f"{list(spec.variants)[0]},seed={s}" for s in (1, 2)]
+    queue.close()
+    assert queue.take() is None and len(queue) == 8
+    plain = schedule.FamilyQueue(fams, hold=False, compiled=lambda cells: False)
+    assert [plain.take()[0] for _ in range(len(fams))] == list(fams) and plain.take() is None
+
+
+def test_programs_compiled_reads_an_evaluated_step_from_the_metrics(tmp_path):
+    cell = Cell(key="k", name="n", config=None, run_dir=tmp_path)
+    assert not schedule.programs_compiled([cell])  # no metrics.jsonl yet
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 10, "loss": 4.2}\n')
+    assert not schedule.programs_compiled([cell])
+    metrics.write_text('{"step": 10, "loss": 4.2}\n{"step": 20, "loss": 4.0, "val_loss": 4.1}\n')
+    assert schedule.programs_compiled([cell])
+    metrics.write_text('{"step": 10, "loss": 4.2}\n{"step": 20, "val_lo')  # torn while being written
+    assert not schedule.programs_compiled([cell])
 
 
 @pytest.mark.parametrize("spec, match", [

@@ -19,8 +19,9 @@ resumes from its checkpoints, the sweep from ptq.csv, and the store ignores rows
 
 `workers > 1` runs the cell families (a main cell and its derived cells) in that many spawned worker
 processes, each pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin) when GPUs are present, taking
-the families one replicate of each distinct cell at a time (`spread_replicates`); the
-store takes concurrent writers (WAL + busy timeout). `slurm="partition=...,time=..."` submits one
+the families in the order of efftrain.grid.schedule (costliest cells first, one replicate of each
+before the next, a replicate held while its sibling compiles); the store takes concurrent writers
+(WAL + busy timeout). `slurm="partition=...,time=..."` submits one
 job per unfinished family through submitit instead.
 """
 
@@ -33,7 +34,7 @@ import signal
 import subprocess
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ from efftrain.data import prepare_data
 from efftrain.data.corpus import DataError, check_paths
 from efftrain.grid.spec import (AVERAGE, COOLDOWN, MAIN, WARN_EPOCHS, Cell, GridError, GridSpec,
                                 expected_checkpoints, expected_ptq_keys, expected_ptq_rows, load_spec)
+from efftrain.grid.schedule import ORDERS, FamilyQueue, ordered
 from efftrain.grid.store import ResultsStore
 from efftrain.model.transformer import build_model
 from efftrain.quant.recovery import check_recovery
@@ -420,29 +422,17 @@ def register_all(spec: GridSpec) -> None:
                                 ptq_expected=expected_ptq_rows(spec, cell))
 
 
-def spread_replicates(families: dict[str, list[Cell]]) -> dict[str, list[Cell]]:
-    """The families in the order workers take them: the first replicate (seed) of every distinct cell in
-    the spec's order, then the second of each, and so on. Replicates differ only in their seeds, so they
-    run the same compiled programs: taken one after another (the spec's order), W workers start W copies
-    of one program together, each compiling it while the GPU waits; spread, the workers start W distinct
-    programs, and a later replicate loads its programs from the compilation cache the first one filled."""
-    groups: dict[str, list[str]] = {}
-    for fam, cells in families.items():
-        groups.setdefault(cells[0].replicate or fam, []).append(fam)
-    order = [fams[i] for i in range(max(map(len, groups.values()), default=0)) for fams in groups.values()
-             if i < len(fams)]
-    return {fam: families[fam] for fam in order}
-
-
 def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = False, only=None,
              log: Log = print, set_overrides: dict[str, Any] | None = None, runs_dir: str | Path | None = None,
              slurm: str | None = None, train_only: bool = False, no_train: bool = False,
-             order: str = "spread") -> dict[str, str]:
+             order: str = "costliest") -> dict[str, str]:
     """Run (or complete) the grid; returns {cell key: status} for the cells it handled.
 
     only: cell keys (or unique prefixes); their families' main cells run first when needed.
-    order: how `workers > 1` take the families: "spread" (`spread_replicates`) or "spec" (the spec's order;
-    benchmarks/bench_grid.py compares the two).
+    order: how `workers > 1` take the families (efftrain.grid.schedule): "costliest" (costliest distinct
+    cells first, one replicate of each before the next, a replicate held while its sibling compiles),
+    "spread" (the replicates spread alone) or "spec" (the spec's order); benchmarks/bench_grid.py
+    compares them.
     set_overrides / runs_dir: as in `load_spec` (e.g. a data.cache_dir for every cell).
     train_only / no_train: the two steps of a multi-node cell (efftrain.grid.multinode): only the training,
     in every process of a multi-process launch; everything but the training, in one process.
@@ -459,8 +449,8 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
     families, keys = _select(spec, only)
     if workers < 1:
         raise GridError(f"--workers must be >= 1, got {workers}")
-    if order not in ("spread", "spec"):
-        raise GridError(f"order must be 'spread' or 'spec', got {order!r}")
+    if order not in ORDERS:
+        raise GridError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
     if train_only:
         from efftrain.train.distributed import is_main
 
@@ -480,8 +470,8 @@ def run_grid(spec_path: str | Path, *, workers: int = 1, retry_failed: bool = Fa
     if workers > 1 and len(families) > 1:
         if no_train:
             raise GridError("--no-train runs in one process (the second step of a multi-node job): no --workers")
-        queued = spread_replicates(families) if order == "spread" else families
-        results = _run_parallel(spec, queued, keys, workers, retry_failed=retry_failed,
+        queue = FamilyQueue(ordered(families, order), hold=order == "costliest")
+        results = _run_parallel(spec, queue, keys, workers, retry_failed=retry_failed,
                                 set_overrides=set_overrides, log=log)
     else:
         results = {}
@@ -544,38 +534,52 @@ def _worker(spec_path: str, keys: list[str], retry_failed: bool, set_overrides, 
         raise
 
 
-def _run_parallel(spec: GridSpec, families: dict[str, list[Cell]], keys: set[str] | None, workers: int, *,
+POLL_S = 2.0  # how often the grid looks whether a held family may start
+
+
+def _run_parallel(spec: GridSpec, queue: FamilyQueue, keys: set[str] | None, workers: int, *,
                   retry_failed: bool, set_overrides, log: Log) -> dict[str, str]:
+    """Hand the queue's families to `workers` processes, one family per free worker, as `queue.take()`
+    allows (efftrain.grid.schedule), until every family has run or a stop came."""
     gpus = visible_gpus()
-    workers = min(workers, len(families))
+    workers = min(workers, len(queue))
     ctx = mp.get_context("spawn")
     slots = ctx.Queue()
     for i in range(workers):
         slots.put(gpus[i % len(gpus)] if gpus else None)
     log(f"{workers} worker processes" + (f" on GPUs {', '.join(gpus[:workers])}" if gpus else " (no GPUs)"))
     results: dict[str, str] = {}
-    futures = {}
+    running = {}  # future -> family
+    said_held: set[str] = set()
 
-    def stop_all(pool):  # families not yet handed to a worker are dropped, the running ones told to stop
-        for fut in futures:
-            fut.cancel()
+    def stop_all(pool):  # families not yet handed to a worker are left, the running ones told to stop
+        queue.close()
         _ask_workers_to_stop(pool)
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(slots, bool(gpus) and workers > len(gpus))) as pool, \
             StopSignals(lambda _: stop_all(pool)) as stop:
-        for fam, cells in families.items():
-            fam_keys = [c.key for c in cells if keys is None or c.key in keys or c.kind == MAIN]
-            futures[pool.submit(_worker, str(spec.path), fam_keys, retry_failed, set_overrides,
-                                str(spec.runs_dir))] = fam
-        for fut in as_completed(futures):
-            if fut.cancelled():
-                continue
-            try:
-                results.update(fut.result())
-            except Exception as e:  # noqa: BLE001 - a crashed worker (e.g. OOM-killed) fails only its family
-                log(f"family {futures[fut]}: worker died: {type(e).__name__}: {e}")
-                results[futures[fut]] = "failed"
+        while True:
+            while len(running) < workers and (item := queue.take()) is not None:
+                fam, cells = item
+                fam_keys = [c.key for c in cells if keys is None or c.key in keys or c.kind == MAIN]
+                running[pool.submit(_worker, str(spec.path), fam_keys, retry_failed, set_overrides,
+                                    str(spec.runs_dir))] = fam
+            if not running:
+                break
+            if len(running) < workers:
+                for fam in [f for f in queue.held() if f not in said_held]:
+                    said_held.add(fam)
+                    log(f"family {fam} ({spec.cell(fam).name}): waits until its replicate's programs are compiled")
+            done, _ = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
+            for fut in done:
+                fam = running.pop(fut)
+                queue.finish(fam)
+                try:
+                    results.update(fut.result())
+                except Exception as e:  # noqa: BLE001 - a crashed worker (e.g. OOM-killed) fails only its family
+                    log(f"family {fam}: worker died: {type(e).__name__}: {e}")
+                    results[fam] = "failed"
     if stop.signum is not None:  # a worker's own Interrupted, if any, was raised above
         raise Interrupted(f"{stop.name} received: the workers stopped (those training wrote resume checkpoints); "
                           "re-run the same command to resume", stop.signum)
