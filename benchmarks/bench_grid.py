@@ -1,15 +1,17 @@
 """Grid throughput: cells per hour of a whole `efftrain grid run`, and how long the GPU stood idle.
 
     python benchmarks/bench_grid.py experiments/deepseek_ablation.yaml --workers 3 \
-        --set train.max_tokens=20000000 --runs-dir /tmp/g1 [--order spec]
+        --set train.max_tokens=20000000 --runs-dir /tmp/g1 [--order spec,costliest]
 
 Runs the grid (training, checkpoints, PTQ rows: everything a real run does) into a fresh runs dir, while
 a thread samples `nvidia-smi` every `--sample-s` seconds (GPU utilisation and memory in use), then
 prints one JSON line: cells done, wall time from the first cell's start to the last cell's end (the
 store's `runs` timestamps), cells per hour, the fraction of samples at 0 % utilisation, and each
-variant's mean cell duration. `--order spec` hands families to the workers in the spec's order (the
-runner before it spread replicates: efftrain.grid.runner.spread_replicates), to compare the two in one
-session; `--order spread` is what `grid run` does.
+variant's mean cell duration. `--order` takes one or more of efftrain.grid.schedule's orders
+("costliest", what `grid run` does; "spread"; "spec", the runner before 93fd806), comma-separated: they
+run one after the other in this process, each grid into RUNS_DIR/ORDER with its own fresh compilation
+and autotune caches (RUNS_DIR/ORDER-caches), so none inherits another's compiled programs; one JSON line
+each.
 
 The grid's cells per hour depend on the cell size, the PTQ spec and the workers; quote them with the
 spec, its overrides and the device.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sqlite3
 import statistics
@@ -30,7 +33,9 @@ from pathlib import Path
 
 from efftrain.cli import parse_assignments
 from efftrain.grid.runner import run_grid
+from efftrain.grid.schedule import ORDERS
 from efftrain.grid.spec import load_spec
+from efftrain.xla import AUTOTUNE_CACHE_ENV, COMPILATION_CACHE_ENV
 
 
 class GPUSampler(threading.Thread):
@@ -81,26 +86,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--set", action="append", default=[], help="override applied to every cell (as grid run)")
     p.add_argument("--runs-dir", required=True, help="a fresh directory (removed first if it exists)")
-    p.add_argument("--order", choices=("spread", "spec"), default="spread")
+    p.add_argument("--order", default="costliest", help=f"comma-separated, of {', '.join(ORDERS)}")
     p.add_argument("--sample-s", type=float, default=1.0)
     p.add_argument("--quiet", action="store_true", help="no per-cell log lines")
     args = p.parse_args(argv)
-    runs_dir = Path(args.runs_dir)
-    shutil.rmtree(runs_dir, ignore_errors=True)
+    orders = args.order.split(",")
+    if not set(orders) <= set(ORDERS):
+        p.error(f"--order: each of {', '.join(ORDERS)}, got {args.order}")
+    root = Path(args.runs_dir)
+    shutil.rmtree(root, ignore_errors=True)
     overrides = parse_assignments(args.set, "--set") or None
-    sampler = GPUSampler(args.sample_s)
-    sampler.start()
-    t0 = time.time()
-    statuses = run_grid(args.spec, workers=args.workers, set_overrides=overrides, runs_dir=runs_dir,
-                        order=args.order, log=(lambda _m: None) if args.quiet else print)
-    elapsed = time.time() - t0
-    sampler.stop.set()
-    spec = load_spec(args.spec, set_overrides=overrides, runs_dir=runs_dir)
-    result = {"spec": args.spec, "set": args.set, "workers": args.workers, "order": args.order,
-              "command_wall_s": round(elapsed, 1), "statuses": sorted(set(statuses.values())),
-              **summarize(spec.db_path, sampler.samples)}
-    print(json.dumps(result), flush=True)
-    return 0 if set(statuses.values()) == {"done"} else 1
+    ok = True
+    for order in orders:
+        runs_dir, caches = root / order, root / f"{order}-caches"
+        os.environ[COMPILATION_CACHE_ENV] = str(caches / "jax")  # read by the spawned workers
+        os.environ[AUTOTUNE_CACHE_ENV] = str(caches / "autotune")
+        sampler = GPUSampler(args.sample_s)
+        sampler.start()
+        t0 = time.time()
+        statuses = run_grid(args.spec, workers=args.workers, set_overrides=overrides, runs_dir=runs_dir,
+                            order=order, log=(lambda _m: None) if args.quiet else print)
+        elapsed = time.time() - t0
+        sampler.stop.set()
+        spec = load_spec(args.spec, set_overrides=overrides, runs_dir=runs_dir)
+        result = {"spec": args.spec, "set": args.set, "workers": args.workers, "order": order,
+                  "command_wall_s": round(elapsed, 1), "statuses": sorted(set(statuses.values())),
+                  **summarize(spec.db_path, sampler.samples)}
+        print(json.dumps(result), flush=True)
+        ok &= set(statuses.values()) == {"done"}
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
